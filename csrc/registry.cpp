@@ -1,0 +1,6 @@
+#include "registry.h"
+
+namespace galaxalign {
+// Kernel families add their register_* calls here.
+void register_all(pybind11::module_& m) { (void)m; }
+}  // namespace galaxalign

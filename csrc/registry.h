@@ -1,0 +1,7 @@
+// Registration hooks: each kernel family defines one register_* function.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace galaxalign {
+void register_all(pybind11::module_& m);
+}  // namespace galaxalign

@@ -1,0 +1,41 @@
+"""`galaxalign-batch info`: versions, compiled modules, threads and devices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def collect() -> dict:
+    import torch
+
+    from galaxalign_batch import __version__, _core
+
+    info = {"galaxalign_batch": __version__, "torch": torch.__version__, "core": dict(_core.build_info()),
+            "core_threads": _core.max_threads(), "cuda_available": torch.cuda.is_available()}
+    try:
+        from galaxalign_batch import _cuda  # noqa: F401
+
+        info["cuda_module"] = {"built": True, "runtime_version": _cuda.runtime_version(),
+                               "devices": _cuda.device_count()}
+    except ImportError as e:
+        info["cuda_module"] = {"built": False, "why": str(e)}
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:18s} {v}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="versions, compiled modules, threads and devices")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=run)
