@@ -1,0 +1,63 @@
+"""The layout of an embedding store: array names, dtypes and chunking (see docs/store.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = "galaxalign-embedding-store"
+FORMAT_VERSION = 1
+
+#: HEALPix order of the ``healpix`` column (nested scheme). Order 29 is the finest an int64 holds
+#: (~0.4 mas pixels); the pixel at a coarser order k is ``healpix >> (2 * (29 - k))``.
+HEALPIX_ORDER = 29
+
+#: Flags (bit mask in the ``flags`` column).
+FLAG_EDGE = 1  # the cutout reaches beyond the tile's edge (padded, masked)
+FLAG_MASKED = 2  # some of the cutout has no coverage (masked_fraction > 0)
+FLAG_MOSTLY_MASKED = 4  # masked_fraction >= 0.5
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str  # numpy dtype string, or "str" for variable-length UTF-8
+    doc: str
+
+
+#: One row per source. ``embedding`` is (N, D); every other column is (N,).
+ROW_COLUMNS: tuple[Column, ...] = (
+    Column("object_id", "str", "stable unique id: release/brick/objid (Tractor) or tile/detN (detected)"),
+    Column("ra", "float64", "right ascension, degrees (ICRS)"),
+    Column("dec", "float64", "declination, degrees (ICRS)"),
+    Column("healpix", "int64", f"HEALPix nested pixel at order {HEALPIX_ORDER}"),
+    Column("tile", "str", "tile (brick name or file stem) the source was cut from"),
+    Column("x", "float32", "0-based pixel column of the source in its tile"),
+    Column("y", "float32", "0-based pixel row of the source in its tile"),
+    Column("masked_fraction", "float32", "fraction of the cutout without coverage or outside the tile"),
+    Column("flags", "uint16", "bit mask: 1 edge, 2 partly masked, 4 mostly masked"),
+)
+
+#: One row per tile that a run finished (done or failed).
+TILE_COLUMNS: tuple[Column, ...] = (
+    Column("name", "str", "tile name (brick name or file path)"),
+    Column("status", "int8", "1 done, 2 failed"),
+    Column("row_start", "int64", "first row of the tile's sources"),
+    Column("row_count", "int64", "number of rows (0 when failed or empty)"),
+    Column("reason", "str", "why the tile failed ('' when done)"),
+)
+
+STATUS_DONE = 1
+STATUS_FAILED = 2
+
+
+def zarr_dtype(dtype: str):
+    return str if dtype == "str" else np.dtype(dtype)
+
+
+def row_chunks(dim: int, dtype: str) -> tuple[int, int]:
+    """(rows per chunk, rows per shard) for the embedding array: ~4 MiB chunks, ~128 MiB shards."""
+    row_bytes = max(1, dim * np.dtype(dtype).itemsize)
+    chunk = int(2 ** round(np.log2(max(1024, (4 << 20) // row_bytes))))
+    return chunk, chunk * 32
