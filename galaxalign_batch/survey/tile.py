@@ -1,0 +1,284 @@
+"""The :class:`Tile`: one survey image (a Legacy Survey brick or a viewer cutout cube) in memory.
+
+Also the pieces every reader shares: opening a FITS file safely (existence, FITS signature,
+truncation), turning a FITS header into a celestial WCS, and the coverage rule that builds
+``valid`` (see ``docs/survey.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy import ndimage
+
+from galaxalign_batch.errors import TileError
+
+log = logging.getLogger(__name__)
+
+#: exact zeros in a 4-connected region of at least this many pixels are "no coverage", not sky
+MIN_ZERO_REGION = 8
+
+#: header keys copied into ``Tile.header`` when present (first spelling wins for aliases)
+HEADER_KEYS = ("BRICKNAME", "BRICKNAM", "BRICK", "BRICKID", "RELEASE", "SURVEY", "VERSION", "DRVERSIO",
+               "LEGPIPEV", "IMAGETYP", "BANDS", "RA", "DEC", "RA_CENTER", "DEC_CENTER", "BUNIT", "MAGZERO")
+
+FITS_BLOCK = 2880
+
+
+@dataclass
+class Tile:
+    """One image of the survey, all bands on one pixel grid.
+
+    ``image`` is float32 ``(bands, H, W)`` in nanomaggies with invalid pixels set to 0; ``valid``
+    marks covered, finite pixels; ``wcs`` is the 2-D celestial WCS (0-based pixel helpers below).
+    """
+
+    name: str
+    path: str
+    kind: Literal["brick", "cube"]
+    bands: tuple[str, ...]
+    image: np.ndarray
+    valid: np.ndarray
+    wcs: WCS
+    invvar: np.ndarray | None = None
+    maskbits: np.ndarray | None = None
+    header: dict = field(default_factory=dict)
+    pixscale: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bands = tuple(self.bands)
+        if self.image.ndim != 3 or self.image.shape[0] != len(self.bands):
+            raise ValueError(f"image must be (bands={len(self.bands)}, H, W), got {self.image.shape}")
+        if self.valid.shape != self.image.shape or self.valid.dtype != np.bool_:
+            raise ValueError("valid must be a bool array shaped like image")
+        if self.invvar is not None and self.invvar.shape != self.image.shape:
+            raise ValueError("invvar must be shaped like image")
+        if self.maskbits is not None and self.maskbits.shape != self.image.shape[1:]:
+            raise ValueError("maskbits must be (H, W)")
+        if self.wcs.naxis != 2 or not self.wcs.has_celestial:
+            raise ValueError("wcs must be a 2-D celestial WCS")
+        self.pixscale = float(np.mean(proj_plane_pixel_scales(self.wcs)) * 3600.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) in pixels."""
+        return self.image.shape[1], self.image.shape[2]
+
+    def band_index(self, band: str) -> int:
+        try:
+            return self.bands.index(band)
+        except ValueError:
+            raise KeyError(f"{self.name} has no band {band!r} (bands {''.join(self.bands)})") from None
+
+    def pixel_to_world(self, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """0-based pixel (x = column, y = row) -> (ra, dec) float64 degrees (scalars for scalars)."""
+        ra, dec = self.wcs.all_pix2world(np.asarray(x, np.float64), np.asarray(y, np.float64), 0)
+        return np.asarray(ra, np.float64)[()], np.asarray(dec, np.float64)[()]
+
+    def world_to_pixel(self, ra, dec) -> tuple[np.ndarray, np.ndarray]:
+        """(ra, dec) degrees -> 0-based pixel (x, y) float64."""
+        x, y = self.wcs.all_world2pix(np.asarray(ra, np.float64), np.asarray(dec, np.float64), 0)
+        return np.asarray(x, np.float64)[()], np.asarray(y, np.float64)[()]
+
+    def contains(self, x, y) -> np.ndarray:
+        """True where the 0-based pixel position lies on the image (pixel centres span -0.5 .. size-0.5)."""
+        h, w = self.shape
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+
+    def coverage_fraction(self, band: str | None = None) -> float:
+        """Fraction of valid pixels: of one band, or over all bands together."""
+        v = self.valid if band is None else self.valid[self.band_index(band)]
+        return float(v.mean()) if v.size else 0.0
+
+    def __repr__(self) -> str:
+        h, w = self.shape
+        return (f"Tile({self.name!r}, kind={self.kind}, bands={''.join(self.bands)}, {w}x{h} px, "
+                f"{self.pixscale:.3f}\"/px, coverage {self.coverage_fraction():.3f})")
+
+
+# --- shared reader pieces ------------------------------------------------------------------------
+
+def check_fits_file(path: str | os.PathLike) -> Path:
+    """Existence, FITS signature and size checks done before any reader touches the data."""
+    p = Path(path)
+    if not p.exists():
+        raise TileError(p, "file does not exist")
+    if not p.is_file():
+        raise TileError(p, "not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise TileError(p, "empty file (0 bytes)")
+    with open(p, "rb") as fh:
+        head = fh.read(30)
+    if not head.startswith(b"SIMPLE  =") or head[29:30] != b"T":
+        raise TileError(p, "not a FITS file (no 'SIMPLE = T' card at the start)")
+    return p
+
+
+def open_fits(path: str | os.PathLike):
+    """A ``fitsio.FITS`` handle after checking that every HDU's data lies inside the file.
+
+    fitsio (cfitsio) happily opens a truncated file and astropy only warns before returning a
+    short buffer; comparing each HDU's declared data end with the file size catches it first.
+    """
+    import fitsio
+
+    p = check_fits_file(path)
+    size = p.stat().st_size
+    try:
+        f = fitsio.FITS(str(p))
+    except OSError as e:
+        raise TileError(p, f"cannot read FITS file ({_first_line(e)})") from None
+    try:
+        expected = max(int(hdu.get_info()["data_end"]) for hdu in f)
+    except OSError as e:
+        f.close()
+        raise TileError(p, f"cannot read FITS file ({_first_line(e)})") from None
+    if size < expected:
+        f.close()
+        raise TileError(p, f"truncated FITS file (expected {expected} bytes, found {size})")
+    if size % FITS_BLOCK:  # e.g. cut inside a later header, which cfitsio then does not list
+        f.close()
+        raise TileError(p, f"truncated FITS file ({size} bytes is not a whole number of {FITS_BLOCK}-byte blocks)")
+    return f
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+_WCSLIB_WHERE = re.compile(r"ERROR \d+ in \w+\(\) at line \d+ of file \S+:?\s*")
+
+
+def _wcs_reason(e: BaseException) -> str:
+    """wcslib's message without its source location, on one line."""
+    text = _WCSLIB_WHERE.sub("", " ".join(str(e).split())).strip()
+    return text or type(e).__name__
+
+
+def read_hdu(path: str | os.PathLike, f, ext: int) -> tuple[np.ndarray, fits.Header]:
+    """Pixels (native byte order) and a clean astropy header of HDU ``ext`` of an open fitsio file."""
+    try:
+        data = f[ext].read()
+        raw = f[ext].read_header()
+    except (OSError, ValueError) as e:
+        raise TileError(path, f"cannot read HDU {ext} ({_first_line(e)})") from None
+    if data is None:
+        raise TileError(path, f"HDU {ext} has no image data")
+    raw.clean()  # drop structural / tile-compression keywords (BINTABLE, ZNAXIS, ...)
+    header = fits.Header()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rec in raw.records():
+            name = rec.get("name")
+            if not name or name in ("COMMENT", "HISTORY", "CONTINUE"):
+                continue
+            try:
+                header[name] = (rec.get("value"), rec.get("comment") or "")
+            except (ValueError, TypeError):
+                pass  # a card astropy will not take; not needed for the WCS
+    return np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False), header
+
+
+def image_hdu_index(path: str | os.PathLike, f) -> int:
+    """The first HDU holding an image (the primary for plain files, HDU 1 for fpack files)."""
+    for i, hdu in enumerate(f):
+        info = hdu.get_info()
+        if info["hdutype"] == 0 and info.get("ndims", 0) >= 2 and all(d > 0 for d in info.get("dims", [])):
+            return i
+    raise TileError(path, "no image HDU with data (empty image or zero-size axes)")
+
+
+def celestial_wcs(path: str | os.PathLike, header: fits.Header, shape: tuple[int, int]) -> WCS:
+    """The 2-D celestial WCS of ``header`` for an image of ``shape`` = (H, W); TileError if unusable."""
+    if not any(k in header for k in ("CTYPE1", "CTYPE2")):
+        raise TileError(path, "header has no usable WCS (no CTYPE1/CTYPE2)")
+    if not any(k in header for k in ("CD1_1", "CD2_2", "CDELT1", "CDELT2", "PC1_1")):
+        raise TileError(path, "header has no usable WCS (no CD matrix or CDELT pixel scale)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            w = WCS(header, naxis=2, fix=True)
+    except Exception as e:  # astropy raises several types for broken WCS headers
+        raise TileError(path, f"header has no usable WCS ({_wcs_reason(e)})") from None
+    if not w.has_celestial or w.celestial.naxis != 2 or w.wcs.lng != 0 or w.wcs.lat != 1:
+        ctypes = "/".join(w.wcs.ctype)
+        raise TileError(path, f"header has no usable WCS (not celestial on axes 1,2: CTYPE {ctypes})")
+    scale = proj_plane_pixel_scales(w)
+    det = np.linalg.det(w.pixel_scale_matrix)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0) or not np.isfinite(det) or det == 0:
+        raise TileError(path, "header has no usable WCS (singular or non-finite pixel scale)")
+    w.pixel_shape = (shape[1], shape[0])
+    return w
+
+
+def zero_regions(band_image: np.ndarray, min_pixels: int = MIN_ZERO_REGION) -> np.ndarray:
+    """True on exact zeros that belong to a 4-connected zero region of at least ``min_pixels``."""
+    zeros = band_image == 0
+    if not zeros.any():
+        return zeros
+    labels, n = ndimage.label(zeros)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    big = sizes >= min_pixels
+    big[0] = False
+    out = np.zeros_like(zeros)
+    out[zeros] = big[labels[zeros]]
+    return out
+
+
+def coverage(path: str | os.PathLike, image: np.ndarray, bands: tuple[str, ...],
+             invvar: np.ndarray | None = None, copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Apply the coverage rule; returns (image float32 with invalid = 0, valid, invvar or None).
+
+    Invalid: non-finite pixels; ``invvar <= 0`` or non-finite invvar; exact zeros in a connected
+    region of at least :data:`MIN_ZERO_REGION` pixels. TileError for a zero-size image, a band
+    that is entirely NaN/inf, or no valid pixel at all. ``copy=False`` may edit float32 inputs in place.
+    """
+    if image.size == 0:
+        raise TileError(path, f"empty image (zero size, shape {image.shape})")
+    image = np.array(image, dtype=np.float32, copy=copy or None)
+    finite = np.isfinite(image)
+    for b, band in enumerate(bands):
+        if not finite[b].any():
+            raise TileError(path, f"band {band} is entirely NaN/inf")
+    valid = finite
+    if invvar is not None:
+        invvar = np.array(invvar, dtype=np.float32, copy=copy or None)
+        valid &= np.isfinite(invvar) & (invvar > 0)
+    image[~finite] = 0.0
+    for b in range(len(bands)):
+        if np.any((image[b] == 0) & valid[b]):  # zeros already invalid (invvar 0) need no labelling
+            valid[b] &= ~zero_regions(image[b])
+    image[~valid] = 0.0
+    if invvar is not None:
+        invvar[~valid] = 0.0
+    if not valid.any():
+        raise TileError(path, "no valid pixels (empty tile: no coverage in any band)")
+    for b, band in enumerate(bands):
+        if not valid[b].any():
+            log.warning("%s: band %s has no coverage (all pixels invalid)", path, band)
+    return image, valid, invvar
+
+
+def header_summary(header: fits.Header) -> dict:
+    """The useful identification keys of a header as a plain dict (str/int/float values)."""
+    out = {}
+    for k in HEADER_KEYS:
+        if k in header:
+            v = header[k]
+            out[k] = v.strip() if isinstance(v, str) else v
+    if "BRICKNAM" in out and "BRICKNAME" not in out:
+        out["BRICKNAME"] = out["BRICKNAM"]
+    return out
