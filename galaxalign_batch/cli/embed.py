@@ -1,7 +1,70 @@
-"""`galaxalign-batch embed`: embed survey tiles into a Zarr store with Ray."""
+"""`galaxalign-batch embed`: embed every source of survey tiles into a Zarr store, with Ray."""
 
-from galaxalign_batch.cli._placeholder import placeholder
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("galaxalign_batch")
+
+DEFAULT_SURVEY = "runs/sky"
+DEFAULT_STORE = "runs/sky-embeddings.zarr"
+
+
+def run(args: argparse.Namespace) -> int:
+    from galaxalign_batch.engine import embed_tiles, resolve_tiles
+
+    tiles_args = args.tiles
+    if not tiles_args:
+        # The embedded default: a simulated survey, made on first use.
+        from galaxalign_batch.simulate import simulate_survey
+        from galaxalign_batch.survey import layout
+
+        if not layout.is_survey_root(DEFAULT_SURVEY):
+            log.info("no --tiles given: simulating the default survey into %s", DEFAULT_SURVEY)
+            simulate_survey(DEFAULT_SURVEY)
+        tiles_args = [DEFAULT_SURVEY]
+    bricks = list(args.bricks or [])
+    if args.bricks_file:
+        bricks += [b.strip() for b in Path(args.bricks_file).read_text().split() if b.strip()]
+    tiles = resolve_tiles(tiles_args, bricks or None)
+    out = args.out or DEFAULT_STORE
+    log.info("embedding %d tile(s) with %s into %s", len(tiles), args.model, out)
+    summary = embed_tiles(tiles, args.model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
+                          gpu_workers=args.gpu_workers, device=args.device, address=args.address,
+                          catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed)
+    for line in summary.lines():
+        print(line)
+    return 0 if summary.ok else 3
 
 
 def register(sub) -> None:
-    placeholder(sub, "embed", "embed survey tiles into a Zarr store with Ray", "survey engine issue")
+    p = sub.add_parser(
+        "embed", help="embed survey tiles into a Zarr store with Ray",
+        description="Embed every source of survey tiles into a Zarr embedding store (docs/store.md). Resumable: "
+                    "a re-run skips tiles already in the store and retries failed ones. Exit code 0 when every "
+                    "tile is in the store, 3 when some failed (listed) or were lost to a worker failure.")
+    p.add_argument("--tiles", nargs="*", metavar="PATH",
+                   help="tile files, directories, globs, @list.txt, or a Legacy Survey root (folder with coadd/); "
+                        f"default: the simulated survey in {DEFAULT_SURVEY} (made on first use)")
+    p.add_argument("--bricks", nargs="*", metavar="NAME", help="only these bricks of a survey root")
+    p.add_argument("--bricks-file", metavar="FILE", help="file of brick names (whitespace separated)")
+    p.add_argument("--model", default="tiny",
+                   help="a checkpoint of ours (.pt/.safetensors), an open_clip spec NAME:TAG or NAME:/path/weights, "
+                        "or 'tiny' (the registered tiny test config with RANDOM weights: smoke tests only) "
+                        "(default: tiny)")
+    p.add_argument("--out", metavar="STORE.zarr", help=f"the store (default: {DEFAULT_STORE})")
+    p.add_argument("--catalog", default="auto",
+                   help="'auto' (Tractor catalog when the tile has one, else detection), 'detect', or a catalog path")
+    p.add_argument("--batch-size", type=int, default=256, help="model batch size (default 256)")
+    p.add_argument("--cpu-workers", type=int, default=None,
+                   help="CPUs for a local Ray instance (default: all cores); ignored with --address")
+    p.add_argument("--gpu-workers", type=int, default=None, help="GPU model actors (default: one per GPU in the cluster)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    p.add_argument("--address", default=None,
+                   help="join a running Ray cluster ('auto' or host:port); default: start Ray locally")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="embedding dtype in the store")
+    p.add_argument("--skip-failed", action="store_true", help="do not retry tiles that failed in an earlier run")
+    p.set_defaults(func=run)

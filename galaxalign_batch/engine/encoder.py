@@ -1,0 +1,123 @@
+"""Image encoders for `embed`: a GalaxAlign checkpoint, an off-the-shelf open_clip model, or `tiny`.
+
+``--model`` forms:
+
+- a checkpoint of ours: a ``.safetensors`` model file or a training output folder;
+- ``NAME:TAG`` or ``NAME:/path/to/weights``: an open_clip model with a pretrained tag (needs
+  open_clip's cache, nothing is downloaded here) or a local weights file;
+- ``tiny``: the registered ``galaxalign-tiny`` config with random weights (seeded, so every replica
+  is the same model), for smoke tests only; a warning says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.preprocess import CutoutSpec
+
+log = logging.getLogger(__name__)
+
+TINY_SEED = 0
+
+
+@dataclass
+class Encoder:
+    """A model that turns (N, 3, S, S) RGB cutouts in [0, 1] into L2-normalised (N, D) float32 rows."""
+
+    identity: dict  # name, id (weights hash), kind
+    spec: CutoutSpec
+    dim: int
+    vocabulary: dict | None
+    _encode: object  # callable(torch.Tensor (N,3,S,S) float in [0,1]) -> torch.Tensor (N,D)
+    device: str = "cpu"
+
+    def describe(self) -> dict:
+        return {"identity": self.identity, "cutout_spec": self.spec.to_dict(), "dim": self.dim,
+                "vocabulary": self.vocabulary}
+
+    @torch.no_grad()
+    def encode(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        out = []
+        for i in range(0, len(pixels), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            out.append(self._encode(x.to(self.device)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _is_checkpoint(model: str) -> bool:
+    return model.endswith(".safetensors") or (os.path.isdir(model) and any(
+        f.endswith(".safetensors") for f in os.listdir(model)))
+
+
+def load_encoder(model: str, device: str = "cpu") -> Encoder:
+    """The encoder named by an ``embed --model`` value (see the module docstring)."""
+    if _is_checkpoint(model):
+        return _from_checkpoint(model, device)
+    if model == "tiny":
+        log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
+                    "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
+        return _from_open_clip("galaxalign-tiny", None, device, kind="tiny")
+    name, sep, weights = model.partition(":")
+    if not sep or not weights:
+        raise ConfigError(f"--model {model!r}: expected a checkpoint file, 'tiny', or an open_clip NAME:TAG / "
+                          "NAME:/path/to/weights")
+    return _from_open_clip(name, weights, device, kind="open_clip")
+
+
+def _from_checkpoint(path: str, device: str) -> Encoder:
+    from galaxalign_batch.model.checkpoint import load_checkpoint
+
+    m = load_checkpoint(path, device=device)
+    info = m.info
+    spec = CutoutSpec.from_dict(info["cutout_spec"])
+    identity = {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(path)),
+                "id": info.get("weights_digest") or _file_digest(path), "mode": info.get("mode")}
+    return Encoder(identity, spec, m.embed_dim, m.vocabulary.to_dict(),
+                   lambda x: m.encode_images(x, batch_size=len(x)), device)
+
+
+def _from_open_clip(name: str, weights: str | None, device: str, kind: str) -> Encoder:
+    from galaxalign_batch.model.config import create_clip
+
+    if kind == "tiny":
+        torch.manual_seed(TINY_SEED)
+    clip, cfg, pre = create_clip(name, weights)
+    clip = clip.to(device).eval()
+    size = int(pre["size"])
+    mean = torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"], device=device).view(1, 3, 1, 1)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return F.normalize(clip.encode_image((x - mean) / std), dim=-1)
+
+    if kind == "tiny":
+        ident = f"tiny-seed{TINY_SEED}"
+    elif weights and os.path.isfile(weights):
+        ident = _file_digest(weights)
+    else:
+        ident = hashlib.sha256(f"{name}:{weights}".encode()).hexdigest()[:16]
+    spec = CutoutSpec(out_size=size)
+    return Encoder({"kind": kind, "name": f"{name}:{weights}" if weights else name, "id": ident}, spec,
+                   int(cfg["embed_dim"]), None, encode, device)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

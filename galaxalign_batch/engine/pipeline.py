@@ -1,0 +1,244 @@
+"""The embedding run: Ray tasks read and cut tiles, an actor pool runs the model, the driver writes.
+
+Data flow (bounded, streaming)::
+
+    driver ──submit──> prepare_tile tasks (CPU, one per tile, at most `max_inflight` at a time)
+                         │ PreparedTile meta ──> driver         pixels (object ref) ──┐
+                         v                                                            v
+                       driver ──────────────────────────────> EncoderActor.embed (pool of CPU/GPU actors)
+                         ^                                                            │
+                         └──────────── embeddings (N x D) <───────────────────────────┘
+                       driver: buffer finished tiles -> EmbeddingStore.commit (one writer, whole tiles)
+
+Exactly once: only the driver writes, whole tiles at a time, and a tile's rows and record become
+visible in one atomic attribute update (see :mod:`galaxalign_batch.store`). A re-run skips the
+tiles recorded as done and retries the failed ones. Pixels travel task -> actor through Ray's object
+store without passing through the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from galaxalign_batch import progress
+from galaxalign_batch.engine.tiles import TileRef
+from galaxalign_batch.errors import ConfigError, TileError
+from galaxalign_batch.store import EmbeddingStore, StoreError, store_exists
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedSummary:
+    store: str
+    tiles_total: int
+    tiles_skipped: int  # already in the store from an earlier run
+    tiles_done: int
+    tiles_failed: dict[str, str] = field(default_factory=dict)
+    tiles_lost: list[str] = field(default_factory=list)  # infrastructure failures: not recorded, re-run does them
+    sources: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # summed task seconds per stage
+
+    @property
+    def ok(self) -> bool:
+        return not self.tiles_failed and not self.tiles_lost
+
+    def lines(self) -> list[str]:
+        rate = self.sources / self.seconds if self.seconds else 0.0
+        out = [f"store: {self.store}",
+               f"tiles: {self.tiles_done} embedded, {self.tiles_skipped} already done, "
+               f"{len(self.tiles_failed)} failed, {len(self.tiles_lost)} lost (of {self.tiles_total})",
+               f"sources: {self.sources} in {self.seconds:.1f} s ({rate:.1f} sources/s)"]
+        if self.timings:
+            out.append("task time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        out += [f"FAILED {name}: {reason}" for name, reason in sorted(self.tiles_failed.items())]
+        out += [f"LOST {name} (worker or node failure; re-run to finish it)" for name in self.tiles_lost]
+        return out
+
+
+def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str):
+    """Ray task body: returns (meta, pixels) as two objects, or (failure, None)."""
+    from galaxalign_batch.engine.prepare import prepare_tile
+    from galaxalign_batch.preprocess import CutoutSpec
+
+    try:
+        p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog)
+    except TileError as e:
+        return {"ref": ref, "error": str(e)}, None
+    except Exception as e:  # a reader bug or an input nobody foresaw: record it, do not loop on it
+        logging.getLogger(__name__).exception("unexpected error in tile %s", ref.name)
+        return {"ref": ref, "error": f"{ref.path}: unexpected {type(e).__name__}: {' '.join(str(e).split())}"}, None
+    return {"ref": ref, "columns": p.columns, "timings": p.timings}, p.pixels
+
+
+class _EncoderActor:
+    """Holds one model replica (on a GPU when the actor was given one)."""
+
+    def __init__(self, model: str, device: str, batch_size: int):
+        import torch
+
+        from galaxalign_batch.engine.encoder import load_encoder
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.encoder = load_encoder(model, device=device)
+        self.batch_size = batch_size
+
+    def describe(self) -> dict:
+        return self.encoder.describe()
+
+    def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        t = time.perf_counter()
+        out = self.encoder.encode(pixels, batch_size=self.batch_size)
+        return out, time.perf_counter() - t
+
+
+def _init_ray(address: str | None, cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kw = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=cpus or os.cpu_count(), **kw)
+
+
+def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, batch_size: int = 256,
+                cpu_workers: int | None = None, gpu_workers: int | None = None, device: str = "auto",
+                address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
+                commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
+                retry_failed: bool = True) -> EmbedSummary:
+    """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists)."""
+    import ray
+
+    out = os.fspath(out)
+    t_start = time.perf_counter()
+    _init_ray(address, cpu_workers)
+    resources = ray.cluster_resources()
+    n_gpus = int(resources.get("GPU", 0))
+    if gpu_workers is None:
+        gpu_workers = n_gpus if device in ("auto", "cuda") else 0
+    if gpu_workers > n_gpus:
+        raise ConfigError(f"--gpu-workers {gpu_workers} but the Ray cluster has {n_gpus} GPU(s)")
+    if device == "cuda" and gpu_workers == 0:
+        raise ConfigError("--device cuda but the Ray cluster has no GPU")
+    n_cpus = int(resources.get("CPU", 1))
+    actor_cls = ray.remote(_EncoderActor)
+    fault = dict(max_restarts=-1, max_task_retries=2)
+    if gpu_workers:
+        actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(model, "cuda", batch_size)
+                  for _ in range(gpu_workers)]
+    else:
+        # CPU model replicas: one per ~2 cores leaves the rest for reading and cutting.
+        n_actors = max(1, n_cpus // 2)
+        actors = [actor_cls.options(num_cpus=1, **fault).remote(model, "cpu", batch_size) for _ in range(n_actors)]
+    info = ray.get(actors[0].describe.remote())
+    store = _open_or_create(out, info, embedding_dtype)
+
+    done = store.completed_tiles()
+    earlier_failed = store.failed_tiles()
+    todo = [t for t in tiles if t.name not in done and (retry_failed or t.name not in earlier_failed)]
+    summary = EmbedSummary(out, len(tiles), len(tiles) - len(todo), 0)
+    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
+    prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
+    max_inflight = max_inflight or max(4, 2 * n_cpus)
+    spec = info["cutout_spec"]
+
+    queue = list(reversed(todo))
+    preparing: dict = {}  # meta ref -> (ref, pixels ref)
+    embedding: dict = {}  # embed ref -> (meta, actor index)
+    actor_load = [0] * len(actors)
+    pending: list[tuple[str, dict | None, str]] = []
+    pending_rows, last_commit = 0, time.perf_counter()
+    bar = progress.bar(total=len(todo), desc="tiles", unit="tile")
+
+    def flush(force: bool = False) -> None:
+        nonlocal pending, pending_rows, last_commit
+        if pending and (force or pending_rows >= commit_rows or time.perf_counter() - last_commit > commit_seconds):
+            t = time.perf_counter()
+            store.commit(pending)
+            timings["write"] += time.perf_counter() - t
+            pending, pending_rows, last_commit = [], 0, time.perf_counter()
+
+    while queue or preparing or embedding:
+        while queue and len(preparing) + len(embedding) < max_inflight:
+            ref = queue.pop()
+            meta_ref, pix_ref = prepare.remote(ref, spec, catalog)
+            preparing[meta_ref] = (ref, pix_ref)
+        ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1)
+        r = ready[0]
+        if r in preparing:
+            ref, pix_ref = preparing.pop(r)
+            try:
+                meta = ray.get(r)
+            except (ray.exceptions.RayError, TileError) as e:  # worker died beyond retries, object lost...
+                log.warning("tile %s lost: %s", ref.name, str(e).splitlines()[0])
+                summary.tiles_lost.append(ref.name)
+                bar.update(1)
+                continue
+            if "error" in meta:
+                log.warning("skipping %s", meta["error"])
+                pending.append((ref.name, None, meta["error"]))
+                summary.tiles_failed[ref.name] = meta["error"]
+                bar.update(1)
+                flush()
+                continue
+            for k, v in meta["timings"].items():
+                timings[k] += v
+            i = int(np.argmin(actor_load))
+            actor_load[i] += 1
+            embedding[actors[i].embed.remote(pix_ref)] = (meta, i)
+        else:
+            meta, i = embedding.pop(r)
+            actor_load[i] -= 1
+            ref = meta["ref"]
+            try:
+                emb, seconds = ray.get(r)
+            except ray.exceptions.RayError as e:
+                log.warning("tile %s lost in the model actor: %s", ref.name, str(e).splitlines()[0])
+                summary.tiles_lost.append(ref.name)
+                bar.update(1)
+                continue
+            timings["model"] += seconds
+            rows = dict(meta["columns"], embedding=emb)
+            pending.append((ref.name, rows, ""))
+            pending_rows += len(emb)
+            summary.tiles_done += 1
+            summary.sources += len(emb)
+            bar.update(1)
+            bar.set_postfix(sources=summary.sources)
+            flush()
+    flush(force=True)
+    bar.close()
+    store.finalize()
+    for a in actors:
+        ray.kill(a)
+    summary.seconds = time.perf_counter() - t_start
+    summary.timings = timings
+    return summary
+
+
+def _open_or_create(out: str, info: dict, dtype: str) -> EmbeddingStore:
+    attrs = {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
+             "normalised": True}
+    if store_exists(out):
+        store = EmbeddingStore.open(out, "r+")
+        have = store.attrs.get("model", {})
+        if have.get("id") != info["identity"]["id"]:
+            raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
+                             f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
+        if store.dim != info["dim"]:
+            raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
+        log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
+        return store
+    return EmbeddingStore.create(out, info["dim"], dtype=dtype, attrs=attrs)

@@ -1,0 +1,74 @@
+"""CPU work of one tile: read it, find its sources, cut, resample and stretch them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from galaxalign_batch.engine.tiles import TileRef
+from galaxalign_batch.errors import TileError
+from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.store import schema
+
+
+@dataclass
+class PreparedTile:
+    """The rows of one tile without their embeddings, plus the model-ready pixels."""
+
+    ref: TileRef
+    columns: dict[str, np.ndarray]  # every store column except embedding (healpix/flags filled by the store)
+    pixels: np.ndarray  # (N, 3, S, S), spec.dtype
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.columns["ra"])
+
+
+def read_tile(ref: TileRef):
+    from galaxalign_batch.survey import open_tile, read_brick
+
+    return read_brick(ref.path, ref.brick) if ref.is_brick else open_tile(ref.path)
+
+
+def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> PreparedTile:
+    """Read ``ref``, find its sources (Tractor catalog when present, else detection), make cutouts.
+
+    Raises :class:`TileError` for anything wrong with the tile's files.
+    """
+    from galaxalign_batch.survey import sources_for
+
+    t0 = time.perf_counter()
+    tile = read_tile(ref)
+    sources = sources_for(tile, catalog=catalog)
+    t1 = time.perf_counter()
+    n = len(sources)
+    x = np.asarray(sources["x"], dtype=np.float64)
+    y = np.asarray(sources["y"], dtype=np.float64)
+    if n:
+        batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
+        pixels, masked = batch.pixels, np.asarray(batch.masked_fraction, dtype=np.float32)
+    else:
+        pixels = np.zeros((0, 3, spec.out_size, spec.out_size), dtype=spec.dtype)
+        masked = np.zeros(0, np.float32)
+    t2 = time.perf_counter()
+    h, w = tile.image.shape[1:]
+    half = 0.5 * spec.angular_size / tile.pixscale
+    edge = (x - half < -0.5) | (y - half < -0.5) | (x + half > w - 0.5) | (y + half > h - 0.5)
+    flags = (edge * schema.FLAG_EDGE + (masked > 0) * schema.FLAG_MASKED
+             + (masked >= 0.5) * schema.FLAG_MOSTLY_MASKED).astype(np.uint16)
+    if n and not np.isfinite(np.asarray(sources["ra"], dtype=np.float64)).all():
+        raise TileError(ref.path, "source positions are not finite (bad WCS?)")
+    columns = {
+        "object_id": np.asarray(sources["object_id"]).astype(str),
+        "ra": np.asarray(sources["ra"], dtype=np.float64),
+        "dec": np.asarray(sources["dec"], dtype=np.float64),
+        "tile": np.full(n, ref.name),
+        "x": x.astype(np.float32),
+        "y": y.astype(np.float32),
+        "masked_fraction": masked,
+        "flags": flags,
+    }
+    return PreparedTile(ref, columns, pixels, {"read": t1 - t0, "preprocess": t2 - t1})
