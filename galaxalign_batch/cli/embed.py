@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("embedding %d tile(s) with %s into %s", len(tiles), args.model, out)
     summary = embed_tiles(tiles, args.model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
-                          catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed)
+                          catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
+                          commit_rows=args.commit_rows, commit_seconds=args.commit_seconds)
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 3
@@ -66,5 +67,10 @@ def register(sub) -> None:
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster ('auto' or host:port); default: start Ray locally")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="embedding dtype in the store")
+    p.add_argument("--commit-rows", type=int, default=65536,
+                   help="commit finished tiles to the store once this many rows are buffered (default 65536)")
+    p.add_argument("--commit-seconds", type=float, default=30.0,
+                   help="... or once this many seconds passed since the last commit (default 30): at most this "
+                        "much work is redone after a crash")
     p.add_argument("--skip-failed", action="store_true", help="do not retry tiles that failed in an earlier run")
     p.set_defaults(func=run)

@@ -117,7 +117,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 cpu_workers: int | None = None, gpu_workers: int | None = None, device: str = "auto",
                 address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
-                retry_failed: bool = True) -> EmbedSummary:
+                retry_failed: bool = True, stall_seconds: float = 120.0) -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists)."""
     import ray
 
@@ -175,7 +175,11 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             ref = queue.pop()
             meta_ref, pix_ref = prepare.remote(ref, spec, catalog)
             preparing[meta_ref] = (ref, pix_ref)
-        ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1)
+        ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1, timeout=stall_seconds)
+        if not ready:
+            log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources free: %s",
+                        stall_seconds, len(preparing), len(embedding), ray.available_resources())
+            continue
         r = ready[0]
         if r in preparing:
             ref, pix_ref = preparing.pop(r)
