@@ -43,6 +43,7 @@ class EmbedSummary:
     tiles_lost: list[str] = field(default_factory=list)  # infrastructure failures: not recorded, re-run does them
     sources: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # Ray connection + model replicas loaded (included in seconds)
     timings: dict[str, float] = field(default_factory=dict)  # summed task seconds per stage
 
     @property
@@ -54,7 +55,8 @@ class EmbedSummary:
         out = [f"store: {self.store}",
                f"tiles: {self.tiles_done} embedded, {self.tiles_skipped} already done, "
                f"{len(self.tiles_failed)} failed, {len(self.tiles_lost)} lost (of {self.tiles_total})",
-               f"sources: {self.sources} in {self.seconds:.1f} s ({rate:.1f} sources/s)"]
+               f"sources: {self.sources} in {self.seconds:.1f} s ({rate:.1f} sources/s; "
+               f"start-up {self.startup_seconds:.1f} s)"]
         if self.timings:
             out.append("task time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         out += [f"FAILED {name}: {reason}" for name, reason in sorted(self.tiles_failed.items())]
@@ -64,9 +66,13 @@ class EmbedSummary:
 
 def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str):
     """Ray task body: returns (meta, pixels) as two objects, or (failure, None)."""
+    import numba
+
     from galaxalign_batch.engine.prepare import prepare_tile
     from galaxalign_batch.preprocess import CutoutSpec
 
+    # One tile task per reserved CPU: Numba's threads follow the CPUs Ray gave the task.
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
     try:
         p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog)
     except TileError as e:
@@ -139,10 +145,15 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
         actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(model, "cuda", batch_size)
                   for _ in range(gpu_workers)]
     else:
-        # CPU model replicas: one per ~2 cores leaves the rest for reading and cutting.
+        # CPU model replicas: one per ~2 cores leaves the rest for reading and cutting. On a single
+        # CPU the one replica reserves none, else it would starve the tile tasks (they share the core).
         n_actors = max(1, n_cpus // 2)
-        actors = [actor_cls.options(num_cpus=1, **fault).remote(model, "cpu", batch_size) for _ in range(n_actors)]
+        actor_cpus = 1 if n_cpus >= 2 else 0
+        actors = [actor_cls.options(num_cpus=actor_cpus, **fault).remote(model, "cpu", batch_size)
+                  for _ in range(n_actors)]
     info = ray.get(actors[0].describe.remote())
+    ray.get([a.describe.remote() for a in actors[1:]])
+    startup = time.perf_counter() - t_start
     store = _open_or_create(out, info, embedding_dtype)
 
     done = store.completed_tiles()
@@ -228,6 +239,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     for a in actors:
         ray.kill(a)
     summary.seconds = time.perf_counter() - t_start
+    summary.startup_seconds = startup
     summary.timings = timings
     return summary
 
