@@ -95,7 +95,8 @@ def test_paths(tmp_path):
     assert L.image_path(root, "1498p025", "g") == \
         root / "coadd" / "149" / "1498p025" / "legacysurvey-1498p025-image-g.fits.fz"
     assert L.image_path(root, "1498p025", "z", "invvar").name == "legacysurvey-1498p025-invvar-z.fits.fz"
-    assert L.maskbits_path(root, "0001m002") == root / "coadd" / "000" / "0001m002" / "legacysurvey-0001m002-maskbits.fits.fz"
+    assert L.maskbits_path(root, "0001m002") == \
+        root / "coadd" / "000" / "0001m002" / "legacysurvey-0001m002-maskbits.fits.fz"
     assert L.tractor_path(root, "1498p025") == root / "tractor" / "149" / "tractor-1498p025.fits"
     assert L.survey_bricks_path(root) == root / "survey-bricks.fits"
     with pytest.raises(ConfigError):
