@@ -225,16 +225,34 @@ def celestial_wcs(path: str | os.PathLike, header: fits.Header, shape: tuple[int
 
 
 def zero_regions(band_image: np.ndarray, min_pixels: int = MIN_ZERO_REGION) -> np.ndarray:
-    """True on exact zeros that belong to a 4-connected zero region of at least ``min_pixels``."""
+    """True on exact zeros that belong to a 4-connected zero region of at least ``min_pixels``.
+
+    Fast path: a zero in a region of two or more pixels has a zero 4-neighbour, so only those
+    "paired" zeros are labelled (isolated zeros, which compression can produce, never are), and
+    only inside their bounding box.
+    """
     zeros = band_image == 0
+    out = np.zeros_like(zeros)
     if not zeros.any():
-        return zeros
-    labels, n = ndimage.label(zeros)
+        return out
+    paired = np.zeros_like(zeros)
+    pairs_v = zeros[1:] & zeros[:-1]
+    pairs_h = zeros[:, 1:] & zeros[:, :-1]
+    paired[1:] |= pairs_v
+    paired[:-1] |= pairs_v
+    paired[:, 1:] |= pairs_h
+    paired[:, :-1] |= pairs_h
+    if np.count_nonzero(paired) < min_pixels:
+        return out
+    rows = np.flatnonzero(paired.any(axis=1))
+    cols = np.flatnonzero(paired.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    sub = paired[box]
+    labels, n = ndimage.label(sub)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     big = sizes >= min_pixels
     big[0] = False
-    out = np.zeros_like(zeros)
-    out[zeros] = big[labels[zeros]]
+    out[box] = big[labels]
     return out
 
 

@@ -1,0 +1,165 @@
+"""`CutoutSpec`: what a cutout is (field of view, size, stretch, dtype), recorded with every result."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from galaxalign_batch.errors import ConfigError
+
+STRETCHES = ("lupton", "asinh", "none")
+DTYPES = ("float32", "float16", "uint8")
+MAX_OUT_SIZE = 4096
+
+# Legacy Survey viewer RGB (legacypipe `sdss_rgb`): RGB plane of each band (0 = R, 1 = G, 2 = B),
+# the multiplier applied to nanomaggies, the offset m and the arcsinh Q.
+VIEWER_PLANES = {"g": 2, "r": 1, "z": 0}
+VIEWER_SCALES = {"g": 6.0, "r": 3.4, "z": 2.2}
+VIEWER_M = 0.03
+VIEWER_Q = 20.0
+# Per-band asinh defaults, derived from the viewer's constants (see docs/preprocess.md):
+# softening = 1 / (Q * scale) and white point = sinh(sqrt(Q)) / (Q * scale), rounded to 3 digits; nanomaggies.
+ASINH_SOFTENING = {"g": 0.00833, "r": 0.0147, "z": 0.0227}
+ASINH_MAX = {"g": 0.365, "r": 0.644, "z": 0.995}
+
+BandMap = tuple[tuple[str, float], ...]
+
+
+def _band_map(name: str, value: Any, *, integer: bool = False) -> tuple:
+    """Normalise a {band: number} mapping (or sequence of pairs) into a hashable tuple of pairs."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise ConfigError(f"CutoutSpec.{name} must map band names to numbers, got {value!r}") from None
+    out = []
+    for band, number in pairs:
+        if not isinstance(band, str) or not band:
+            raise ConfigError(f"CutoutSpec.{name}: band names must be non-empty strings, got {band!r}")
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"CutoutSpec.{name}[{band!r}] must be a number, got {number!r}")
+        if integer and int(number) != number:
+            raise ConfigError(f"CutoutSpec.{name}[{band!r}] must be an integer, got {number!r}")
+        out.append((band, int(number) if integer else float(number)))
+    if len({b for b, _ in out}) != len(out):
+        raise ConfigError(f"CutoutSpec.{name} names a band twice: {value!r}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CutoutSpec:
+    """A cutout of fixed angular size, resampled to ``out_size`` pixels and stretched.
+
+    - ``angular_size``: side of the cutout in arcsec; ``out_size``: side in output pixels.
+    - ``stretch``: ``"lupton"`` (Legacy Survey viewer RGB, legacypipe ``sdss_rgb``), ``"asinh"``
+      (independent per-band asinh) or ``"none"`` (resampled nanomaggies, channels in band order).
+    - ``band_planes``: RGB plane of each band (0 = R, 1 = G, 2 = B); viewer: z->R, r->G, g->B.
+    - ``lupton_scales`` / ``lupton_m`` / ``lupton_q``: the viewer's band multipliers, offset and Q.
+    - ``asinh_softening`` / ``asinh_max``: per band, nanomaggies: v = asinh(f/soft) / asinh(max/soft).
+    - ``dtype``: ``"float32"`` / ``"float16"`` (values in [0, 1]) or ``"uint8"`` (0..255).
+    - ``fill``: output value (in output units before uint8 scaling) of a pixel whose band has no
+      valid data at all.
+    """
+
+    angular_size: float = 32.0
+    out_size: int = 64
+    stretch: str = "lupton"
+    band_planes: tuple[tuple[str, int], ...] = tuple(VIEWER_PLANES.items())
+    lupton_scales: BandMap = tuple(VIEWER_SCALES.items())
+    lupton_m: float = VIEWER_M
+    lupton_q: float = VIEWER_Q
+    asinh_softening: BandMap = tuple(ASINH_SOFTENING.items())
+    asinh_max: BandMap = tuple(ASINH_MAX.items())
+    dtype: str = "float32"
+    fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("angular_size", _finite("angular_size", self.angular_size))
+        if self.angular_size <= 0:
+            raise ConfigError(f"CutoutSpec.angular_size must be > 0 arcsec, got {self.angular_size}")
+        if isinstance(self.out_size, bool) or not isinstance(self.out_size, int) or not 1 <= self.out_size <= MAX_OUT_SIZE:
+            raise ConfigError(f"CutoutSpec.out_size must be an integer in 1..{MAX_OUT_SIZE}, got {self.out_size!r}")
+        if self.stretch not in STRETCHES:
+            raise ConfigError(f"CutoutSpec.stretch must be one of {', '.join(STRETCHES)}, got {self.stretch!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"CutoutSpec.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.stretch == "none" and self.dtype == "uint8":
+            raise ConfigError("CutoutSpec: stretch 'none' gives nanomaggies; use dtype float32 or float16, not uint8")
+        put("fill", _finite("fill", self.fill))
+        if self.stretch != "none" and not 0.0 <= self.fill <= 1.0:
+            raise ConfigError(f"CutoutSpec.fill must be in [0, 1] for stretch {self.stretch!r}, got {self.fill}")
+        put("band_planes", _band_map("band_planes", self.band_planes, integer=True))
+        for band, plane in self.band_planes:
+            if plane not in (0, 1, 2):
+                raise ConfigError(f"CutoutSpec.band_planes[{band!r}] must be 0 (R), 1 (G) or 2 (B), got {plane}")
+        for name in ("lupton_scales", "asinh_softening", "asinh_max"):
+            put(name, _band_map(name, getattr(self, name)))
+            for band, v in getattr(self, name):
+                if not (math.isfinite(v) and v > 0):
+                    raise ConfigError(f"CutoutSpec.{name}[{band!r}] must be finite and > 0, got {v}")
+        put("lupton_m", _finite("lupton_m", self.lupton_m))
+        put("lupton_q", _finite("lupton_q", self.lupton_q))
+        if self.lupton_q <= 0:
+            raise ConfigError(f"CutoutSpec.lupton_q must be > 0, got {self.lupton_q}")
+
+    @property
+    def out_pixscale(self) -> float:
+        """Arcsec per output pixel."""
+        return self.angular_size / self.out_size
+
+    def step(self, pixscale: float) -> float:
+        """Footprint of one output pixel in input pixels, for an input of ``pixscale`` arcsec/px."""
+        return self.out_pixscale / pixscale
+
+    def band_parameters(self, bands: tuple[str, ...]) -> tuple[list[int], list[float], list[float]]:
+        """(planes, p1, p2) per band for the kernel: lupton scale or asinh softening, asinh max."""
+        bands = tuple(bands)
+        if not 1 <= len(bands) <= 3:
+            raise ConfigError(f"cutouts take 1 to 3 bands, got {len(bands)}: {bands}")
+        if len(set(bands)) != len(bands):
+            raise ConfigError(f"bands must be distinct, got {bands}")
+        if self.stretch == "none":
+            return list(range(len(bands))), [1.0] * len(bands), [1.0] * len(bands)
+        planes_map = dict(self.band_planes)
+        if self.stretch == "lupton":
+            tables = {"lupton_scales": dict(self.lupton_scales)}
+        else:
+            tables = {"asinh_softening": dict(self.asinh_softening), "asinh_max": dict(self.asinh_max)}
+        for name, table in [("band_planes", planes_map), *tables.items()]:
+            missing = [b for b in bands if b not in table]
+            if missing:
+                raise ConfigError(f"CutoutSpec.{name} has no entry for band(s) {', '.join(missing)}")
+        planes = [planes_map[b] for b in bands]
+        if len(set(planes)) != len(planes):
+            raise ConfigError(f"CutoutSpec.band_planes maps bands {bands} onto the same RGB plane: {planes}")
+        if self.stretch == "lupton":
+            return planes, [tables["lupton_scales"][b] for b in bands], [1.0] * len(bands)
+        return planes, [tables["asinh_softening"][b] for b in bands], [tables["asinh_max"][b] for b in bands]
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (band maps as objects); ``from_dict(to_dict())`` gives an equal spec."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = dict(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CutoutSpec":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"CutoutSpec.from_dict needs a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown CutoutSpec field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**dict(d))
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"CutoutSpec.{name} must be a finite number, got {value!r}")
+    return float(value)
