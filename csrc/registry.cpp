@@ -2,5 +2,5 @@
 
 namespace galaxalign {
 // Kernel families add their register_* calls here.
-void register_all(pybind11::module_& m) { (void)m; }
+void register_all(pybind11::module_& m) { register_similarity(m); }
 }  // namespace galaxalign

@@ -4,4 +4,5 @@
 
 namespace galaxalign {
 void register_all(pybind11::module_& m);
+void register_similarity(pybind11::module_& m);  // similarity.cpp: fused loss, top-k, prototypes
 }  // namespace galaxalign

@@ -5,6 +5,10 @@
 
 namespace py = pybind11;
 
+namespace galaxalign_cuda {
+void register_similarity(py::module_& m);  // similarity.cu: fused loss, top-k, prototypes
+}
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "galaxalign-batch CUDA kernels";
   m.def("runtime_version", []() { int v = 0; cudaRuntimeGetVersion(&v); return v; },
@@ -14,4 +18,5 @@ PYBIND11_MODULE(_cuda, m) {
     if (cudaGetDeviceCount(&n) != cudaSuccess) { cudaGetLastError(); return 0; }
     return n;
   }, "Number of CUDA devices visible to this module (0 when no driver or device).");
+  galaxalign_cuda::register_similarity(m);
 }

@@ -1,7 +1,60 @@
-"""`galaxalign-batch classify`: classify every source of an embedding store."""
+"""`galaxalign-batch classify`: a class for every source of an embedding store, written into the store."""
 
-from galaxalign_batch.cli._placeholder import placeholder
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+EXAMPLES = """\
+examples:
+  galaxalign-batch classify --store runs/sky-embeddings.zarr --model runs/train/model.safetensors
+  galaxalign-batch classify --store sky.zarr --model ckpt/ --method text      # text prototypes only
+  galaxalign-batch classify --store sky.zarr --model baseline.safetensors --method head --survey runs/sky
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from galaxalign_batch.downstream.classify import classify_store, missing_model_error, scorer_from_checkpoint
+    from galaxalign_batch.downstream.common import open_readable
+
+    store = open_readable(args.store)
+    if not args.model:
+        raise missing_model_error(store)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = scorer_from_checkpoint(args.model, store, args.method, device=device, roots=args.survey)
+    summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force)
+    for line in summary.lines():
+        print(line)
+    return 0
 
 
 def register(sub) -> None:
-    placeholder(sub, "classify", "classify every source of an embedding store", "downstream issue")
+    p = sub.add_parser(
+        "classify", help="classify every source of an embedding store (zero-shot or the linear head)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Classify every row of an embedding store and write `probs` (N x K), `label` and `confidence`
+            into it. Zero-shot methods score the stored embeddings against the checkpoint's text and/or
+            symbol class prototypes (fused kernel); `head` runs the image-only baseline's linear head on
+            cutouts re-made from the tiles. Resumable (a killed run continues where it stopped) and
+            idempotent (a store already classified by the same model and method is left alone); the
+            previous classification stays visible until the new one is complete. The store keeps no
+            weights: pass the checkpoint it was embedded with; any other is refused."""),
+        epilog=EXAMPLES)
+    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    p.add_argument("--model", metavar="CKPT",
+                   help="the GalaxAlign checkpoint (model.safetensors or its folder) the store was embedded with")
+    p.add_argument("--method", default="auto", choices=["auto", "combined", "text", "symbol", "head"],
+                   help="prototypes to score against, or the linear head; auto: combined (tri-modal), text "
+                        "(image-text), head (image-only) (default: auto)")
+    p.add_argument("--survey", action="append", metavar="ROOT",
+                   help="survey root(s) holding the store's brick tiles (only --method head reads tiles)")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per batch and progress commit (default: one shard of the store)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scoring runs")
+    p.add_argument("--force", action="store_true", help="classify again even if the store is up to date")
+    p.set_defaults(func=run)

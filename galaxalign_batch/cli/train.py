@@ -1,7 +1,106 @@
 """`galaxalign-batch train`: fine-tune a GalaxAlign model (stage 1 and 2) or a baseline."""
 
-from galaxalign_batch.cli._placeholder import placeholder
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger("galaxalign_batch")
+
+
+def _weights(text: str) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers w_it,w_is,w_st, got {text!r}") from None
+    if len(w) != 3 or any(v < 0 for v in w):
+        raise argparse.ArgumentTypeError(f"expected three non-negative numbers w_it,w_is,w_st, got {text!r}")
+    return w
+
+
+def run(args: argparse.Namespace) -> int:
+    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.model.train import TrainConfig, train
+
+    if not args.data or not args.out:
+        raise ConfigError("train needs --data DIR|CSV|H5 and --out DIR")
+    cfg = TrainConfig(
+        data=args.data, out=args.out, mode=args.mode, model=args.model, pretrained=args.pretrained,
+        vocabulary=args.vocabulary, symbols=args.symbols, epochs_stage1=args.epochs_stage1,
+        epochs_stage2=args.epochs_stage2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_stage2=args.lr_stage2, weight_decay=args.weight_decay, warmup=args.warmup, weights=args.weights,
+        stage1_weights=args.stage1_weights, temperature=args.temperature, learn_temperature=not args.fixed_temperature,
+        train_layers=args.train_layers, loss=args.loss, workers=args.workers, device=args.device, amp=not args.no_amp,
+        seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        limit_per_class=args.limit_per_class, angular_size=args.angular_size, cutout_size=args.cutout_size,
+        stretch=args.stretch, symbol_bank=args.symbol_bank, max_steps_per_epoch=args.max_steps_per_epoch,
+        resume="yes" if args.resume else "no" if args.no_resume else "auto", tensorboard=args.tensorboard,
+        threads=args.threads)
+    summary = train(cfg)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("model", "epochs", "global_step", "seconds", "val_accuracy")
+                          if k in summary}, indent=1))
+    return 0
 
 
 def register(sub) -> None:
-    placeholder(sub, "train", "fine-tune a GalaxAlign model (stage 1 and 2) or a baseline", "GalaxAlign issue")
+    p = sub.add_parser(
+        "train", help="fine-tune a GalaxAlign model (stage 1 and 2) or a baseline",
+        description="Fine-tune an open_clip model so that galaxy images, schematic symbols and class labels share "
+                    "one space (--mode trimodal: stage 1 then stage 2), or train a baseline on the same data and "
+                    "budget (--mode image-text: CLIP fine-tuning; --mode image-only: image encoder + linear "
+                    "classifier). Writes OUT/model.safetensors, OUT/metrics.csv and a checkpoint per epoch under "
+                    "OUT/checkpoints (a rerun resumes from it). See docs/model.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", help="the simulator's labelled set (dir with labelled/manifest.json), a dir of class "
+                                  "subfolders, a CSV (filepath,label) or a Galaxy10 DECaLS .h5")
+    g.add_argument("--out", help="output directory")
+    g.add_argument("--vocabulary", default="galaxy10", help="built-in vocabulary name or TOML file")
+    g.add_argument("--symbols", default=None, help="folder of your own symbol images (one subfolder or file prefix "
+                                                   "per class key); default: the built-in drawer")
+    g.add_argument("--seed", type=int, default=0, help="seed of splits, order and augmentation")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="validation share when the source has no splits")
+    g.add_argument("--test-fraction", type=float, default=0.1, help="test share when the source has no splits")
+    g.add_argument("--limit-per-class", type=int, default=None, help="use at most this many images per class and split")
+    g.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec (simulated / survey data)")
+    g.add_argument("--cutout-size", type=int, default=None, help="cutout side in pixels (default: model input size)")
+    g.add_argument("--stretch", default="lupton", choices=["lupton", "asinh"], help="cutout stretch")
+    g = p.add_argument_group("model")
+    g.add_argument("--mode", default="trimodal", choices=["trimodal", "image-text", "image-only"])
+    g.add_argument("--model", default="galaxalign-tiny",
+                   help="open_clip model name (e.g. ViT-B-16) or one of our checkpoints (.safetensors) to start from")
+    g.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs its cache) or a local weights file")
+    g.add_argument("--train-layers", default="all", help="all | last:N (last N blocks + projections) | proj")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="initial temperature (default: the model's own; 0.07 for random weights)")
+    g.add_argument("--fixed-temperature", action="store_true", help="do not learn the temperature")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs-stage1", type=int, default=5, help="tri-modal stage 1 epochs")
+    g.add_argument("--epochs-stage2", type=int, default=5, help="tri-modal stage 2 epochs")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="baseline epochs (default: epochs-stage1 + epochs-stage2, the same budget)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step and worker")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak of warmup + cosine)")
+    g.add_argument("--lr-stage2", type=float, default=None, help="stage 2 learning rate (default: --lr)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of each stage's steps")
+    g.add_argument("--weights", type=_weights, default=(1.0, 1.0, 1.0),
+                   help="stage 2 loss weights w_it,w_is,w_st (image-text, image-symbol, symbol-text)")
+    g.add_argument("--stage1-weights", type=_weights, default=(1.0, 0.0, 1.0), help="stage 1 loss weights w_it,w_is,w_st")
+    g.add_argument("--loss", default="auto", choices=["auto", "fused", "reference"],
+                   help="contrastive loss implementation (galaxalign_batch.ops)")
+    g.add_argument("--symbol-bank", type=int, default=32, help="augmented symbols per class drawn each epoch")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=0, help="Ray Train data-parallel workers (0: run in this process)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")
+    g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    r = g.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints (default: resume if any)")
+    r.add_argument("--no-resume", action="store_true", help="start afresh, deleting OUT/checkpoints")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboard)")
+    p.set_defaults(func=run)

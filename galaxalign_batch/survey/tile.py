@@ -210,6 +210,7 @@ def celestial_wcs(path: str | os.PathLike, header: fits.Header, shape: tuple[int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long comments of other cards
             w = WCS(header, naxis=2, fix=True)
     except Exception as e:  # astropy raises several types for broken WCS headers
         raise TileError(path, f"header has no usable WCS ({_wcs_reason(e)})") from None
