@@ -28,14 +28,11 @@ def test_each_subcommand_has_help(name, capsys):
 
 
 def test_placeholders_say_not_implemented(caplog):
-    parser = build_parser()
+    choices = build_parser()._subparsers._group_actions[0].choices
     for name in SUBCOMMANDS:
-        args = parser.parse_args([name] if name != "info" else ["info"])
-        doc = (parser._subparsers._group_actions[0].choices[name].description or "")
-        if "NOT IMPLEMENTED YET" in doc:
+        if "NOT IMPLEMENTED YET" in (choices[name].description or ""):
             assert main([name]) == 2
             assert "not implemented yet" in caplog.text
-            assert args.func is not None
 
 
 def test_info_runs_and_reports_core():
