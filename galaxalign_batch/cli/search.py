@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import textwrap
 
 EXAMPLES = """\
@@ -28,8 +29,6 @@ def run(args: argparse.Namespace) -> int:
         print(line)
     if args.csv:
         result.table.to_csv(args.csv + ".partial", index=False)
-        import os
-
         os.replace(args.csv + ".partial", args.csv)
         print(f"table written to {args.csv}")
     if args.plot:

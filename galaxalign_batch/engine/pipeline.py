@@ -155,6 +155,9 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     ray.get([a.describe.remote() for a in actors[1:]])
     startup = time.perf_counter() - t_start
     store = _open_or_create(out, info, embedding_dtype)
+    roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
+    if roots != store.attrs.get("survey_roots", []):
+        store.group.attrs["survey_roots"] = roots  # where thumbnails / re-made cutouts come from
 
     done = store.completed_tiles()
     earlier_failed = store.failed_tiles()

@@ -1,0 +1,264 @@
+"""`classify`: a class for every row of a store, written into the store, resumable and never half-written.
+
+Zero-shot methods (``text``, ``symbol``, ``combined``) score the stored embeddings against the
+checkpoint's class prototypes with the fused kernel :func:`galaxalign_batch.ops.prototype_probs`
+(softmax of ``logit_scale * e . p_k``), exactly :meth:`GalaxAlignModel.classify`. The ``head``
+method (the image-only baseline's linear head) needs the *unnormalised* image features, which the
+store does not keep: it re-makes the cutouts from the tiles and runs the model (slow; needs the tiles).
+
+Writing: the arrays ``probs`` (N, K) float32, ``label`` (N,) int16 and ``confidence`` (N,) float32
+are first written under ``_classify_partial/`` in row batches, each batch followed by an atomic
+``rows_done`` attribute update, so a killed run resumes where it stopped. When every row is done
+they are renamed into place and the store attribute ``classification`` is set; until then readers
+see the previous classification (or none). See docs/downstream.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from galaxalign_batch import progress
+from galaxalign_batch._version import __version__
+from galaxalign_batch.downstream.common import (CLASSIFICATION_ARRAYS, CLASSIFICATION_ATTR, ModelMismatchError,
+                                                classification_of, row_chunking)
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+PARTIAL = "_classify_partial"
+METHODS = ("auto", "combined", "text", "symbol", "head")
+
+
+@dataclass
+class Scorer:
+    """Class probabilities for row ranges of a store, and what made them."""
+
+    identity: dict  # the model identity; must equal the store's attrs["model"]["id"]
+    method: str
+    classes: list[str]
+    labels: list[str]
+    score: Callable[[EmbeddingStore, int, int], np.ndarray]  # (store, start, stop) -> (stop-start, K) float32
+    batch_rows: int | None = None  # preferred batch size (rows); None: one shard
+    extra: dict = field(default_factory=dict)  # recorded in the classification attribute
+
+
+@dataclass
+class ClassifySummary:
+    store: str
+    rows: int
+    method: str
+    classes: list[str]
+    counts: dict[str, int]
+    seconds: float
+    resumed_from: int = 0
+    up_to_date: bool = False
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"{self.store}: already classified ({self.method}, {self.rows} rows); nothing to do "
+                    "(--force to redo)"]
+        head = f"{self.store}: classified {self.rows} rows ({self.method}) in {self.seconds:.1f} s"
+        if self.resumed_from:
+            head += f" (resumed at row {self.resumed_from})"
+        out = [head]
+        width = max(len(c) for c in self.classes)
+        for c in self.classes:
+            n = self.counts.get(c, 0)
+            out.append(f"  {c:<{width}}  {n:>10d}  {100.0 * n / max(self.rows, 1):5.1f}%")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+
+def checkpoint_identity(path: str | os.PathLike) -> dict:
+    """The identity ``embed --model CKPT`` records for a checkpoint, read without loading the weights."""
+    from galaxalign_batch.engine.encoder import _file_digest
+    from galaxalign_batch.model.checkpoint import _model_path, read_info
+
+    info = read_info(path)
+    model_file = _model_path(path)
+    return {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(os.fspath(path))),
+            "id": info.get("weights_digest") or _file_digest(str(model_file)), "mode": info.get("mode")}
+
+
+def check_model(store: EmbeddingStore, identity: dict, what: str = "--model") -> None:
+    have = store.attrs.get("model") or {}
+    if have.get("id") != identity.get("id"):
+        raise ModelMismatchError(
+            f"{store.path}: store written by another model: {have.get('name')} ({have.get('kind')}, id "
+            f"{have.get('id')}), not {identity.get('name')} (id {identity.get('id')}) given as {what}")
+
+
+def missing_model_error(store: EmbeddingStore) -> ConfigError:
+    m = store.attrs.get("model") or {}
+    return ConfigError(f"{store.path}: classify needs --model: the store was embedded with {m.get('kind', '?')} model "
+                       f"{m.get('name', '?')} (id {m.get('id', '?')}); pass that checkpoint file (the store keeps no weights)")
+
+
+def scorer_from_checkpoint(path: str | os.PathLike, store: EmbeddingStore, method: str = "auto", *,
+                           device: str = "cpu", roots: Sequence[str] | None = None, impl: str = "auto") -> Scorer:
+    """A :class:`Scorer` for ``store`` from the checkpoint it was embedded with (refuses any other)."""
+    from galaxalign_batch.model.checkpoint import load_checkpoint
+    from galaxalign_batch.model.evaluate import PRIMARY, methods_for
+
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    identity = checkpoint_identity(path)
+    check_model(store, identity)
+    model = load_checkpoint(path, device=device)
+    method = PRIMARY[model.mode] if method == "auto" else method
+    if method not in methods_for(model):
+        raise ConfigError(f"--method {method} does not apply to this {model.mode} checkpoint "
+                          f"(it supports: {', '.join(methods_for(model))})")
+    vocab = model.vocabulary
+    if method == "head":
+        return _head_scorer(model, identity, store, roots)
+    scale = float(model.logit_scale.detach())
+    cache: dict[str, torch.Tensor] = {}  # prototypes are made on first use: an up-to-date store needs none
+
+    def score(st: EmbeddingStore, start: int, stop: int) -> np.ndarray:
+        from galaxalign_batch import ops
+
+        if "p" not in cache:
+            cache["p"] = model.class_prototypes(method).detach()
+        prototypes = cache["p"]
+        feats = torch.from_numpy(np.ascontiguousarray(st.group["embedding"][start:stop])).to(prototypes.device)
+        return ops.prototype_probs(feats, prototypes, scale, impl=impl).cpu().numpy()
+
+    return Scorer(identity, method, vocab.keys, vocab.labels, score,
+                  extra={"logit_scale": scale, "vocabulary": vocab.name, "vocabulary_digest": vocab.digest()})
+
+
+def _head_scorer(model, identity: dict, store: EmbeddingStore, roots: Sequence[str] | None) -> Scorer:
+    from galaxalign_batch.downstream.tiles import TileOpener, cutouts_for_rows, store_spec, survey_roots
+
+    spec = store_spec(store)
+    opener = TileOpener(survey_roots(store, roots))
+    log.info("method head: re-making the cutouts from the tiles (the store keeps only normalised features)")
+
+    def score(st: EmbeddingStore, start: int, stop: int) -> np.ndarray:
+        cut = cutouts_for_rows(st, range(start, stop), spec, opener=opener, strict=True)
+        pixels = np.stack([cut[r] for r in range(start, stop)])
+        return model.classify(pixels, "head").float().cpu().numpy()
+
+    vocab = model.vocabulary
+    return Scorer(identity, "head", vocab.keys, vocab.labels, score, batch_rows=2048,
+                  extra={"vocabulary": vocab.name, "vocabulary_digest": vocab.digest()})
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def _signature(scorer: Scorer, n_rows: int) -> dict:
+    return {"model_id": scorer.identity.get("id"), "method": scorer.method, "classes": list(scorer.classes),
+            "rows": int(n_rows)}
+
+
+def _partial_group(store: EmbeddingStore, scorer: Scorer, n: int):
+    """The work area, resumed when it belongs to the same run (model, method, classes, rows), else new."""
+    g = store.group
+    sig = _signature(scorer, n)
+    if PARTIAL in g:
+        part = g[PARTIAL]
+        if dict(part.attrs).get("signature") == sig and all(a in part for a in CLASSIFICATION_ARRAYS):
+            return part, int(part.attrs.get("rows_done", 0))
+        log.info("%s: discarding an unfinished classification by another model/method", store.path)
+        shutil.rmtree(os.path.join(store.path, PARTIAL))
+    chunk, shard = row_chunking(store)
+    part = g.create_group(PARTIAL)
+    k = len(scorer.classes)
+    part.create_array("probs", shape=(n, k), chunks=(chunk, k), shards=(shard, k), dtype="float32",
+                      fill_value=0.0, dimension_names=("row", "class"),
+                      attributes={"description": "class probabilities (softmax), columns in attrs classification.classes"})
+    part.create_array("label", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int16", fill_value=-1,
+                      dimension_names=("row",), attributes={"description": "index of the most probable class"})
+    part.create_array("confidence", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="float32", fill_value=0.0,
+                      dimension_names=("row",), attributes={"description": "probability of the label"})
+    part.attrs.update({"signature": sig, "rows_done": 0})
+    return part, 0
+
+
+def _install(store: EmbeddingStore, meta: dict) -> None:
+    """Rename the finished partial arrays into place (re-entrant: a crash here is finished by the re-run)."""
+    store.group.attrs.update({CLASSIFICATION_ATTR: None})
+    for name in CLASSIFICATION_ARRAYS:
+        src = os.path.join(store.path, PARTIAL, name)
+        dst = os.path.join(store.path, name)
+        if os.path.isdir(src):
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            os.rename(src, dst)
+    store.group.attrs.update({CLASSIFICATION_ATTR: meta})
+    shutil.rmtree(os.path.join(store.path, PARTIAL), ignore_errors=True)
+
+
+def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None = None,
+                   force: bool = False) -> ClassifySummary:
+    """Classify every committed row of the store at ``path`` with ``scorer`` (see the module docstring)."""
+    t0 = time.perf_counter()
+    store = open_store(path, "r+")
+    if not os.path.isdir(store.path):
+        raise StoreError(f"{store.path}: classify writes into local stores only")
+    check_model(store, scorer.identity)
+    n = store.n_rows
+    if n == 0:
+        raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
+    current = classification_of(store, warn=False)
+    meta = store.attrs.get(CLASSIFICATION_ATTR) or {}
+    if (not force and current is not None and current.method == scorer.method and current.classes == scorer.classes
+            and (meta.get("model") or {}).get("id") == scorer.identity.get("id")):
+        shutil.rmtree(os.path.join(store.path, PARTIAL), ignore_errors=True)
+        counts = _counts(store, current.classes)
+        return ClassifySummary(store.path, n, scorer.method, current.classes, counts, time.perf_counter() - t0,
+                               up_to_date=True)
+
+    part, done = _partial_group(store, scorer, n)
+    resumed = done
+    if done:
+        log.info("%s: resuming the classification at row %d of %d", store.path, done, n)
+    chunk, shard = row_chunking(store)
+    step = batch_rows or scorer.batch_rows or shard
+    step = max(chunk, step // chunk * chunk)  # whole chunks: every chunk is written once
+    bar = progress.bar(total=n, initial=done, desc="classify", unit="row")
+    try:
+        for start in range(done, n, step):
+            stop = min(start + step, n)
+            probs = np.asarray(scorer.score(store, start, stop), dtype=np.float32)
+            if probs.shape != (stop - start, len(scorer.classes)):
+                raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {len(scorer.classes)})")
+            label = probs.argmax(1)
+            part["probs"][start:stop] = probs
+            part["label"][start:stop] = label.astype(np.int16)
+            part["confidence"][start:stop] = probs[np.arange(len(label)), label]
+            part.attrs.update({"rows_done": stop})  # the commit point of this batch
+            bar.update(stop - start)
+    finally:
+        bar.close()
+
+    meta = {"method": scorer.method, "classes": list(scorer.classes), "labels": list(scorer.labels),
+            "model": dict(scorer.identity), "rows": n, "software_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **scorer.extra}
+    _install(store, meta)
+    store = open_store(path, "r")
+    return ClassifySummary(store.path, n, scorer.method, list(scorer.classes), _counts(store, scorer.classes),
+                           time.perf_counter() - t0, resumed_from=resumed)
+
+
+def _counts(store: EmbeddingStore, classes: list[str]) -> dict[str, int]:
+    k = len(classes)
+    total = np.zeros(k, np.int64)
+    arr = store.group["label"]
+    step = row_chunking(store)[1]
+    for start in range(0, store.n_rows, step):
+        lab = np.asarray(arr[start:min(start + step, store.n_rows)], dtype=np.int64)
+        total += np.bincount(lab[lab >= 0], minlength=k)[:k]
+    return {c: int(v) for c, v in zip(classes, total)}

@@ -1,0 +1,139 @@
+"""Re-making cutouts of store rows from their tiles (search picture grids, report thumbnails, head classification).
+
+The store keeps no pixels. A row's ``tile`` is either the absolute path of a cutout-cube file
+(opened directly) or a Legacy Survey brick name, looked up in the survey roots: those given
+(``--survey ROOT``), those the store lists in its ``survey_roots`` attribute when present, and the
+default simulated survey ``runs/sky`` when it exists. Cutouts use the store's ``cutout_spec`` and
+the stored pixel positions ``x``, ``y``, so they are the cutouts the model saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from galaxalign_batch.errors import GalaxAlignError, TileError
+from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SURVEY_ROOTS = ("runs/sky",)
+
+
+def survey_roots(store: EmbeddingStore, given: Sequence[str] | None = None) -> list[str]:
+    """Where brick tiles are looked for, in order: ``given``, the store's ``survey_roots``, the default."""
+    roots = list(given or [])
+    roots += list(store.attrs.get("survey_roots") or [])
+    roots += [r for r in DEFAULT_SURVEY_ROOTS if os.path.isdir(r)]
+    seen, out = set(), []
+    for r in roots:
+        a = os.path.abspath(r)
+        if a not in seen:
+            seen.add(a)
+            out.append(a)
+    return out
+
+
+def store_spec(store: EmbeddingStore) -> CutoutSpec:
+    spec = store.attrs.get("cutout_spec")
+    return CutoutSpec.from_dict(spec) if spec else CutoutSpec()
+
+
+class TileOpener:
+    """Opens the tile of a store row by its ``tile`` value, remembering the last few (tiles are large)."""
+
+    def __init__(self, roots: Sequence[str], keep: int = 2):
+        self.roots = list(roots)
+        self.keep = keep
+        self._cache: OrderedDict[str, object] = OrderedDict()
+
+    def locate(self, name: str) -> tuple[str, str | None]:
+        """(path, brick) to open ``name`` with :func:`galaxalign_batch.survey.open_tile`."""
+        from galaxalign_batch.survey import layout
+
+        if os.path.isabs(name) or os.path.isfile(name):
+            if not os.path.isfile(name):
+                raise TileError(name, "tile file no longer exists")
+            return name, None
+        for root in self.roots:
+            if layout.coadd_dir(root, name).is_dir():
+                return root, name
+        where = ", ".join(self.roots) if self.roots else "none given"
+        raise TileError(name, f"brick not found in the survey roots ({where}); pass --survey ROOT")
+
+    def open(self, name: str):
+        from galaxalign_batch.survey import open_tile
+
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        path, brick = self.locate(name)
+        tile = open_tile(path, brick)
+        self._cache[name] = tile
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return tile
+
+
+def cutouts_for_rows(store: EmbeddingStore, rows: Iterable[int], spec: CutoutSpec | None = None, *,
+                     roots: Sequence[str] | None = None, opener: TileOpener | None = None,
+                     strict: bool = False) -> dict[int, np.ndarray | None]:
+    """Cutouts ``(3, S, S)`` of store ``rows`` re-made from their tiles; None where a tile cannot be read.
+
+    With ``strict`` a missing or unreadable tile raises its :class:`TileError` instead.
+    """
+    rows = np.unique(np.asarray(list(rows), dtype=np.int64))
+    spec = spec or store_spec(store)
+    opener = opener or TileOpener(survey_roots(store, roots))
+    out: dict[int, np.ndarray | None] = {}
+    if not len(rows):
+        return out
+    tiles = store.read("tile", rows)
+    xs, ys = store.read("x", rows).astype(np.float64), store.read("y", rows).astype(np.float64)
+    for name in dict.fromkeys(tiles):  # first-seen order
+        sel = np.flatnonzero(tiles == name)
+        try:
+            tile = opener.open(str(name))
+        except GalaxAlignError as e:
+            if strict:
+                raise
+            log.warning("no cutouts for %d row(s): %s", len(sel), e)
+            out.update({int(rows[i]): None for i in sel})
+            continue
+        batch = make_cutouts(tile.image, tile.valid, xs[sel], ys[sel], tile.pixscale, spec, bands=tile.bands)
+        for j, i in enumerate(sel):
+            out[int(rows[i])] = batch.pixels[j]
+    return out
+
+
+def to_rgb8(pixels: np.ndarray) -> np.ndarray:
+    """A cutout ``(3, S, S)`` (float in [0, 1] or uint8) as an ``(S, S, 3)`` uint8 picture, north up.
+
+    Row 0 of a cutout is the tile's first pixel row (south for Legacy Survey WCS), so the picture is
+    flipped vertically, as the viewer shows it.
+    """
+    p = np.asarray(pixels)
+    if p.dtype != np.uint8:
+        p = np.clip(np.nan_to_num(p.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5
+        p = p.astype(np.uint8)
+    return np.ascontiguousarray(np.transpose(p, (1, 2, 0))[::-1])
+
+
+def png_base64(rgb: np.ndarray, scale: int = 1) -> str:
+    """A ``data:image/png;base64,...`` URL of an (H, W, 3) uint8 picture (nearest-neighbour upscaled)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
