@@ -1,0 +1,337 @@
+"""Benchmark the fused similarity kernels against the composite PyTorch / faiss baselines.
+
+Loss: ``galaxalign_batch.ops.trimodal_contrastive_loss(impl="fused")`` against the composite: three
+open_clip ``ClipLoss`` terms on the same inputs (per pair ``logits = scale * A @ B.T`` and
+``scale * B @ A.T``, cross-entropy both ways). Forward + backward wall time and peak extra memory
+at B in {1024, 4096, 16384}, D = 512, each case in a fresh subprocess. Peak extra memory on CPU:
+the process's peak RSS (VmHWM, reset through /proc/self/clear_refs once the inputs exist) minus
+its RSS before the step; this sees every allocation (torch's, the C++ kernels', glibc's). On CUDA:
+``torch.cuda.max_memory_allocated`` minus the allocation before the step.
+
+Top-k: ``similarity_topk`` (fused) against faiss ``IndexFlatIP`` and chunked ``torch.matmul`` +
+``topk``; N = 1000 queries, M = 500,000 rows, D = 512, k = 10, fp32 rows, then fp16 rows (compared
+with the fp32 ``IndexFlatIP`` search, or with ``--faiss-fp16`` also faiss's fp16
+``IndexScalarQuantizer``). Index building and conversions are not timed.
+
+    python bench/kernels.py [--json PATH] [--device cpu|cuda] [--loss-sizes 1024,4096,16384]
+                            [--topk-rows 500000] [--skip-loss] [--skip-topk] [--faiss-fp16]
+
+Ratios are against the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+D = 512
+TOPK_K = 10
+TOPK_QUERIES = 1000
+CHUNK_ROWS = 65536
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: str) -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        from galaxalign_batch import _core
+
+        info["core_isa"] = _core.similarity_isa()
+        info["core_build"] = dict(_core.build_info())
+    except ImportError:
+        info["core_isa"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _hwm_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _loss_fn(impl: str):
+    if impl == "composite":
+        from open_clip.loss import ClipLoss
+
+        clip = ClipLoss()
+        return lambda i, t, s, scale: clip(i, t, scale) + clip(i, s, scale) + clip(s, t, scale)
+    from galaxalign_batch.ops import trimodal_contrastive_loss
+
+    return lambda i, t, s, scale: trimodal_contrastive_loss(i, t, s, scale, impl="fused")
+
+
+def loss_case(impl: str, batch: int, reps: int, device: str) -> dict:
+    """One (implementation, batch) case, run in its own process: time and peak extra memory."""
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(batch)
+    feats = [torch.nn.functional.normalize(torch.randn(batch, D, generator=g), dim=1).to(dev).requires_grad_() for _ in range(3)]
+    log_scale = torch.tensor(np.log(1 / 0.07), dtype=torch.float32, device=dev, requires_grad=True)
+    fn = _loss_fn(impl)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step(inputs) -> float:
+        for x in inputs + [log_scale]:
+            x.grad = None
+        loss = fn(*inputs, log_scale.exp())
+        loss.backward()
+        sync()
+        return float(loss.detach())
+
+    # One small step first (thread pools, lazy initialisation), so only the batch's own memory counts.
+    step([x[:256].detach().clone().requires_grad_() for x in feats])
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        method = "torch.cuda.max_memory_allocated - memory_allocated before the step"
+    else:
+        base = _rss_bytes()
+        if _reset_hwm():
+            method = "VmHWM (reset via /proc/self/clear_refs) - VmRSS before the step"
+        else:
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            method = "ru_maxrss delta (clear_refs unavailable: a lower bound)"
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        value = step(feats)
+    except torch.OutOfMemoryError as exc:  # the composite at large B on a GPU
+        return {"impl": impl, "batch": batch, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    elif method.startswith("VmHWM"):
+        peak = _hwm_bytes() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times, cpu_times = [], []
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(feats)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    return {
+        "impl": impl, "batch": batch, "loss": value, "first_step_s": first,
+        "time_s": min(times) if times else first, "timed_steps": len(times) or 1,
+        "cpu_s": min(cpu_times) if cpu_times else first_cpu,
+        "peak_extra_bytes": int(peak), "memory_method": method,
+    }
+
+
+def run_loss(sizes: list[int], device: str) -> list[dict]:
+    rows = []
+    for batch in sizes:
+        reps = 5 if batch <= 1024 else 3 if batch <= 4096 else 0 if device == "cpu" else 3
+        pair = {}
+        for impl in ("fused", "composite"):
+            cmd = [sys.executable, __file__, "--_loss-case", impl, str(batch), str(reps), device]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                pair[impl] = {"impl": impl, "batch": batch, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+            else:
+                pair[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  loss B={batch:6d} {impl:9s} " + _fmt_loss(pair[impl]), flush=True)
+        f, c = pair["fused"], pair["composite"]
+        summary = {"batch": batch, "fused": f, "composite": c}
+        if "error" not in f and "error" not in c:
+            summary["speedup"] = c["time_s"] / f["time_s"]
+            summary["cpu_speedup"] = c["cpu_s"] / f["cpu_s"]
+            summary["memory_ratio"] = f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1)
+            summary["loss_abs_diff"] = abs(f["loss"] - c["loss"])
+            print(f"  -> B={batch}: fused {summary['speedup']:.2f}x faster (CPU time {summary['cpu_speedup']:.2f}x), "
+                  f"{summary['memory_ratio']:.3f}x the composite's "
+                  f"peak extra memory, |loss diff| {summary['loss_abs_diff']:.2e}", flush=True)
+        rows.append(summary)
+    return rows
+
+
+def _fmt_loss(r: dict) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    return (f"{r['time_s']:8.3f} s (min of {r['timed_steps']}; first {r['first_step_s']:.3f} s; CPU {r['cpu_s']:.3f} s)  "
+            f"peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB  loss {r['loss']:.6f}")
+
+
+# --- top-k ---------------------------------------------------------------------------------------
+
+def _torch_chunked_topk(q: torch.Tensor, matrix, k: int, device: torch.device):
+    best_s = best_i = None
+    for start in range(0, matrix.shape[0], CHUNK_ROWS):
+        rows = torch.as_tensor(matrix[start:start + CHUNK_ROWS]).to(device).float()
+        s, i = torch.topk(q @ rows.T, k, dim=1)
+        i = i + start
+        if best_s is not None:
+            s, pos = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
+            i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+def _timed(fn, sync):
+    """(wall seconds, process CPU seconds, result)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def _same_rows(a, b) -> float:
+    a = torch.as_tensor(np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a))
+    b = torch.as_tensor(np.asarray(b.cpu() if isinstance(b, torch.Tensor) else b))
+    return float((a == b).all(dim=1).double().mean())
+
+
+def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
+    from galaxalign_batch.ops import similarity_topk
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    matrix = torch.empty(rows, D)
+    for start in range(0, rows, CHUNK_ROWS):  # normalised rows, made in chunks
+        block = torch.randn(min(CHUNK_ROWS, rows - start), D, generator=g)
+        matrix[start:start + block.shape[0]] = torch.nn.functional.normalize(block, dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(TOPK_QUERIES, D, generator=g), dim=1)
+    m32 = matrix.numpy()
+    m16 = m32.astype(np.float16)
+    print(f"  made {rows} x {D} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+    flops = 2.0 * TOPK_QUERIES * rows * D
+    results = []
+    q_dev = queries.to(dev)
+    faiss_entry: dict = {}
+
+    for label, mat in (("fp32", m32), ("fp16", m16)):
+        entry = {"rows": label, "n": TOPK_QUERIES, "m": rows, "d": D, "k": TOPK_K}
+        t_fused, entry["fused_cpu_s"], (s_f, i_f) = _timed(
+            lambda: similarity_topk(q_dev, mat, TOPK_K, chunk_rows=CHUNK_ROWS, impl="fused"), sync)
+        entry["fused_s"] = t_fused
+        t_torch, entry["torch_chunked_cpu_s"], (s_t, i_t) = _timed(lambda: _torch_chunked_topk(q_dev, mat, TOPK_K, dev), sync)
+        entry["torch_chunked_s"] = t_torch
+        entry["same_rows_vs_torch"] = _same_rows(i_f, i_t)
+        if dev.type == "cpu":
+            import faiss
+
+            if label == "fp32" or faiss_fp16:
+                if label == "fp32":
+                    index, name = faiss.IndexFlatIP(D), "faiss IndexFlatIP"
+                else:
+                    index = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+                    index.train(m32[:1000])
+                    name = "faiss IndexScalarQuantizer(QT_fp16)"
+                index.add(m32)
+                t_faiss, faiss_cpu, (s_x, i_x) = _timed(lambda: index.search(queries.numpy(), TOPK_K), sync)
+                faiss_entry = {"faiss": name, "faiss_s": t_faiss, "faiss_cpu_s": faiss_cpu,
+                               "faiss_threads": faiss.omp_get_max_threads(), "same_rows_vs_faiss": _same_rows(i_f, i_x)}
+                del index
+            # fp16 rows without --faiss-fp16: against the fp32 IndexFlatIP search of the same run
+            entry.update(faiss_entry)
+            entry["fused_over_faiss"] = t_fused / entry["faiss_s"]
+        else:  # fp16 matrix-multiply throughput on this device, the GPU target's yardstick
+            a = queries.half().to(dev)
+            b = torch.as_tensor(m16[:CHUNK_ROWS]).to(dev)
+            a @ b.T
+            sync()
+            t_mm, _, _ = _timed(lambda: [a @ b.T for _ in range(10)], sync)
+            mm_tflops = 10 * 2.0 * a.shape[0] * b.shape[0] * D / t_mm / 1e12
+            entry.update({"fp16_matmul_tflops": mm_tflops, "fused_tflops": flops / t_fused / 1e12,
+                          "fused_over_fp16_matmul": flops / t_fused / 1e12 / mm_tflops})
+        entry["fused_gflops"] = flops / t_fused / 1e9
+        entry["fused_over_torch"] = t_fused / t_torch
+        results.append(entry)
+        line = f"  top-k {label}: fused {t_fused:.2f} s ({entry['fused_gflops']:.1f} GFLOP/s), torch chunked {t_torch:.2f} s"
+        if "faiss_s" in entry:
+            line += f", {entry['faiss']} {entry['faiss_s']:.2f} s -> fused/faiss = {entry['fused_over_faiss']:.2f}"
+            line += f"; same top-k rows as faiss {entry['same_rows_vs_faiss']:.3f}"
+        else:
+            line += f" -> {entry['fused_over_fp16_matmul']:.2f} of fp16 matmul throughput"
+        print(line + f", as torch {entry['same_rows_vs_torch']:.3f}", flush=True)
+    return results
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--loss-sizes", default=None, help="comma-separated batch sizes (default 1024,4096,16384; +65536 on cuda)")
+    parser.add_argument("--topk-rows", type=int, default=500_000)
+    parser.add_argument("--skip-loss", action="store_true")
+    parser.add_argument("--skip-topk", action="store_true")
+    parser.add_argument("--faiss-fp16", action="store_true",
+                        help="also time faiss IndexScalarQuantizer(QT_fp16) for the fp16 rows (slow: no BLAS)")
+    parser.add_argument("--_loss-case", nargs=4, metavar=("IMPL", "B", "REPS", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._loss_case:
+        impl, batch, reps, device = args._loss_case
+        print(json.dumps(loss_case(impl, int(batch), int(reps), device)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    sizes = [int(x) for x in args.loss_sizes.split(",")] if args.loss_sizes else (
+        [1024, 4096, 16384] + ([65536] if args.device == "cuda" else []))
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(args.device),
+              "device": args.device}
+    print(f"machine: {report['machine']}", flush=True)
+    t0 = time.perf_counter()
+    if not args.skip_loss:
+        print("loss (forward + backward, D=512):", flush=True)
+        report["loss"] = run_loss(sizes, args.device)
+    if not args.skip_topk:
+        print(f"top-k (N={TOPK_QUERIES}, M={args.topk_rows}, D={D}, k={TOPK_K}):", flush=True)
+        report["topk"] = run_topk(args.topk_rows, args.device, args.faiss_fp16)
+    report["total_s"] = time.perf_counter() - t0
+    print(f"total {report['total_s']:.0f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

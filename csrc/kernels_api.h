@@ -1,0 +1,50 @@
+// Entry points of the CPU similarity kernels. simd_kernels.inc is compiled twice, once per
+// instruction-set level (isa_v2: x86-64-v2/SSE4.2, isa_v3: x86-64-v3/AVX2+FMA+F16C); similarity.cpp
+// picks one table at run time from the CPU's features, so no AVX2 instruction runs on an older CPU.
+#pragma once
+#include <cstdint>
+
+namespace galaxalign {
+
+// One pair of the contrastive loss, L = scale * A @ B.T for row-major contiguous A, B (n x d).
+// Forward: lse_row[i] = logsumexp_j L[i, j], lse_col[j] = logsumexp_i L[i, j] (n each).
+template <typename T>
+using LossForwardFn = void (*)(const T* a, const T* b, int64_t n, int64_t d, T scale, T* lse_row,
+                               T* lse_col, int threads);
+
+// Backward of coef * (sum_i lse_row[i] + sum_j lse_col[j]) given the forward statistics:
+// G[i, j] = coef * (exp(L[i, j] - lse_row[i]) + exp(L[i, j] - lse_col[j]));
+// grad_a += scale * G @ B, grad_b += scale * G.T @ A (n x d, accumulated into), *grad_scale = sum G * (A @ B.T).
+template <typename T>
+using LossBackwardFn = void (*)(const T* a, const T* b, int64_t n, int64_t d, T scale, const T* lse_row,
+                                const T* lse_col, T coef, T* grad_a, T* grad_b, double* grad_scale, int threads);
+
+// Streams one chunk of matrix rows (float32, or float16 bits when chunk_is_fp16) into the running
+// top-k of every query. best_score/best_index (n x k) hold each query's best so far, sorted by
+// (score desc, index asc); empty slots are (-inf, -1). Chunk row r has global index offset + r.
+using TopkUpdateFn = void (*)(const float* queries, int64_t n, int64_t d, const void* chunk, bool chunk_is_fp16,
+                              int64_t rows, int64_t offset, int64_t k, float* best_score, int64_t* best_index,
+                              int threads);
+
+// out (n x k) = softmax over the k prototypes of scale * features @ prototypes.T.
+using PrototypeProbsFn = void (*)(const float* features, int64_t n, int64_t d, const float* prototypes,
+                                  int64_t k, float scale, float* out, int threads);
+
+struct KernelTable {
+  const char* isa;
+  LossForwardFn<float> loss_forward_f32;
+  LossForwardFn<double> loss_forward_f64;
+  LossBackwardFn<float> loss_backward_f32;
+  LossBackwardFn<double> loss_backward_f64;
+  TopkUpdateFn topk_update;
+  PrototypeProbsFn prototype_probs;
+};
+
+namespace isa_v2 {
+const KernelTable& kernel_table();
+}
+namespace isa_v3 {
+const KernelTable& kernel_table();
+}
+
+}  // namespace galaxalign

@@ -1,0 +1,179 @@
+// Python bindings of the CPU similarity kernels (fused contrastive loss, streamed top-k, prototype
+// probabilities). Arrays arrive through the buffer protocol (numpy views of torch CPU tensors, no
+// copies: arguments are noconvert, so a wrong dtype or a non-contiguous array is an error rather
+// than a silent copy). The instruction-set level is chosen once from the running CPU.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kernels_api.h"
+#include "registry.h"
+
+namespace py = pybind11;
+
+namespace galaxalign {
+namespace {
+
+bool cpu_has_v3() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+#else
+  return false;
+#endif
+}
+
+const KernelTable* active = nullptr;
+
+const KernelTable& table() {
+  if (active == nullptr) {
+    const char* env = std::getenv("GALAXALIGN_CPU_ISA");
+    const bool want_v2 = env != nullptr && std::strcmp(env, "v2") == 0;
+    active = (!want_v2 && cpu_has_v3()) ? &isa_v3::kernel_table() : &isa_v2::kernel_table();
+  }
+  return *active;
+}
+
+template <typename T>
+using CArray = py::array_t<T, py::array::c_style>;
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw py::value_error(what);
+}
+
+template <typename T>
+void check_matrix(const CArray<T>& x, const char* name, int64_t rows, int64_t cols) {
+  require(x.ndim() == 2 && x.shape(0) == rows && x.shape(1) == cols,
+          std::string(name) + " must have shape (" + std::to_string(rows) + ", " + std::to_string(cols) + ")");
+}
+
+template <typename T>
+void check_vector(const CArray<T>& x, const char* name, int64_t n) {
+  require(x.ndim() == 1 && x.shape(0) == n, std::string(name) + " must have shape (" + std::to_string(n) + ",)");
+}
+
+template <typename T> LossForwardFn<T> forward_fn();
+template <> LossForwardFn<float> forward_fn<float>() { return table().loss_forward_f32; }
+template <> LossForwardFn<double> forward_fn<double>() { return table().loss_forward_f64; }
+template <typename T> LossBackwardFn<T> backward_fn();
+template <> LossBackwardFn<float> backward_fn<float>() { return table().loss_backward_f32; }
+template <> LossBackwardFn<double> backward_fn<double>() { return table().loss_backward_f64; }
+
+template <typename T>
+void bind_loss(py::module_& m) {
+  m.def(
+      "trimodal_loss_forward",
+      [](const CArray<T>& a, const CArray<T>& b, double scale, CArray<T>& lse_row, CArray<T>& lse_col, int threads) {
+        require(a.ndim() == 2 && a.shape(0) >= 1 && a.shape(1) >= 1, "a must be a non-empty (n, d) array");
+        const int64_t n = a.shape(0), d = a.shape(1);
+        check_matrix(b, "b", n, d);
+        check_vector(lse_row, "lse_row", n);
+        check_vector(lse_col, "lse_col", n);
+        require(threads >= 1, "threads must be >= 1");
+        const T* ap = a.data();
+        const T* bp = b.data();
+        T* rp = lse_row.mutable_data();
+        T* cp = lse_col.mutable_data();
+        py::gil_scoped_release release;
+        forward_fn<T>()(ap, bp, n, d, static_cast<T>(scale), rp, cp, threads);
+      },
+      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("scale"), py::arg("lse_row").noconvert(),
+      py::arg("lse_col").noconvert(), py::arg("threads"),
+      "Row and column log-sum-exp of L = scale * a @ b.T, one sweep over tiles, O(n) extra memory.");
+  m.def(
+      "trimodal_loss_backward",
+      [](const CArray<T>& a, const CArray<T>& b, double scale, const CArray<T>& lse_row, const CArray<T>& lse_col,
+         double coef, CArray<T>& grad_a, CArray<T>& grad_b, int threads) {
+        require(a.ndim() == 2 && a.shape(0) >= 1 && a.shape(1) >= 1, "a must be a non-empty (n, d) array");
+        const int64_t n = a.shape(0), d = a.shape(1);
+        check_matrix(b, "b", n, d);
+        check_vector(lse_row, "lse_row", n);
+        check_vector(lse_col, "lse_col", n);
+        check_matrix(grad_a, "grad_a", n, d);
+        check_matrix(grad_b, "grad_b", n, d);
+        require(threads >= 1, "threads must be >= 1");
+        const T* ap = a.data();
+        const T* bp = b.data();
+        const T* rp = lse_row.data();
+        const T* cp = lse_col.data();
+        T* gap = grad_a.mutable_data();
+        T* gbp = grad_b.mutable_data();
+        double grad_scale = 0.0;
+        {
+          py::gil_scoped_release release;
+          backward_fn<T>()(ap, bp, n, d, static_cast<T>(scale), rp, cp, static_cast<T>(coef), gap, gbp, &grad_scale,
+                           threads);
+        }
+        return grad_scale;
+      },
+      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("scale"), py::arg("lse_row").noconvert(),
+      py::arg("lse_col").noconvert(), py::arg("coef"), py::arg("grad_a").noconvert(), py::arg("grad_b").noconvert(),
+      py::arg("threads"),
+      "Gradients of coef * (sum lse_row + sum lse_col), recomputing the tiles from the saved statistics; "
+      "adds into grad_a, grad_b and returns the gradient for scale.");
+}
+
+void topk_update(const CArray<float>& queries, const py::array& chunk, int64_t offset, CArray<float>& best_score,
+                 CArray<int64_t>& best_index, int threads) {
+  require(queries.ndim() == 2 && queries.shape(0) >= 1 && queries.shape(1) >= 1,
+          "queries must be a non-empty (n, d) float32 array");
+  const int64_t n = queries.shape(0), d = queries.shape(1);
+  require(best_score.ndim() == 2 && best_score.shape(0) == n && best_score.shape(1) >= 1,
+          "best_score must have shape (n, k)");
+  const int64_t k = best_score.shape(1);
+  check_matrix(best_index, "best_index", n, k);
+  require(chunk.ndim() == 2 && chunk.shape(1) == d, "chunk must have shape (rows, d)");
+  require(chunk.flags() & py::array::c_style, "chunk must be C-contiguous");
+  const py::dtype dt = chunk.dtype();
+  const bool native_float = dt.kind() == 'f' && dt.attr("isnative").cast<bool>();
+  const bool fp16 = native_float && dt.itemsize() == 2;
+  require(fp16 || (native_float && dt.itemsize() == 4), "chunk must be native float32 or float16");
+  require(threads >= 1, "threads must be >= 1");
+  const int64_t rows = chunk.shape(0);
+  const float* qp = queries.data();
+  const void* cp = chunk.data();
+  float* sp = best_score.mutable_data();
+  int64_t* ip = best_index.mutable_data();
+  if (rows == 0) return;
+  py::gil_scoped_release release;
+  table().topk_update(qp, n, d, cp, fp16, rows, offset, k, sp, ip, threads);
+}
+
+void prototype_probs(const CArray<float>& features, const CArray<float>& prototypes, double scale,
+                     CArray<float>& out, int threads) {
+  require(features.ndim() == 2 && features.shape(1) >= 1, "features must be an (n, d) float32 array");
+  const int64_t n = features.shape(0), d = features.shape(1);
+  require(prototypes.ndim() == 2 && prototypes.shape(0) >= 1 && prototypes.shape(1) == d,
+          "prototypes must have shape (k, d)");
+  const int64_t k = prototypes.shape(0);
+  check_matrix(out, "out", n, k);
+  require(threads >= 1, "threads must be >= 1");
+  if (n == 0) return;
+  const float* fp = features.data();
+  const float* pp = prototypes.data();
+  float* op = out.mutable_data();
+  py::gil_scoped_release release;
+  table().prototype_probs(fp, n, d, pp, k, static_cast<float>(scale), op, threads);
+}
+
+}  // namespace
+
+void register_similarity(py::module_& m) {
+  bind_loss<float>(m);
+  bind_loss<double>(m);
+  m.def("topk_update", &topk_update, py::arg("queries").noconvert(), py::arg("chunk"), py::arg("offset"),
+        py::arg("best_score").noconvert(), py::arg("best_index").noconvert(), py::arg("threads"),
+        "Stream one chunk of rows (float32 or float16) into each query's running top-k (score desc, index asc).");
+  m.def("prototype_probs", &prototype_probs, py::arg("features").noconvert(), py::arg("prototypes").noconvert(),
+        py::arg("scale"), py::arg("out").noconvert(), py::arg("threads"),
+        "out = softmax over prototypes of scale * features @ prototypes.T, written without other n x k buffers.");
+  m.def("similarity_isa", []() { return std::string(table().isa); },
+        "Instruction-set level of the similarity kernels in use (GALAXALIGN_CPU_ISA=v2 forces the SSE4.2 path).");
+  m.def("cpu_supports_v3", &cpu_has_v3, "Whether this CPU runs the x86-64-v3 (AVX2+FMA+F16C) kernels.");
+}
+
+}  // namespace galaxalign

@@ -1,0 +1,77 @@
+"""Which compiled module serves a device: ``_core`` for CPU tensors, ``_cuda`` for CUDA tensors."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+from types import ModuleType
+
+import torch
+
+from galaxalign_batch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "fused", "reference")
+KERNEL_SYMBOLS = {"trimodal_loss": "trimodal_loss_forward", "topk": "topk_update", "prototype_probs": "prototype_probs"}
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(f"galaxalign_batch.{name}")
+    except ImportError as exc:  # not built (no compiler / GALAXALIGN_CUDA=OFF) or broken
+        log.debug("galaxalign_batch.%s not importable: %s", name, exc)
+        return None
+
+
+def module_for(device: torch.device) -> ModuleType | None:
+    """The compiled kernel module for ``device`` (``_core`` / ``_cuda``), or None when it is not built."""
+    if device.type == "cpu":
+        return _load("_core")
+    if device.type == "cuda":
+        return _load("_cuda")
+    return None
+
+
+def kernel_module(device: torch.device, kernel: str) -> ModuleType | None:
+    """The compiled module for ``device`` if it provides ``kernel`` (``trimodal_loss``, ``topk``, ``prototype_probs``)."""
+    mod = module_for(device)
+    if mod is None or not hasattr(mod, KERNEL_SYMBOLS[kernel]):
+        return None
+    return mod
+
+
+def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtype | None = None) -> str:
+    """``"fused"`` or ``"reference"`` for ``impl`` on ``device``; warns once when ``auto`` falls back on a GPU.
+
+    CUDA kernels take float32/bfloat16/float16 (float64 CUDA tensors use the reference); CPU kernels
+    compute in float64 or float32 (half types are upcast to float32).
+    """
+    if impl not in IMPLS:
+        raise ConfigError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return "reference"
+    if device.type == "cuda" and dtype is not None and dtype not in CUDA_DTYPES:
+        if impl == "fused":
+            raise ConfigError(f"impl='fused': the CUDA kernels take {', '.join(map(str, CUDA_DTYPES))}, got {dtype}")
+        return "reference"
+    if kernel_module(device, kernel) is not None:
+        return "fused"
+    module = "_cuda" if device.type == "cuda" else "_core"
+    what = f"galaxalign_batch.{module} ({kernel}) for device {device}"
+    if impl == "fused":
+        raise ConfigError(f"impl='fused' but no compiled kernel {what} is available")
+    if device.type == "cuda" and what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"no compiled kernel {what}; falling back to the PyTorch reference", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def cpu_threads() -> int:
+    """Threads for the CPU kernels: torch's intra-op thread count, so one setting governs both."""
+    return max(1, torch.get_num_threads())

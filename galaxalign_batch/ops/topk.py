@@ -1,0 +1,115 @@
+"""Streamed similarity top-k and class-prototype scoring.
+
+``matrix`` may be a torch tensor, a numpy array (memmaps included) or any array-like with
+``.shape`` and row slicing (a zarr array): it is read ``chunk_rows`` rows at a time, so it may be
+larger than memory. Ties are ordered by the lower row index.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.ops import reference
+from galaxalign_batch.ops.backends import resolve_impl
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def _matrix_shape(matrix: Any) -> tuple[int, int]:
+    shape = getattr(matrix, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ConfigError(f"similarity_topk: matrix must be 2-D (M, D) with .shape and row slicing, got {type(matrix).__name__} with shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def _to_tensor(rows: Any, device: torch.device) -> torch.Tensor:
+    """A chunk of rows as a float32/float16 tensor on ``device`` (other dtypes become float32)."""
+    if isinstance(rows, torch.Tensor):
+        t = rows
+    else:
+        arr = np.asarray(rows)
+        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4) or not arr.dtype.isnative or not arr.flags.writeable:
+            half = arr.dtype.kind == "f" and arr.dtype.itemsize == 2
+            arr = arr.astype(np.float16 if half else np.float32)  # a native, writable copy torch may own
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype not in (torch.float16, torch.float32):
+        t = t.float()
+    return t.to(device, non_blocking=True).contiguous()
+
+
+def iter_row_chunks(matrix: Any, chunk_rows: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, rows)`` for consecutive chunks of ``matrix`` as contiguous tensors on ``device``."""
+    m, _ = _matrix_shape(matrix)
+    for start in range(0, m, chunk_rows):
+        yield start, _to_tensor(matrix[start:min(start + chunk_rows, m)], device)
+
+
+def _check_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[int, int]:
+    if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
+        raise ConfigError(f"similarity_topk: queries must be a 2-D (N, D) tensor, got {getattr(queries, 'shape', type(queries))}")
+    m, d = _matrix_shape(matrix)
+    if queries.shape[1] != d:
+        raise ConfigError(f"similarity_topk: queries have D={queries.shape[1]} but the matrix rows have D={d}")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"similarity_topk: k must be a positive integer, got {k!r}")
+    if k > m:
+        raise ConfigError(f"similarity_topk: k={k} is larger than the number of matrix rows M={m}")
+    if chunk_rows < 1:
+        raise ConfigError(f"similarity_topk: chunk_rows must be positive, got {chunk_rows}")
+    return m, d
+
+
+def _merge(best_s: torch.Tensor | None, best_i: torch.Tensor | None, s: torch.Tensor, i: torch.Tensor, k: int):
+    """Merge two candidate lists; earlier candidates have lower indices, so a stable sort keeps ties by index."""
+    if best_s is not None:
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+    order = torch.sort(s, dim=1, descending=True, stable=True)
+    return order.values[:, :k], torch.gather(i, 1, order.indices[:, :k])
+
+
+def _reference_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = queries.float()
+    best_s = best_i = None
+    for start, rows in iter_row_chunks(matrix, chunk_rows, q.device):
+        s, i = reference.similarity_topk(q, rows, min(k, rows.shape[0]))
+        best_s, best_i = _merge(best_s, best_i, s, i + start, k)
+    return best_s.contiguous(), best_i.contiguous()
+
+
+@torch.no_grad()
+def similarity_topk(queries: torch.Tensor, matrix: Any, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` inner products ``queries @ matrix.T`` per query without the ``N x M`` matrix.
+
+    ``matrix`` rows (float32 or float16) are streamed ``chunk_rows`` at a time to the queries'
+    device. Returns ``(scores (N, k) float32, indices (N, k) int64)``, best first; equal scores
+    are ordered by lower row index.
+    """
+    _check_topk(queries, matrix, k, chunk_rows)
+    if resolve_impl(impl, queries.device, "topk") == "reference":
+        return _reference_topk(queries, matrix, k, chunk_rows)
+    from galaxalign_batch.ops.fused import fused_topk
+
+    return fused_topk(queries, matrix, k, chunk_rows)
+
+
+def prototype_probs(features: torch.Tensor, prototypes: torch.Tensor, logit_scale: torch.Tensor | float, *, impl: str = "auto") -> torch.Tensor:
+    """Softmax over K class prototypes of ``logit_scale * features @ prototypes.T``, shape (N, K) float32.
+
+    The fused path writes only the (N, K) output.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ConfigError(f"prototype_probs: features must be a 2-D (N, D) tensor, got {getattr(features, 'shape', type(features))}")
+    if not isinstance(prototypes, torch.Tensor) or prototypes.dim() != 2 or prototypes.shape[1] != features.shape[1]:
+        raise ConfigError(f"prototype_probs: prototypes must be (K, {features.shape[1]}), got {getattr(prototypes, 'shape', type(prototypes))}")
+    if prototypes.shape[0] < 1:
+        raise ConfigError("prototype_probs: no prototypes")
+    scale = float(logit_scale)
+    if resolve_impl(impl, features.device, "prototype_probs") == "reference":
+        return reference.prototype_probs(features.float(), prototypes.to(features.device).float(), scale)
+    from galaxalign_batch.ops.fused import fused_prototype_probs
+
+    return fused_prototype_probs(features, prototypes.to(features.device), scale)
