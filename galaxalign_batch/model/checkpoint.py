@@ -1,0 +1,171 @@
+"""Self-describing checkpoints: safetensors weights + a JSON description, never unpickled objects.
+
+A model file (``model.safetensors``) holds every weight of a :class:`GalaxAlignModel` and, in the
+safetensors metadata under ``galaxalign``, the model's ``info`` (open_clip name and config, input
+size / mean / std, mode, vocabulary, symbol settings, CutoutSpec, training settings, code
+version). User symbol images travel with it as uint8 tensors, so class prototypes can be rebuilt
+from the file alone. Training state (optimizer, scheduler, epoch) is a separate ``train_state.pt``
+of plain tensors and numbers, read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from galaxalign_batch._version import __version__
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model.config import build_clip_from_config, tokenizer_for
+from galaxalign_batch.model.galaxalign import GalaxAlignModel
+from galaxalign_batch.model.symbols import SymbolSet
+from galaxalign_batch.vocabulary import Vocabulary
+
+FORMAT = "galaxalign-model"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+PROGRESS_FILE = "progress.json"
+_USER_IMAGES = "__symbols__.user_images"
+_USER_LABELS = "__symbols__.user_labels"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_model(model: GalaxAlignModel, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` (a ``.safetensors`` file) atomically; returns the path."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    info = dict(model.info)
+    info.update(format=FORMAT, format_version=FORMAT_VERSION, code_version=__version__,
+                open_clip_version=open_clip.__version__, weights_digest=weights_digest(state),
+                saved=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                vocabulary=model.vocabulary.to_dict(), vocabulary_digest=model.vocabulary.digest(),
+                symbols=model.symbols.to_dict() if model.symbols is not None else None,
+                has_symbol_encoder=model.symbol_encoder is not None,
+                classifier_classes=model.classifier.out_features if model.classifier is not None else None)
+    if model.symbols is not None and model.symbols.user_images is not None:
+        state[_USER_IMAGES] = torch.from_numpy(np.ascontiguousarray(model.symbols.user_images))
+        state[_USER_LABELS] = torch.from_numpy(np.ascontiguousarray(model.symbols.user_labels))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"galaxalign": json.dumps(info)})
+    os.replace(tmp, path)
+    model.info = {k: v for k, v in info.items() if k not in ("saved",)}
+    return path
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The JSON description stored in a model file (no weights read)."""
+    from safetensors import safe_open
+
+    path = _model_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+    if "galaxalign" not in meta:
+        raise ConfigError(f"{path}: a safetensors file without a GalaxAlign description (not one of our checkpoints)")
+    info = json.loads(meta["galaxalign"])
+    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise ConfigError(f"{path}: unsupported checkpoint format {info.get('format')!r} v{info.get('format_version')}")
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GalaxAlignModel:
+    """A :class:`GalaxAlignModel` from a model file (or a checkpoint directory holding ``model.safetensors``)."""
+    path = _model_path(path)
+    info = read_info(path)
+    state = load_file(str(path), device="cpu")
+    user_images = state.pop(_USER_IMAGES, None)
+    user_labels = state.pop(_USER_LABELS, None)
+    oc = info["open_clip"]
+    clip = build_clip_from_config(oc["config"])
+    vocab = Vocabulary.from_dict(info["vocabulary"], str(path))
+    symbols = None
+    if info.get("symbols"):
+        symbols = SymbolSet.from_dict(info["symbols"], None if user_images is None else user_images.numpy(),
+                                      None if user_labels is None else user_labels.numpy())
+    model = GalaxAlignModel(clip, info, tokenizer_for(oc["name"], oc["config"]), vocab, symbols)
+    if info.get("has_symbol_encoder"):
+        model.init_symbol_encoder()
+    if info.get("classifier_classes"):
+        model.add_classifier(int(info["classifier_classes"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: weights do not match the described model "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval()
+
+
+def _model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- training state
+
+def save_training_checkpoint(directory: str | os.PathLike, model: GalaxAlignModel, state: dict, progress: dict) -> Path:
+    """Write ``model.safetensors``, ``train_state.pt`` and ``progress.json`` into a fresh directory, atomically."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp / MODEL_FILE)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(train_state, progress) of a training checkpoint directory (weights_only torch.load)."""
+    directory = Path(directory)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        progress = json.loads((directory / PROGRESS_FILE).read_text())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"{directory}: unreadable training checkpoint ({' '.join(str(e).split())[:200]})") from None
+    return state, progress
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The complete training checkpoint with the highest epoch anywhere under ``root`` (ours or Ray's)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best, best_key = None, None
+    for progress in root.rglob(PROGRESS_FILE):
+        d = progress.parent
+        if d.name.endswith(".partial") or not (d / MODEL_FILE).is_file() or not (d / STATE_FILE).is_file():
+            continue
+        try:
+            p = json.loads(progress.read_text())
+            key = (int(p["epoch"]), int(p.get("global_step", 0)), progress.stat().st_mtime)
+        except (OSError, ValueError, KeyError):
+            continue
+        if best_key is None or key > best_key:
+            best, best_key = d, key
+    return best

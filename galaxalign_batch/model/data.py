@@ -1,0 +1,326 @@
+"""Labelled image sets for training and evaluation, from four kinds of source.
+
+- the simulator's labelled set: a directory with ``labelled/manifest.json`` (or the ``labelled``
+  directory itself) and ``{train,val,test}.npz`` holding ``flux`` (N, 3, S, S) nanomaggies (g, r, z)
+  and ``label``; every stamp goes through :func:`galaxalign_batch.preprocess.make_cutouts` at its
+  centre with the training :class:`CutoutSpec`, exactly as ``embed`` cuts survey tiles;
+- a directory with one subfolder per class (named by class key or label text) of image files;
+- a CSV file with columns ``filepath,label`` (paths relative to the CSV's directory);
+- astroNN's Galaxy10 DECaLS HDF5 layout: ``images`` (N, 256, 256, 3) uint8 and ``ans`` (N,).
+
+RGB files and HDF5 images are already stretched: they are only resized (bilinear, antialiased) to
+the model's input size, so their angular scale is whatever it was in the source. Sources without
+splits are split per class (stratified) with a seeded permutation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.progress import bar
+from galaxalign_batch.vocabulary import Vocabulary
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+LEGACY_PIXSCALE = 0.262  # arcsec / pixel of the Legacy Surveys
+
+
+@dataclass
+class ImageSet:
+    """Images (N, 3, S, S) — uint8 0..255 or float in [0, 1] — with integer labels."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: np.ndarray) -> torch.Tensor:
+        """Float32 images in [0, 1] of the given rows."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+        return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.name)
+
+
+@dataclass
+class Dataset:
+    splits: dict[str, ImageSet]
+    description: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> ImageSet:
+        if name == "all":
+            parts = [s for s in self.splits.values() if len(s)]
+            if not parts:
+                raise ConfigError(f"{self.description.get('path')}: no images at all")
+            return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), "all")
+        if name not in self.splits:
+            raise ConfigError(f"{self.description.get('path')}: no split {name!r} (have: {', '.join(self.splits)})")
+        s = self.splits[name]
+        if len(s) == 0:
+            raise ConfigError(f"{self.description.get('path')}: split {name!r} is empty "
+                              f"(sizes: {', '.join(f'{k}={len(v)}' for k, v in self.splits.items())})")
+        return s
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+def source_kind(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_dir():
+        if (p / "labelled" / "manifest.json").is_file() or (p / "manifest.json").is_file():
+            return "simulated"
+        return "folders"
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".csv":
+            return "csv"
+        if suffix in (".h5", ".hdf5"):
+            return "hdf5"
+        raise ConfigError(f"{p}: unknown data file type {suffix!r} (expected a directory, .csv, .h5 or .hdf5)")
+    raise ConfigError(f"{p}: data not found")
+
+
+def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec, seed: int = 0,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, limit_per_class: int | None = None) -> Dataset:
+    """Load a labelled source with its splits; RGB images are resized to ``spec.out_size``."""
+    kind = source_kind(path)
+    path = Path(path)
+    desc = {"kind": kind, "path": str(path.resolve()), "seed": seed, "val_fraction": val_fraction,
+            "test_fraction": test_fraction, "limit_per_class": limit_per_class}
+    if kind == "simulated":
+        splits, extra = _load_simulated(path, vocab, spec, limit_per_class, seed)
+        desc.update(extra)
+        return Dataset(splits, desc)
+    if kind == "folders":
+        images, labels = _load_folders(path, vocab, spec.out_size)
+    elif kind == "csv":
+        images, labels = _load_csv(path, vocab, spec.out_size)
+    else:
+        images, labels = _load_hdf5(path, vocab, spec.out_size)
+    desc["image_scale"] = "as in the source files (RGB, resized to the model input; not re-cut at a fixed angular size)"
+    parts = stratified_split(labels, seed, val_fraction, test_fraction)
+    splits = {}
+    for name, idx in parts.items():
+        idx = _limit(idx, labels, limit_per_class, seed)
+        splits[name] = ImageSet(images[idx], labels[idx], name)
+    return Dataset(splits, desc)
+
+
+def stratified_split(labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float) -> dict[str, np.ndarray]:
+    """Row indices of train / val / test: each class permuted with ``seed`` and cut by the fractions."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    rng = np.random.default_rng(seed)
+    out = {s: [] for s in SPLITS}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = int(round(len(idx) * test_fraction))
+        n_val = int(round(len(idx) * val_fraction))
+        out["test"].append(idx[:n_test])
+        out["val"].append(idx[n_test:n_test + n_val])
+        out["train"].append(idx[n_test + n_val:])
+    return {s: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for s, v in out.items()}
+
+
+def _limit(idx: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if not per_class:
+        return idx
+    rng = np.random.default_rng(seed + 1)
+    keep = [rng.permutation(idx[labels[idx] == c])[:per_class] for c in np.unique(labels[idx])]
+    return np.sort(np.concatenate(keep)) if keep else idx
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int | None, seed: int):
+    root = path / "labelled" if (path / "labelled" / "manifest.json").is_file() else path
+    manifest_path = root / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{manifest_path}: unreadable manifest ({e})") from None
+    pixscale = float(manifest.get("pixscale", LEGACY_PIXSCALE))
+    bands = tuple(manifest.get("bands", ("g", "r", "z")))
+    remap = _class_remap(manifest, vocab, manifest_path)
+    splits, masked = {}, []
+    for name in SPLITS:
+        f = root / f"{name}.npz"
+        if not f.is_file():
+            splits[name] = ImageSet(np.zeros((0, 3, spec.out_size, spec.out_size), np.float16), np.zeros(0, np.int64), name)
+            continue
+        try:
+            with np.load(f) as z:
+                flux, labels = z["flux"], z["label"].astype(np.int64)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{f}: cannot read flux/label ({e})") from None
+        if flux.ndim != 4 or flux.shape[1] != len(bands) or len(flux) != len(labels):
+            raise ConfigError(f"{f}: flux must be (N, {len(bands)}, S, S) with one label per stamp, got {flux.shape}")
+        if remap is not None:
+            labels = remap[labels]
+        _check_labels(labels, len(vocab), f)
+        idx = _limit(np.arange(len(labels)), labels, limit, seed)
+        flux, labels = flux[idx], labels[idx]
+        pixels, frac = cut_stamps(flux, pixscale, spec, bands)
+        masked.append(frac)
+        splits[name] = ImageSet(pixels, labels, name)
+    if masked:
+        m = float(np.concatenate(masked).mean()) if sum(len(x) for x in masked) else 0.0
+        if m > 0.01:
+            log.warning("the %.1f\" cutouts extend beyond the stamps: mean masked fraction %.2f "
+                        "(use a smaller --angular-size)", spec.angular_size, m)
+    return splits, {"pixscale": pixscale, "manifest": str(manifest_path), "preprocess": "make_cutouts at stamp centres"}
+
+
+def cut_stamps(flux: np.ndarray, pixscale: float, spec: CutoutSpec, bands=("g", "r", "z")) -> tuple[np.ndarray, np.ndarray]:
+    """The cutout at the centre of each stamp (N, nb, H, W) with ``spec``: pixels (N, 3, S, S), masked fraction."""
+    n, _, h, w = flux.shape
+    out = np.empty((n, 3, spec.out_size, spec.out_size), np.uint8 if spec.dtype == "uint8" else np.float16)
+    frac = np.empty(n, np.float32)
+    cx, cy = np.array([(w - 1) / 2.0]), np.array([(h - 1) / 2.0])
+    for i in bar(range(n), total=n, desc="cutouts", unit="img"):
+        batch = make_cutouts(np.asarray(flux[i], np.float32), None, cx, cy, pixscale, spec, bands)
+        out[i] = batch.pixels[0]
+        frac[i] = batch.masked_fraction[0]
+    return out, frac
+
+
+def _class_remap(manifest: dict, vocab: Vocabulary, where: Path) -> np.ndarray | None:
+    """Map the manifest's class order onto the vocabulary's, when the manifest lists its classes."""
+    classes = manifest.get("classes") or (manifest.get("vocabulary") or {}).get("keys")
+    if not classes:
+        return None
+    keys = [c["key"] if isinstance(c, dict) else str(c) for c in classes]
+    try:
+        return np.asarray([vocab.index(k) for k in keys], np.int64)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_labels(labels: np.ndarray, k: int, where) -> None:
+    bad = (labels < 0) | (labels >= k)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ConfigError(f"{where}: label {int(labels[i])} at row {i} is not a class of the vocabulary (0..{k - 1})")
+
+
+def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) or (N, 3, H, W) -> uint8 (N, 3, size, size), bilinear with antialiasing."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+    return x.to(torch.uint8).numpy()
+
+
+def read_rgb(path: Path, size: int, where: str = "") -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ConfigError(f"{where}image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ConfigError(f"{where}{path}: cannot read image ({' '.join(str(e).split())})") from None
+    return resize_rgb(arr[None], size)[0]
+
+
+def _load_files(entries: list[tuple[Path, int, str]], size: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not entries:
+        raise ConfigError(f"{what}: no images")
+    images = np.empty((len(entries), 3, size, size), np.uint8)
+    for i, (p, _, where) in enumerate(bar(entries, total=len(entries), desc="images", unit="img")):
+        images[i] = read_rgb(p, size, where)
+    return images, np.asarray([c for _, c, _ in entries], np.int64)
+
+
+def _load_folders(path: Path, vocab: Vocabulary, size: int):
+    entries = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        c = _class_of_name(sub.name, vocab)
+        if c is None:
+            raise ConfigError(f"{sub}: folder of unknown class {sub.name!r}; classes: {', '.join(vocab.keys)}")
+        entries += [(f, c, "") for f in sorted(sub.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not entries:
+        raise ConfigError(f"{path}: no class subfolders with image files ({', '.join(IMAGE_SUFFIXES)})")
+    return _load_files(entries, size, str(path))
+
+
+def _class_of_name(name: str, vocab: Vocabulary) -> int | None:
+    """Class index of a folder name: a key, or a label text (underscores read as spaces)."""
+    for candidate in (name, name.replace("_", " ")):
+        try:
+            return vocab.index(candidate)
+        except ConfigError:
+            pass
+    return None
+
+
+def _load_csv(path: Path, vocab: Vocabulary, size: int):
+    entries = []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ConfigError(f"{path}: empty CSV (expected columns filepath,label)")
+    header = [c.strip().lower() for c in rows[0]]
+    if "filepath" in header and "label" in header:
+        fi, li, start = header.index("filepath"), header.index("label"), 1
+    else:
+        fi, li, start = 0, 1, 0
+    for n, row in enumerate(rows[start:], start=start + 1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) <= max(fi, li):
+            raise ConfigError(f"{path} line {n}: expected filepath,label, got {row!r}")
+        label = row[li].strip()
+        try:
+            c = int(label) if label.lstrip("-").isdigit() else vocab.index(label)
+        except ConfigError as e:
+            raise ConfigError(f"{path} line {n}: {e}") from None
+        if not 0 <= c < len(vocab):
+            raise ConfigError(f"{path} line {n}: label {c} is not a class index (0..{len(vocab) - 1})")
+        p = Path(row[fi].strip())
+        entries.append((p if p.is_absolute() else path.parent / p, c, f"{path} line {n}: "))
+    return _load_files(entries, size, str(path))
+
+
+def _load_hdf5(path: Path, vocab: Vocabulary, size: int, chunk: int = 256):
+    try:
+        import h5py
+    except ImportError:
+        raise ConfigError("reading Galaxy10 HDF5 files needs h5py: pip install h5py") from None
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ConfigError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        if "images" not in f or "ans" not in f:
+            raise ConfigError(f"{path}: expected datasets 'images' (N, H, W, 3) uint8 and 'ans' (N,) "
+                              f"(astroNN Galaxy10 DECaLS layout), found {', '.join(f.keys())}")
+        ds, labels = f["images"], np.asarray(f["ans"]).astype(np.int64).reshape(-1)
+        if ds.ndim != 4 or ds.shape[-1] != 3 or ds.shape[0] != len(labels):
+            raise ConfigError(f"{path}: 'images' must be (N, H, W, 3) with N = len(ans), got {ds.shape} and {len(labels)}")
+        _check_labels(labels, len(vocab), path)
+        images = np.empty((len(labels), 3, size, size), np.uint8)
+        for i in bar(range(0, len(labels), chunk), desc="hdf5", unit="chunk"):
+            block = np.asarray(ds[i:i + chunk])
+            images[i:i + chunk] = resize_rgb(block.astype(np.uint8) if block.dtype != np.uint8 else block, size)
+    return images, labels

@@ -1,0 +1,526 @@
+"""Training: GalaxAlign's two stages and the two baselines, locally or inside Ray Train workers.
+
+Modes (all run ``epochs_stage1 + epochs_stage2`` epochs by default, so budgets match):
+
+- ``trimodal``: stage 1 sends images and symbols through the shared image encoder and the class
+  prompts through the text encoder, with the image-text and symbol-text terms
+  (``stage1_weights``, default 1, 0, 1); stage 2 copies the image encoder into a symbol encoder
+  and trains all three with the image-text, image-symbol and symbol-text terms (``weights``).
+- ``image-text``: plain CLIP fine-tuning on the class prompts (image-text term only).
+- ``image-only``: the image encoder plus a linear classifier, cross-entropy.
+
+The contrastive loss is :func:`galaxalign_batch.ops.trimodal_contrastive_loss` with the batch's
+class ids (items of the same class are positives, not negatives). Each epoch ends with a
+validation pass, a row in ``metrics.csv`` and a training checkpoint; a run resumes from the
+latest checkpoint under its output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model import checkpoint as ckpt
+from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
+from galaxalign_batch.model.data import Dataset, ImageSet, load_dataset
+from galaxalign_batch.model.evaluate import quick_accuracy
+from galaxalign_batch.model.galaxalign import MODES, GalaxAlignModel
+from galaxalign_batch.model.symbols import SymbolSet
+from galaxalign_batch.ops import trimodal_contrastive_loss
+from galaxalign_batch.preprocess import CutoutSpec
+from galaxalign_batch.progress import bar
+from galaxalign_batch.vocabulary import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_scale", "val_acc_text", "val_acc_symbol",
+                 "val_acc_combined", "val_acc_head", "epoch_seconds", "elapsed_seconds"]
+# Settings that must agree between a run and the checkpoint it resumes from.
+RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "epochs_stage1", "epochs_stage2", "epochs",
+               "batch_size", "seed", "val_fraction", "test_fraction", "limit_per_class")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI's options; defaults documented in docs/model.md)."""
+
+    data: str
+    out: str
+    mode: str = "trimodal"
+    model: str = TINY
+    pretrained: str | None = None
+    vocabulary: str = "galaxy10"
+    symbols: str | None = None
+    epochs_stage1: int = 5
+    epochs_stage2: int = 5
+    epochs: int | None = None              # image-text / image-only; default epochs_stage1 + epochs_stage2
+    batch_size: int = 64                   # per worker
+    lr: float = 1e-4
+    lr_stage2: float | None = None         # default: lr
+    weight_decay: float = 0.1
+    warmup: float = 0.05                   # fraction of each stage's steps
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)        # stage 2: (w_it, w_is, w_st)
+    stage1_weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
+    temperature: float | None = None       # initial temperature; None keeps the model's (0.07 when random)
+    learn_temperature: bool = True
+    train_layers: str = "all"
+    loss: str = "auto"                     # ops impl: auto | fused | reference
+    workers: int = 0                       # 0: this process; N >= 1: Ray Train with N workers
+    device: str = "auto"
+    amp: bool = True                       # autocast on CUDA
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    limit_per_class: int | None = None
+    angular_size: float = 32.0
+    cutout_size: int | None = None         # default: the model's input size
+    stretch: str = "lupton"
+    symbol_bank: int = 32                  # augmented symbols per class rendered each epoch
+    max_steps_per_epoch: int | None = None
+    resume: str = "auto"                   # auto | yes | no
+    tensorboard: bool = False
+    max_failures: int = 2                  # Ray Train worker-failure retries
+    threads: int | None = None             # torch CPU threads of a local run (default: torch's choice)
+
+    def __post_init__(self) -> None:
+        self.weights = tuple(float(w) for w in self.weights)
+        self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.resume not in ("auto", "yes", "no"):
+            raise ConfigError(f"resume must be auto, yes or no, got {self.resume!r}")
+        for name in ("epochs_stage1", "epochs_stage2", "batch_size", "symbol_bank"):
+            if int(getattr(self, name)) < (0 if name.startswith("epochs") else 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or (self.lr_stage2 is not None and self.lr_stage2 <= 0):
+            raise ConfigError("learning rates must be > 0")
+        if self.temperature is not None and not 0 < self.temperature < 10:
+            raise ConfigError(f"--temperature must be in (0, 10), got {self.temperature}")
+        if self.mode == "trimodal" and self.epochs_stage1 + self.epochs_stage2 < 1:
+            raise ConfigError("trimodal training needs at least one epoch in stage 1 or stage 2")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Stage:
+    name: str
+    epochs: int
+    weights: tuple[float, float, float] | None  # None: cross-entropy (image-only)
+    lr: float
+
+
+def plan_stages(cfg: TrainConfig) -> list[Stage]:
+    """The stages of a run; the baselines get the same number of epochs as tri-modal's two stages."""
+    total = cfg.epochs if cfg.epochs is not None else cfg.epochs_stage1 + cfg.epochs_stage2
+    if cfg.mode == "trimodal":
+        stages = [Stage("stage1", cfg.epochs_stage1, cfg.stage1_weights, cfg.lr),
+                  Stage("stage2", cfg.epochs_stage2, cfg.weights, cfg.lr_stage2 or cfg.lr)]
+        return [s for s in stages if s.epochs > 0]
+    if cfg.mode == "image-text":
+        return [Stage("image-text", total, (1.0, 0.0, 0.0), cfg.lr)]
+    return [Stage("image-only", total, None, cfg.lr)]
+
+
+@dataclass
+class RunContext:
+    """Where the training loop runs: this process, or one Ray Train worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume_dir: Path | None = None
+    checkpoint_root: Path | None = None                      # None: <out>/checkpoints
+    report: Callable[[dict, Path | None], None] | None = None  # Ray: ray.train.report
+    keep_checkpoints: int = 2
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig) -> GalaxAlignModel:
+    """A fresh GalaxAlign model: an open_clip model (name + tag/file) or the weights of one of our checkpoints."""
+    from galaxalign_batch.model.checkpoint import load_checkpoint
+
+    vocab = load_vocabulary(cfg.vocabulary)
+    if cfg.model.endswith(".safetensors") or Path(cfg.model).is_dir():
+        base = load_checkpoint(cfg.model)
+        clip, oc, pre = base.clip, dict(base.info["open_clip"]), dict(base.info["preprocess"])
+        oc["initialised_from"] = str(Path(cfg.model).resolve())
+    else:
+        clip, oc_cfg, pre = create_clip(cfg.model, cfg.pretrained)
+        oc = {"name": cfg.model, "pretrained": cfg.pretrained, "config": oc_cfg}
+    size = pre["size"]
+    spec = CutoutSpec(angular_size=cfg.angular_size, out_size=cfg.cutout_size or size, stretch=cfg.stretch)
+    symbols = (SymbolSet.from_folder(cfg.symbols, vocab, size) if cfg.symbols else SymbolSet.builtin(vocab, size))
+    info = {"mode": cfg.mode, "stage": None, "open_clip": oc, "preprocess": pre, "cutout_spec": spec.to_dict()}
+    model = GalaxAlignModel(clip, info, tokenizer_for(oc["name"], oc["config"]), vocab, symbols)
+    if cfg.temperature is not None:
+        with torch.no_grad():
+            model.clip.logit_scale.fill_(math.log(1.0 / cfg.temperature))
+    if cfg.mode == "image-only":
+        model.add_classifier(len(vocab))
+    return model
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule: no weight decay for 1-D tensors, norms, biases and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warm = max(1, int(round(total_steps * warmup)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def augment_images(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random right-angle rotations and mirror flips per image (morphology does not depend on them)."""
+    k = rng.integers(0, 4, size=len(x))
+    flip = rng.random(len(x)) < 0.5
+    out = x.clone()
+    for r in range(4):
+        sel = np.flatnonzero(k == r)
+        if len(sel) and r:
+            out[sel] = torch.rot90(out[sel], r, dims=(2, 3))
+    sel = np.flatnonzero(flip)
+    if len(sel):
+        out[sel] = torch.flip(out[sel], dims=(3,))
+    return out
+
+
+class _Prompts:
+    """All prompt texts of every class, tokenised once; a batch picks one at random per item."""
+
+    def __init__(self, model: GalaxAlignModel):
+        vocab = model.vocabulary
+        texts, owner = [], []
+        for i in range(len(vocab)):
+            for t in vocab.prompts(i):
+                texts.append(t)
+                owner.append(i)
+        self.tokens = model.tokenizer(texts)
+        self.by_class = [np.flatnonzero(np.asarray(owner) == i) for i in range(len(vocab))]
+
+    def sample(self, labels: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unique tokens, index of each item's prompt among them)."""
+        pick = np.array([rng.choice(self.by_class[c]) for c in labels])
+        uniq, inverse = np.unique(pick, return_inverse=True)
+        return self.tokens[uniq], torch.from_numpy(inverse.reshape(-1))
+
+
+class _SymbolBank:
+    """Augmented symbols rendered once per epoch; a batch draws one of its class per item."""
+
+    def __init__(self, symbols: SymbolSet, per_class: int, seed: int):
+        self.images, labels = symbols.bank(per_class, seed)
+        self.by_class = [np.flatnonzero(labels == i) for i in range(len(symbols.keys))]
+
+    def sample(self, labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        pick = np.array([rng.choice(self.by_class[c]) for c in labels])
+        return torch.from_numpy(self.images[pick])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _resume_point(cfg: TrainConfig, ctx: RunContext, out: Path) -> Path | None:
+    if ctx.resume_dir is not None:
+        return Path(ctx.resume_dir)
+    if cfg.resume == "no":
+        return None
+    found = ckpt.find_latest(out / "checkpoints")
+    if found is None and cfg.resume == "yes":
+        raise ConfigError(f"--resume: no training checkpoint under {out / 'checkpoints'}")
+    return found
+
+
+def check_resumable(cfg: TrainConfig, progress: dict, where: Path) -> None:
+    saved = progress.get("config", {})
+    diff = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.to_dict()[k]]
+    if diff:
+        raise ConfigError(f"{where}: checkpoint of a different run ({', '.join(f'{k}={saved[k]!r}' for k in diff)}); "
+                          f"use another --out or --no-resume")
+
+
+def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
+    """Train per ``cfg`` in the context ``ctx`` (this process by default); returns a summary (on rank 0)."""
+    ctx = ctx or RunContext(device=resolve_device(cfg.device))
+    out = Path(cfg.out)
+    device = ctx.device
+    torch.manual_seed(cfg.seed + ctx.rank)
+    start = _resume_point(cfg, ctx, out)
+    state, progress = ({}, {"epoch": 0, "global_step": 0, "elapsed": 0.0})
+    if start is not None:
+        state, progress = ckpt.load_training_state(start)
+        check_resumable(cfg, progress, start)
+        model = ckpt.load_checkpoint(start)
+        if ctx.is_main:
+            log.info("resuming from %s (epoch %d done)", start, progress["epoch"])
+    else:
+        model = build_model(cfg)
+    model.info["training"] = cfg.to_dict()
+    model.to(device)
+
+    spec = CutoutSpec.from_dict(model.info["cutout_spec"])
+    data = load_dataset(cfg.data, model.vocabulary, spec=spec, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                        test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class)
+    model.info["data"] = data.description
+    train, val = data.split("train"), data.split("val")
+    from galaxalign_batch.ops.backends import resolve_impl
+
+    if cfg.mode != "image-only":
+        resolve_impl(cfg.loss, device, "trimodal_loss")  # an unavailable --loss fused fails here, not mid-run
+    if ctx.is_main:
+        log.info("%s training of %s on %d train / %d val images (%s), %d worker(s), device %s", cfg.mode,
+                 model.info["open_clip"]["name"], len(train), len(val), data.description["kind"], ctx.world_size, device)
+    writer = _MetricsWriter(out, progress["epoch"], cfg.tensorboard) if ctx.is_main else None
+    prompts = _Prompts(model)
+    done = int(progress["epoch"])
+    global_step = int(progress["global_step"])
+    elapsed0 = float(progress.get("elapsed", 0.0))
+    t_run = time.perf_counter()
+    epoch_base = 0
+    last_val: dict = {}
+    for stage in plan_stages(cfg):
+        if done >= epoch_base + stage.epochs:
+            epoch_base += stage.epochs
+            continue
+        if stage.name == "stage2" and model.symbol_encoder is None:
+            model.init_symbol_encoder()
+            model.to(device)
+        model.info["stage"] = stage.name
+        n_trainable = model.set_trainable(cfg.train_layers, text=stage.weights is not None,
+                                          temperature=cfg.learn_temperature and stage.weights is not None)
+        steps = _steps_per_epoch(len(train), cfg, ctx)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=stage.lr, betas=(0.9, 0.98), eps=1e-6)
+        scheduler = _schedule(optimizer, steps * stage.epochs, cfg.warmup)
+        if state.get("stage") == stage.name and done > epoch_base:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        engine = _wrap(model, ctx)
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        if ctx.is_main:
+            log.info("%s: %d epoch(s) of %d step(s), lr %.2g, %d trainable parameters, weights %s", stage.name,
+                     stage.epochs, steps, stage.lr, n_trainable, stage.weights or "cross-entropy")
+        for epoch in range(max(done, epoch_base), epoch_base + stage.epochs):
+            t_epoch = time.perf_counter()
+            loss = _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, train, prompts, epoch, steps)
+            global_step += steps
+            done = epoch + 1
+            metrics = {"epoch": done, "stage": stage.name, "global_step": global_step, "train_loss": loss,
+                       "lr": optimizer.param_groups[0]["lr"], "logit_scale": model.logit_scale.item(),
+                       "epoch_seconds": round(time.perf_counter() - t_epoch, 2)}
+            ckpt_dir = None
+            if ctx.is_main:
+                last_val = quick_accuracy(model, val.images, val.labels)
+                metrics.update({f"val_acc_{k}": v for k, v in last_val.items()})
+                metrics["elapsed_seconds"] = round(elapsed0 + time.perf_counter() - t_run, 1)
+                model.info["train_seconds"] = metrics["elapsed_seconds"]
+                writer.write(metrics)
+                ckpt_dir = _save_epoch(ctx, out, model, optimizer, scheduler, stage, cfg, done, global_step,
+                                       metrics["elapsed_seconds"])
+                log.info("epoch %d/%d %s: loss %.4f, val acc %s, %.1fs", done, sum(s.epochs for s in plan_stages(cfg)),
+                         stage.name, loss, {k: round(v, 3) for k, v in last_val.items()}, metrics["epoch_seconds"])
+            if ctx.report is not None:
+                ctx.report(metrics, ckpt_dir)
+        if stage.name == "stage1" and ctx.is_main and cfg.epochs_stage2 > 0:
+            ckpt.save_model(model, out / "model_stage1.safetensors")
+        epoch_base += stage.epochs
+    summary = {}
+    if ctx.is_main:
+        model.info["stage"] = plan_stages(cfg)[-1].name
+        if last_val == {}:
+            last_val = quick_accuracy(model, val.images, val.labels)
+        elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
+        model.info["train_seconds"] = elapsed
+        final = ckpt.save_model(model, out / "model.safetensors")
+        summary = {"model": str(final), "epochs": done, "global_step": global_step, "seconds": elapsed,
+                   "val_accuracy": last_val, "train_images": len(train), "val_images": len(val),
+                   "workers": ctx.world_size, "device": str(device), "config": cfg.to_dict()}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        writer.close()
+    return summary
+
+
+def _steps_per_epoch(n_train: int, cfg: TrainConfig, ctx: RunContext) -> int:
+    per_worker = n_train // ctx.world_size
+    if per_worker < 2:
+        raise ConfigError(f"the train split has {n_train} images: too few for {ctx.world_size} worker(s)")
+    steps = max(1, per_worker // cfg.batch_size)
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def _wrap(model: GalaxAlignModel, ctx: RunContext) -> torch.nn.Module:
+    if ctx.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, train: ImageSet, prompts, epoch, steps) -> float:
+    device = ctx.device
+    rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))[ctx.rank::ctx.world_size]
+    bsz = min(cfg.batch_size, len(order))
+    bank = None
+    if stage.weights is not None and (stage.weights[1] or stage.weights[2]):
+        bank_seed = int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank, 1]).generate_state(1)[0])
+        bank = _SymbolBank(model.symbols, cfg.symbol_bank, seed=bank_seed)
+    model.train()
+    total, count = 0.0, 0
+    pbar = bar(range(steps), total=steps, desc=f"{stage.name} epoch {epoch + 1}", unit="step") if ctx.is_main else range(steps)
+    for step in pbar:
+        idx = order[step * bsz:(step + 1) * bsz]
+        labels_np = train.labels[idx]
+        labels = torch.from_numpy(labels_np).to(device)
+        images = model.prepare_images(augment_images(train.batch(idx), rng))
+        with _autocast(device, cfg.amp):
+            if stage.weights is None:
+                out = engine(images=images)
+                loss = F.cross_entropy(out["logits"].float(), labels)
+            else:
+                symbols = model.prepare_images(bank.sample(labels_np, rng)) if bank is not None else None
+                tokens, inverse = prompts.sample(labels_np, rng)
+                out = engine(images=images, symbols=symbols, tokens=tokens.to(device))
+                text = out["text"].float()[inverse.to(device)]
+                sym = out["symbol"].float() if "symbol" in out else None
+                loss = trimodal_contrastive_loss(out["image"].float(), text, sym, model.logit_scale.float(),
+                                                 class_ids=labels, weights=stage.weights, impl=cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        model.clamp_logit_scale()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise ConfigError(f"training diverged (loss {value}) at epoch {epoch + 1} step {step + 1}; lower --lr")
+        total += value
+        count += 1
+        if ctx.is_main and hasattr(pbar, "set_postfix"):
+            pbar.set_postfix(loss=f"{total / count:.3f}")
+    return total / max(count, 1)
+
+
+def _save_epoch(ctx: RunContext, out: Path, model, optimizer, scheduler, stage: Stage, cfg: TrainConfig, epoch: int,
+                global_step: int, elapsed: float) -> Path:
+    root = ctx.checkpoint_root or (out / "checkpoints")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "stage": stage.name}
+    progress = {"epoch": epoch, "global_step": global_step, "stage": stage.name, "elapsed": elapsed,
+                "config": cfg.to_dict()}
+    d = ckpt.save_training_checkpoint(root / f"epoch_{epoch:04d}", model, state, progress)
+    if ctx.checkpoint_root is None:  # local runs keep the last few; Ray keeps its own (CheckpointConfig)
+        old = sorted(p for p in root.glob("epoch_*") if p.is_dir() and not p.name.endswith(".partial"))
+        for p in old[:-ctx.keep_checkpoints]:
+            shutil.rmtree(p, ignore_errors=True)
+    return d
+
+
+class _MetricsWriter:
+    """``metrics.csv`` (rows of later epochs than the resume point are dropped) and optional TensorBoard."""
+
+    def __init__(self, out: Path, resume_epoch: int, tensorboard: bool):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.csv"
+        rows = []
+        if resume_epoch and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()})
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, metrics["epoch"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run a training per ``cfg``: in this process, or with Ray Train when ``cfg.workers >= 1``."""
+    out = Path(cfg.out)
+    if cfg.resume == "no" and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if cfg.workers >= 1:
+        from galaxalign_batch.model.distributed import train_distributed
+
+        return train_distributed(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return run_training(cfg)
