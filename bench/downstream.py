@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_model  # noqa: E402
+
 import numpy as np
 
 DEFAULT_DATA = Path(os.environ.get("TMPDIR", "/tmp")) / "galaxalign-bench-downstream"
@@ -62,16 +65,6 @@ def _heavy_imports() -> None:
     import pyarrow.parquet  # noqa: F401
     import scipy.spatial  # noqa: F401
     import zarr  # noqa: F401
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------- data

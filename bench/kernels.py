@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _machine import cpu_model  # noqa: E402
+
 import numpy as np
 import torch
 
@@ -39,16 +42,6 @@ D = 512
 TOPK_K = 10
 TOPK_QUERIES = 1000
 CHUNK_ROWS = 65536
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine(device: str) -> dict:

@@ -15,12 +15,7 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore, open_store
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _checkpoint(tmp, mode: str, seed: int):

@@ -17,12 +17,7 @@ from galaxalign_batch.downstream.report import write_report
 from galaxalign_batch.store import EmbeddingStore, open_store
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ from galaxalign_batch.store import EmbeddingStore, open_store
 MODEL = {"id": "synthetic-0", "name": "synthetic", "kind": "test"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
