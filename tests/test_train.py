@@ -267,6 +267,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow  # Ray start-up and two worker processes: ~30 s on a quiet 2-core machine
 def test_ray_train_two_workers_take_a_real_step(labelled, tmp_path, ray_cluster):
     cfg = _cfg(labelled, tmp_path / "ray", mode="image-text", epochs=1, workers=2, batch_size=4)
     torch.manual_seed(cfg.seed)

@@ -100,6 +100,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.weights = tuple(float(w) for w in self.weights)
         self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
+        for name in ("weights", "stage1_weights"):
+            w = getattr(self, name)
+            if len(w) != 3 or min(w) < 0 or max(w) == 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be three non-negative numbers w_it,w_is,w_st, "
+                                  f"not all 0; got {list(w)}")
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.resume not in ("auto", "yes", "no"):
@@ -337,6 +342,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     t_run = time.perf_counter()
     epoch_base = 0
     last_val: dict = {}
+    total_epochs = sum(s.epochs for s in plan_stages(cfg))
+    epochs_bar = bar(total=total_epochs, desc=cfg.mode, unit="epoch", initial=done) if ctx.is_main else None
     for stage in plan_stages(cfg):
         if done >= epoch_base + stage.epochs:
             epoch_base += stage.epochs
@@ -375,8 +382,10 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                 writer.write(metrics)
                 ckpt_dir = _save_epoch(ctx, out, model, optimizer, scheduler, stage, cfg, done, global_step,
                                        metrics["elapsed_seconds"])
-                log.info("epoch %d/%d %s: loss %.4f, val acc %s, %.1fs", done, sum(s.epochs for s in plan_stages(cfg)),
+                log.info("epoch %d/%d %s: loss %.4f, val acc %s, %.1fs", done, total_epochs,
                          stage.name, loss, {k: round(v, 3) for k, v in last_val.items()}, metrics["epoch_seconds"])
+                epochs_bar.set_postfix(loss=f"{loss:.3f}", **{f"val_{k}": f"{v:.3f}" for k, v in last_val.items()})
+                epochs_bar.update(1)
             if ctx.report is not None:
                 ctx.report(metrics, ckpt_dir)
         if stage.name == "stage1" and ctx.is_main and cfg.epochs_stage2 > 0:
@@ -395,6 +404,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                    "workers": ctx.world_size, "device": str(device), "config": cfg.to_dict()}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         writer.close()
+        epochs_bar.close()
     return summary
 
 
@@ -426,7 +436,8 @@ def _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, t
         bank = _SymbolBank(model.symbols, cfg.symbol_bank, seed=bank_seed)
     model.train()
     total, count = 0.0, 0
-    pbar = bar(range(steps), total=steps, desc=f"{stage.name} epoch {epoch + 1}", unit="step") if ctx.is_main else range(steps)
+    pbar = bar(range(steps), total=steps, desc=f"{stage.name} epoch {epoch + 1}", unit="step", leave=False) \
+        if ctx.is_main else range(steps)
     for step in pbar:
         idx = order[step * bsz:(step + 1) * bsz]
         labels_np = train.labels[idx]
