@@ -13,14 +13,7 @@ from galaxalign_batch.model.config import TINY, create_clip
 from galaxalign_batch.model.evaluate import classification_metrics, retrieval_metrics
 from galaxalign_batch.model.train import TrainConfig, build_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes 2 threads many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: one torch thread per module
 
 
 def _model(tmp_path, mode="trimodal", **kw):

@@ -16,23 +16,15 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import train as train_mod
 from galaxalign_batch.model.checkpoint import find_latest, load_checkpoint, read_info
 from galaxalign_batch.model.data import load_dataset, stratified_split
-from galaxalign_batch.model.evaluate import evaluate_checkpoints
-from galaxalign_batch.model.symbols import DRAWERS, SymbolSettings, draw_symbol
+from galaxalign_batch.model.symbols import SymbolSettings, draw_symbol
 from galaxalign_batch.model.train import TrainConfig, build_model, run_training, train
 from galaxalign_batch.preprocess import CutoutSpec
 from galaxalign_batch.vocabulary import load_vocabulary
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: one torch thread per module
+
 STAMP = 48           # pixels of the fake stamps (0.262"/px: 12.6")
 ANGULAR = 12.0       # arcsec of the training cutouts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine OpenMP spinning makes 2 threads many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +274,11 @@ def test_ray_train_two_workers_take_a_real_step(labelled, tmp_path, ray_cluster)
     assert find_latest(tmp_path / "ray" / "checkpoints") == ray_ckpt  # what a rerun would resume from
     with open(tmp_path / "ray" / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
+
+
+def test_learning_rate_default_depends_on_the_starting_weights():
+    assert TrainConfig(data="d", out="o").effective_lr == 1e-3                       # random weights
+    assert TrainConfig(data="d", out="o", model="ViT-B-16", pretrained="w.bin").effective_lr == 1e-4
+    assert TrainConfig(data="d", out="o", model="run/model.safetensors").effective_lr == 1e-4
+    assert TrainConfig(data="d", out="o", lr=3e-4).effective_lr == 3e-4
+    assert [s.lr for s in train_mod.plan_stages(TrainConfig(data="d", out="o", lr_stage2=2e-4))] == [1e-3, 2e-4]

@@ -82,7 +82,9 @@ def register(sub) -> None:
     g.add_argument("--epochs", type=int, default=None,
                    help="baseline epochs (default: epochs-stage1 + epochs-stage2, the same budget)")
     g.add_argument("--batch-size", type=int, default=64, help="images per step and worker")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak of warmup + cosine)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW peak learning rate (warmup + cosine); default 1e-3 from random weights (no "
+                        "--pretrained), 1e-4 when fine-tuning pretrained weights or one of our checkpoints")
     g.add_argument("--lr-stage2", type=float, default=None, help="stage 2 learning rate (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of each stage's steps")

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
-from galaxalign_batch.model.data import Dataset, ImageSet, load_dataset
+from galaxalign_batch.model.data import ImageSet, load_dataset
 from galaxalign_batch.model.evaluate import quick_accuracy
 from galaxalign_batch.model.galaxalign import MODES, GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
@@ -70,7 +69,7 @@ class TrainConfig:
     epochs_stage2: int = 5
     epochs: int | None = None              # image-text / image-only; default epochs_stage1 + epochs_stage2
     batch_size: int = 64                   # per worker
-    lr: float = 1e-4
+    lr: float | None = None                # default: 1e-3 from random weights, 1e-4 when fine-tuning weights
     lr_stage2: float | None = None         # default: lr
     weight_decay: float = 0.1
     warmup: float = 0.05                   # fraction of each stage's steps
@@ -114,7 +113,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0 or (self.lr_stage2 is not None and self.lr_stage2 <= 0):
+        if (self.lr is not None and self.lr <= 0) or (self.lr_stage2 is not None and self.lr_stage2 <= 0):
             raise ConfigError("learning rates must be > 0")
         if self.temperature is not None and not 0 < self.temperature < 10:
             raise ConfigError(f"--temperature must be in (0, 10), got {self.temperature}")
@@ -122,6 +121,17 @@ class TrainConfig:
             raise ConfigError("trimodal training needs at least one epoch in stage 1 or stage 2")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+
+    @property
+    def starts_from_random_weights(self) -> bool:
+        return not self.pretrained and not (self.model.endswith(".safetensors") or Path(self.model).is_dir())
+
+    @property
+    def effective_lr(self) -> float:
+        """``lr``, or its default: 1e-3 when training from random weights, 1e-4 when fine-tuning weights."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.starts_from_random_weights else 1e-4
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -143,13 +153,14 @@ class Stage:
 def plan_stages(cfg: TrainConfig) -> list[Stage]:
     """The stages of a run; the baselines get the same number of epochs as tri-modal's two stages."""
     total = cfg.epochs if cfg.epochs is not None else cfg.epochs_stage1 + cfg.epochs_stage2
+    lr = cfg.effective_lr
     if cfg.mode == "trimodal":
-        stages = [Stage("stage1", cfg.epochs_stage1, cfg.stage1_weights, cfg.lr),
-                  Stage("stage2", cfg.epochs_stage2, cfg.weights, cfg.lr_stage2 or cfg.lr)]
+        stages = [Stage("stage1", cfg.epochs_stage1, cfg.stage1_weights, lr),
+                  Stage("stage2", cfg.epochs_stage2, cfg.weights, cfg.lr_stage2 or lr)]
         return [s for s in stages if s.epochs > 0]
     if cfg.mode == "image-text":
-        return [Stage("image-text", total, (1.0, 0.0, 0.0), cfg.lr)]
-    return [Stage("image-only", total, None, cfg.lr)]
+        return [Stage("image-text", total, (1.0, 0.0, 0.0), lr)]
+    return [Stage("image-only", total, None, lr)]
 
 
 @dataclass
