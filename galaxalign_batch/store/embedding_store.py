@@ -49,6 +49,7 @@ class EmbeddingStore:
             raise StoreError(f"{path}: not a galaxalign embedding store (no format={schema.FORMAT!r} attribute)")
         self._rows = int(attrs.get("rows_committed", 0))
         self._tiles = int(attrs.get("tiles_committed", 0))
+        self._done: set[str] | None = None  # completed tile names, read once, then kept up to date by commit
 
     # ---- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -133,8 +134,10 @@ class EmbeddingStore:
         return {c.name: t[c.name][: self._tiles] for c in schema.TILE_COLUMNS}
 
     def completed_tiles(self) -> set[str]:
-        t = self.tile_table()
-        return {str(n) for n, s in zip(t["name"], t["status"]) if s == schema.STATUS_DONE}
+        if self._done is None:
+            t = self.tile_table()
+            self._done = {str(n) for n, s in zip(t["name"], t["status"]) if s == schema.STATUS_DONE}
+        return set(self._done)
 
     def failed_tiles(self) -> dict[str, str]:
         """Tiles whose every attempt failed, with the last reason (a later success clears a failure)."""
@@ -155,7 +158,7 @@ class EmbeddingStore:
         tiles = list(tiles)
         if not tiles:
             return 0
-        done = set(self.completed_tiles())
+        done = self.completed_tiles()
         parts: dict[str, list[np.ndarray]] = {}
         records = []
         row = self._rows
@@ -176,6 +179,7 @@ class EmbeddingStore:
         self._write_tiles(records)
         written = row - self._rows
         self._rows, self._tiles = row, self._tiles + len(records)
+        self._done |= {name for name, status, *_ in records if status == schema.STATUS_DONE}
         self.group.attrs.update({"rows_committed": self._rows, "tiles_committed": self._tiles, "complete": False})
         return written
 
