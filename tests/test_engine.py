@@ -118,3 +118,42 @@ def test_resolve_tiles_errors(tmp_path):
         resolve_tiles([str(tmp_path / "notes.txt")])
     with pytest.raises(ConfigError, match="matches no file"):
         resolve_tiles([str(tmp_path / "*.fits")])
+
+
+def test_weights_that_do_not_load_fail_clearly_and_write_no_store(cubes, tmp_path):
+    weights = tmp_path / "broken.pt"
+    weights.write_bytes(b"not a torch file")
+    out = tmp_path / "never.zarr"
+    with pytest.raises(ConfigError, match="replicas could not load"):
+        embed_tiles(resolve_tiles([str(cubes / "example_a.fits")]), f"galaxalign-tiny:{weights}", out)
+    assert not out.exists()
+
+
+def test_unknown_model_fails_before_any_work(cubes, tmp_path):
+    with pytest.raises(ConfigError, match="unknown open_clip model"):
+        embed_tiles(resolve_tiles([str(cubes / "example_a.fits")]), "no-such-model:x.pt", tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_driver_description_equals_the_loaded_model(tmp_path):
+    from galaxalign_batch.engine.encoder import describe_model
+    from galaxalign_batch.model.checkpoint import save_model
+    from galaxalign_batch.model.train import TrainConfig, build_model
+
+    model = build_model(TrainConfig(data=str(tmp_path), out=str(tmp_path / "out"), mode="trimodal"))
+    ckpt = save_model(model, tmp_path / "m.safetensors")
+    for spec in ("tiny", str(ckpt)):
+        assert describe_model(spec) == load_encoder(spec).describe()
+
+
+@pytest.mark.parametrize("cpus, threads, expect", [
+    (1, None, (1, 1, 0.0)),    # one replica, reserves nothing: tile tasks share the core
+    (2, None, (2, 1, 0.5)),    # every core runs the model; one CPU left as a tile-task slot
+    (16, None, (8, 2, 1.0)),   # big node: 8 replicas of 2 threads, not 16 copies of the weights
+    (64, None, (8, 8, 4.0)),
+    (8, 4, (2, 4, 2.0)),       # --cpu-threads 4
+])
+def test_cpu_pool(cpus, threads, expect):
+    from galaxalign_batch.engine.pipeline import cpu_pool
+
+    assert cpu_pool(cpus, threads) == expect

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_STORE
     log.info("embedding %d tile(s) with %s into %s", len(tiles), args.model, out)
     summary = embed_tiles(tiles, args.model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
+                          cpu_threads=args.cpu_threads,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
                           catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds)
@@ -59,9 +60,13 @@ def register(sub) -> None:
     p.add_argument("--out", metavar="STORE.zarr", help=f"the store (default: {DEFAULT_STORE})")
     p.add_argument("--catalog", default="auto",
                    help="'auto' (Tractor catalog when the tile has one, else detection), 'detect', or a catalog path")
-    p.add_argument("--batch-size", type=int, default=256, help="model batch size (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="model batch size (default: 256 on a GPU, 64 on CPU where larger batches are slower)")
     p.add_argument("--cpu-workers", type=int, default=None,
                    help="CPUs for a local Ray instance (default: all cores); ignored with --address")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads per CPU model replica; one replica per this many CPUs "
+                        "(default: 1 up to 15 CPUs, else CPUs // 8; see docs/engine.md)")
     p.add_argument("--gpu-workers", type=int, default=None, help="GPU model actors (default: one per GPU in the cluster)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
     p.add_argument("--address", default=None,

@@ -58,30 +58,78 @@ def _is_checkpoint(model: str) -> bool:
         f.endswith(".safetensors") for f in os.listdir(model)))
 
 
-def load_encoder(model: str, device: str = "cpu") -> Encoder:
-    """The encoder named by an ``embed --model`` value (see the module docstring)."""
+def _parse_model(model: str) -> tuple[str, str, str | None]:
+    """``(kind, name, weights)`` of an ``embed --model`` value: kind checkpoint, tiny or open_clip."""
     if _is_checkpoint(model):
-        return _from_checkpoint(model, device)
+        return "checkpoint", model, None
     if model == "tiny":
-        log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
-                    "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
-        return _from_open_clip("galaxalign-tiny", None, device, kind="tiny")
+        return "tiny", "galaxalign-tiny", None
     name, sep, weights = model.partition(":")
     if not sep or not weights:
         raise ConfigError(f"--model {model!r}: expected a checkpoint file, 'tiny', or an open_clip NAME:TAG / "
                           "NAME:/path/to/weights")
-    return _from_open_clip(name, weights, device, kind="open_clip")
+    return "open_clip", name, weights
+
+
+def describe_model(model: str) -> dict:
+    """What :meth:`Encoder.describe` of ``load_encoder(model)`` returns, without building the model.
+
+    Reads only a checkpoint's header or an open_clip config (and hashes a local weights file), so the
+    driver of a run knows the cutout spec and the store's attributes while the replicas still load.
+    Raises :class:`ConfigError` for a model that does not exist.
+    """
+    kind, name, weights = _parse_model(model)
+    if kind == "checkpoint":
+        from galaxalign_batch.model.checkpoint import read_info
+
+        from galaxalign_batch.vocabulary import Vocabulary
+
+        info = read_info(model)
+        return {"identity": _checkpoint_identity(model, info),
+                "cutout_spec": CutoutSpec.from_dict(info["cutout_spec"]).to_dict(),
+                "dim": int(info["open_clip"]["config"]["embed_dim"]),
+                "vocabulary": Vocabulary.from_dict(info["vocabulary"], model).to_dict()}
+    from galaxalign_batch.model.config import model_config
+
+    cfg = model_config(name)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return {"identity": _open_clip_identity(name, weights, kind), "cutout_spec": CutoutSpec(out_size=int(size)).to_dict(),
+            "dim": int(cfg["embed_dim"]), "vocabulary": None}
+
+
+def load_encoder(model: str, device: str = "cpu") -> Encoder:
+    """The encoder named by an ``embed --model`` value (see the module docstring)."""
+    kind, name, weights = _parse_model(model)
+    if kind == "checkpoint":
+        return _from_checkpoint(model, device)
+    if kind == "tiny":
+        log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
+                    "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
+    return _from_open_clip(name, weights, device, kind=kind)
+
+
+def _checkpoint_identity(path: str, info: dict) -> dict:
+    return {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(path)),
+            "id": info.get("weights_digest") or _file_digest(path), "mode": info.get("mode")}
+
+
+def _open_clip_identity(name: str, weights: str | None, kind: str) -> dict:
+    if kind == "tiny":
+        ident = f"tiny-seed{TINY_SEED}"
+    elif weights and os.path.isfile(weights):
+        ident = _file_digest(weights)
+    else:
+        ident = hashlib.sha256(f"{name}:{weights}".encode()).hexdigest()[:16]
+    return {"kind": kind, "name": f"{name}:{weights}" if weights else name, "id": ident}
 
 
 def _from_checkpoint(path: str, device: str) -> Encoder:
     from galaxalign_batch.model.checkpoint import load_checkpoint
 
     m = load_checkpoint(path, device=device)
-    info = m.info
-    spec = CutoutSpec.from_dict(info["cutout_spec"])
-    identity = {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(path)),
-                "id": info.get("weights_digest") or _file_digest(path), "mode": info.get("mode")}
-    return Encoder(identity, spec, m.embed_dim, m.vocabulary.to_dict(),
+    spec = CutoutSpec.from_dict(m.info["cutout_spec"])
+    return Encoder(_checkpoint_identity(path, m.info), spec, m.embed_dim, m.vocabulary.to_dict(),
                    lambda x: m.encode_images(x, batch_size=len(x)), device)
 
 
@@ -101,15 +149,8 @@ def _from_open_clip(name: str, weights: str | None, device: str, kind: str) -> E
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return F.normalize(clip.encode_image((x - mean) / std), dim=-1)
 
-    if kind == "tiny":
-        ident = f"tiny-seed{TINY_SEED}"
-    elif weights and os.path.isfile(weights):
-        ident = _file_digest(weights)
-    else:
-        ident = hashlib.sha256(f"{name}:{weights}".encode()).hexdigest()[:16]
-    spec = CutoutSpec(out_size=size)
-    return Encoder({"kind": kind, "name": f"{name}:{weights}" if weights else name, "id": ident}, spec,
-                   int(cfg["embed_dim"]), None, encode, device)
+    return Encoder(_open_clip_identity(name, weights, kind), CutoutSpec(out_size=size), int(cfg["embed_dim"]),
+                   None, encode, device)
 
 
 def _file_digest(path: str) -> str:

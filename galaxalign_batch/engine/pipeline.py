@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxalign_batch import progress
+from galaxalign_batch.engine.encoder import describe_model
 from galaxalign_batch.engine.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.store import EmbeddingStore, StoreError, store_exists
@@ -86,7 +87,7 @@ def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str):
 class _EncoderActor:
     """Holds one model replica (on a GPU when the actor was given one)."""
 
-    def __init__(self, model: str, device: str, batch_size: int):
+    def __init__(self, model: str, device: str, batch_size: int, threads: int = 1):
         import torch
 
         from galaxalign_batch.engine.encoder import load_encoder
@@ -94,7 +95,7 @@ class _EncoderActor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            torch.set_num_threads(max(1, threads))
         self.encoder = load_encoder(model, device=device)
         self.batch_size = batch_size
 
@@ -105,6 +106,22 @@ class _EncoderActor:
         t = time.perf_counter()
         out = self.encoder.encode(pixels, batch_size=self.batch_size)
         return out, time.perf_counter() - t
+
+
+def cpu_pool(n_cpus: int, threads: int | None = None) -> tuple[int, int, float]:
+    """``(replicas, torch threads each, CPUs reserved each)`` for CPU model replicas on ``n_cpus``.
+
+    Measured on the tiny model (docs/engine.md): the model is ~60 % of a source's CPU time, reading and
+    cutting ~40 %. So every core runs model work (one replica per ``threads`` cores; 1 thread up to 15
+    cores, then ``n_cpus // 8`` so a big node holds 8 replicas, not one per core) and each replica
+    reserves only half its cores from Ray: the rest are slots for tile tasks, which the OS then
+    time-shares with the replicas. Tile tasks never starve and no core idles while the model is
+    behind. On one CPU the single replica reserves nothing.
+    """
+    threads = threads or max(1, n_cpus // 8)
+    replicas = max(1, n_cpus // threads)
+    reserve = 0.5 * threads if n_cpus >= 2 else 0.0
+    return replicas, threads, reserve
 
 
 def _init_ray(address: str | None, cpus: int | None) -> None:
@@ -119,8 +136,8 @@ def _init_ray(address: str | None, cpus: int | None) -> None:
         ray.init(num_cpus=cpus or os.cpu_count(), **kw)
 
 
-def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, batch_size: int = 256,
-                cpu_workers: int | None = None, gpu_workers: int | None = None, device: str = "auto",
+def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, batch_size: int | None = None,
+                cpu_workers: int | None = None, cpu_threads: int | None = None, gpu_workers: int | None = None, device: str = "auto",
                 address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0) -> EmbedSummary:
@@ -139,34 +156,51 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     if device == "cuda" and gpu_workers == 0:
         raise ConfigError("--device cuda but the Ray cluster has no GPU")
     n_cpus = int(resources.get("CPU", 1))
+    info = describe_model(model)  # the spec and the store's attributes, while the replicas load
     actor_cls = ray.remote(_EncoderActor)
     fault = dict(max_restarts=-1, max_task_retries=2)
     if gpu_workers:
+        batch_size = batch_size or 256
         actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(model, "cuda", batch_size)
                   for _ in range(gpu_workers)]
     else:
-        # CPU model replicas: one per ~2 cores leaves the rest for reading and cutting. On a single
-        # CPU the one replica reserves none, else it would starve the tile tasks (they share the core).
-        n_actors = max(1, n_cpus // 2)
-        actor_cpus = 1 if n_cpus >= 2 else 0
-        actors = [actor_cls.options(num_cpus=actor_cpus, **fault).remote(model, "cpu", batch_size)
-                  for _ in range(n_actors)]
-    info = ray.get(actors[0].describe.remote())
-    ray.get([a.describe.remote() for a in actors[1:]])
-    startup = time.perf_counter() - t_start
-    store = _open_or_create(out, info, embedding_dtype)
-    roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
-    if roots != store.attrs.get("survey_roots", []):
-        store.group.attrs["survey_roots"] = roots  # where thumbnails / re-made cutouts come from
-
-    done = store.completed_tiles()
-    earlier_failed = store.failed_tiles()
+        batch_size = batch_size or 64  # measured: larger CPU batches are slower (cache), see docs/engine.md
+        replicas, threads, reserve = cpu_pool(n_cpus, cpu_threads)
+        env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
+        actors = [actor_cls.options(num_cpus=reserve, runtime_env=env, **fault).remote(model, "cpu", batch_size, threads)
+                  for _ in range(replicas)]
+        log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
+    replicas_ready = [a.describe.remote() for a in actors]
+    store = _open_existing(out, info)
+    done = store.completed_tiles() if store else set()
+    earlier_failed = store.failed_tiles() if store else {}
     todo = [t for t in tiles if t.name not in done and (retry_failed or t.name not in earlier_failed)]
     summary = EmbedSummary(out, len(tiles), len(tiles) - len(todo), 0)
     timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
     prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
     max_inflight = max_inflight or max(4, 2 * n_cpus)
     spec = info["cutout_spec"]
+    startup = None
+
+    def wait_for_replicas() -> None:
+        """Block until every replica has loaded (tile tasks go on meanwhile); create the store."""
+        nonlocal startup, store
+        try:
+            described = ray.get(replicas_ready)
+        except ray.exceptions.RayError as e:
+            for a in actors:
+                ray.kill(a)
+            raise ConfigError(f"the model replicas could not load {model!r}: {_root_cause(e)}") from None
+        if any(d != info for d in described):
+            raise ConfigError(f"--model {model!r}: the loaded model differs from its description "
+                              f"({described[0]['identity']} / {described[0]['cutout_spec']} vs "
+                              f"{info['identity']} / {info['cutout_spec']})")
+        startup = time.perf_counter() - t_start
+        if store is None:
+            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype, attrs=_store_attrs(info))
+        roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
+        if roots != store.attrs.get("survey_roots", []):
+            store.group.attrs["survey_roots"] = roots  # where thumbnails / re-made cutouts come from
 
     queue = list(reversed(todo))
     preparing: dict = {}  # meta ref -> (ref, pixels ref)
@@ -179,6 +213,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     def flush(force: bool = False) -> None:
         nonlocal pending, pending_rows, last_commit
         if pending and (force or pending_rows >= commit_rows or time.perf_counter() - last_commit > commit_seconds):
+            if startup is None:
+                wait_for_replicas()
             t = time.perf_counter()
             store.commit(pending)
             timings["write"] += time.perf_counter() - t
@@ -213,6 +249,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 continue
             for k, v in meta["timings"].items():
                 timings[k] += v
+            if startup is None:
+                wait_for_replicas()
             i = int(np.argmin(actor_load))
             actor_load[i] += 1
             embedding[actors[i].embed.remote(pix_ref)] = (meta, i)
@@ -236,6 +274,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             bar.update(1)
             bar.set_postfix(sources=summary.sources)
             flush()
+    if startup is None:
+        wait_for_replicas()  # nothing to embed (all done or all failed): still check the model, make the store
     flush(force=True)
     bar.close()
     store.finalize()
@@ -247,17 +287,30 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     return summary
 
 
-def _open_or_create(out: str, info: dict, dtype: str) -> EmbeddingStore:
-    attrs = {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
-             "normalised": True}
-    if store_exists(out):
-        store = EmbeddingStore.open(out, "r+")
-        have = store.attrs.get("model", {})
-        if have.get("id") != info["identity"]["id"]:
-            raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
-                             f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
-        if store.dim != info["dim"]:
-            raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
-        log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
-        return store
-    return EmbeddingStore.create(out, info["dim"], dtype=dtype, attrs=attrs)
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost error message of a Ray failure (e.g. the ConfigError of a replica)."""
+    cause = getattr(e, "cause", None) or e.__cause__
+    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    text = str(cause if cause is not None else e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+def _store_attrs(info: dict) -> dict:
+    return {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
+            "normalised": True}
+
+
+def _open_existing(out: str, info: dict) -> EmbeddingStore | None:
+    """The store at ``out`` when it exists (checked against the model), else None (created later)."""
+    if not store_exists(out):
+        return None
+    store = EmbeddingStore.open(out, "r+")
+    have = store.attrs.get("model", {})
+    if have.get("id") != info["identity"]["id"]:
+        raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
+                         f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
+    if store.dim != info["dim"]:
+        raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
+    log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
+    return store

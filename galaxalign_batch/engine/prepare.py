@@ -30,7 +30,8 @@ class PreparedTile:
 def read_tile(ref: TileRef):
     from galaxalign_batch.survey import open_tile, read_brick
 
-    return read_brick(ref.path, ref.brick) if ref.is_brick else open_tile(ref.path)
+    # maskbits are not used by the engine (yet): not decompressing them saves a seventh of the read
+    return read_brick(ref.path, ref.brick, with_maskbits=False) if ref.is_brick else open_tile(ref.path)
 
 
 def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> PreparedTile:
