@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.galaxalign-installed
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*) $(wildcard kernels/*)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,16 @@ $(STAMP): $(SOURCES)
 demo: setup
 	$(VENV)/bin/galaxalign-batch demo
 
-test: setup
+# The labelling UI's browser test drives Debian's chromium through Playwright (no browser download).
+# Installed here when missing and apt-get can be used (root); otherwise that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (Debian package) for the labelling UI's browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no chromium and no root apt-get: the browser test will skip (install chromium to run it)"; fi; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

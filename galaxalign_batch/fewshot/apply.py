@@ -1,0 +1,208 @@
+"""Apply a few-shot head to every row of a store, resumable and never half-written (as ``classify`` does).
+
+Layout (beside, never over, ``classify``'s ``probs``/``label``/``confidence``):
+
+- ``fewshot/<name>/probs`` (N, K) float32, ``fewshot/<name>/label`` (N,) int16,
+  ``fewshot/<name>/confidence`` (N,) float32, with the store's row chunking and sharding;
+- the store attribute ``fewshot`` = ``{name: {classes, kind, head (digest), head_file, rows, validation,
+  counts, temperature, model, created, software_version}}``; readers use a head's arrays only when
+  its ``rows`` equals the store's ``rows_committed``.
+
+The arrays are first written under ``_fewshot_partial/<name>/`` in batches of whole chunks, each
+followed by an atomic update of that group's ``rows_done`` attribute, so a killed run resumes there
+(same head, same row count) and starts over otherwise. When every row is done the group is renamed
+to ``fewshot/<name>`` and the attribute entry is set; until then readers see the previous result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from galaxalign_batch import progress
+from galaxalign_batch._version import __version__
+from galaxalign_batch.downstream.common import ModelMismatchError, row_chunking
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.fewshot.heads import Head
+from galaxalign_batch.fewshot.labels import check_embeddings
+from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+GROUP = "fewshot"
+PARTIAL = "_fewshot_partial"
+ATTR = "fewshot"
+ARRAYS = ("probs", "label", "confidence")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class ApplySummary:
+    store: str
+    name: str
+    rows: int
+    classes: list[str]
+    counts: dict[str, int]
+    seconds: float
+    resumed_from: int = 0
+    up_to_date: bool = False
+
+    def lines(self) -> list[str]:
+        if self.up_to_date:
+            return [f"{self.store}: head {self.name!r} already applied to its {self.rows} rows; nothing to do "
+                    "(--force to redo)"]
+        head = (f"{self.store}: head {self.name!r} applied to {self.rows} rows in {self.seconds:.1f} s -> "
+                f"{GROUP}/{self.name}/{{probs,label,confidence}}")
+        if self.resumed_from:
+            head += f" (resumed at row {self.resumed_from})"
+        width = max(len(c) for c in self.classes)
+        return [head] + [f"  {c:<{width}}  {self.counts.get(c, 0):>10d}  "
+                         f"{100.0 * self.counts.get(c, 0) / max(self.rows, 1):5.1f}%" for c in self.classes]
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise ConfigError(f"head name {name!r}: use 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
+    return name
+
+
+def head_name(path: str | os.PathLike) -> str:
+    """The default name of a head in the store: its file name without the suffix, made safe."""
+    stem = os.path.basename(os.fspath(path)).split(".")[0] or "head"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:64]
+
+
+def check_head_fits(head: Head, store: EmbeddingStore) -> None:
+    """Refuse a head made on another model's embeddings or another dimension."""
+    if head.dim != store.dim:
+        raise ModelMismatchError(f"{store.path}: the head takes {head.dim}-d embeddings, the store has {store.dim}-d")
+    want = (head.source.get("model") or {}).get("id")
+    have = (store.attrs.get("model") or {}).get("id")
+    if want and have and want != have:
+        raise ModelMismatchError(f"{store.path}: the head was fitted on embeddings of another model (id {want}); "
+                                 f"this store was embedded with {have}")
+
+
+def store_source(store: EmbeddingStore) -> dict:
+    """What :attr:`Head.source` records about a store."""
+    return {"store": os.path.abspath(store.path), "model": store.attrs.get("model"), "dim": store.dim,
+            "rows": store.n_rows}
+
+
+def fewshot_results(store: EmbeddingStore) -> dict[str, dict]:
+    """The heads applied to every committed row of the store: ``{name: metadata}``."""
+    meta = store.attrs.get(ATTR) or {}
+    return {name: m for name, m in meta.items()
+            if m and int(m.get("rows", -1)) == store.n_rows and f"{GROUP}/{name}/probs" in store.group}
+
+
+def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str | None = None,
+               batch_rows: int | None = None, force: bool = False) -> ApplySummary:
+    """Write the head's probabilities for every committed row of the store at ``path`` (module docstring)."""
+    t0 = time.perf_counter()
+    name = check_name(name)
+    store = open_store(path, "r+")
+    if not os.path.isdir(store.path):
+        raise StoreError(f"{store.path}: fewshot writes into local stores only")
+    check_embeddings(store)
+    check_head_fits(head, store)
+    n = store.n_rows
+    current = (store.attrs.get(ATTR) or {}).get(name)
+    if (not force and current and current.get("head") == head.digest and int(current.get("rows", -1)) == n
+            and f"{GROUP}/{name}/probs" in store.group):
+        shutil.rmtree(os.path.join(store.path, PARTIAL, name), ignore_errors=True)
+        return ApplySummary(store.path, name, n, list(head.classes), _counts(store, name, len(head.classes)),
+                            time.perf_counter() - t0, up_to_date=True)
+
+    part, done = _partial_group(store, head, name, n)
+    resumed = done
+    if done:
+        log.info("%s: resuming head %r at row %d of %d", store.path, name, done, n)
+    chunk, shard = row_chunking(store)
+    step = max(chunk, (batch_rows or shard) // chunk * chunk)
+    emb = store.group["embedding"]
+    bar = progress.bar(total=n, initial=done, desc=f"fewshot {name}", unit="row")
+    try:
+        for start in range(done, n, step):
+            stop = min(start + step, n)
+            probs = head.predict_proba(np.asarray(emb[start:stop], dtype=np.float32))
+            label = probs.argmax(1)
+            part["probs"][start:stop] = probs
+            part["label"][start:stop] = label.astype(np.int16)
+            part["confidence"][start:stop] = probs[np.arange(len(label)), label]
+            part.attrs.update({"rows_done": stop})  # the commit point of this batch
+            bar.update(stop - start)
+    finally:
+        bar.close()
+    meta = {"classes": list(head.classes), "kind": head.kind, "head": head.digest, "head_file": head_file,
+            "rows": n, "validation": head.validation, "counts": head.counts, "temperature": head.temperature,
+            "model": store.attrs.get("model"), "software_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _install(store, name, meta)
+    store = open_store(path, "r")
+    return ApplySummary(store.path, name, n, list(head.classes), _counts(store, name, len(head.classes)),
+                        time.perf_counter() - t0, resumed_from=resumed)
+
+
+def _partial_group(store: EmbeddingStore, head: Head, name: str, n: int):
+    g = store.group
+    sig = {"head": head.digest, "rows": int(n)}
+    key = f"{PARTIAL}/{name}"
+    if key in g:
+        part = g[key]
+        if dict(part.attrs).get("signature") == sig and all(a in part for a in ARRAYS):
+            return part, int(part.attrs.get("rows_done", 0))
+        log.info("%s: discarding an unfinished application of another head %r", store.path, name)
+        shutil.rmtree(os.path.join(store.path, PARTIAL, name))
+    if PARTIAL not in g:
+        g.create_group(PARTIAL)
+    part = g[PARTIAL].create_group(name)
+    chunk, shard = row_chunking(store)
+    k = len(head.classes)
+    part.create_array("probs", shape=(n, k), chunks=(chunk, k), shards=(shard, k), dtype="float32", fill_value=0.0,
+                      dimension_names=("row", "class"),
+                      attributes={"description": f"calibrated probabilities of the few-shot head {name!r}, "
+                                                 f"columns in attrs fewshot.{name}.classes"})
+    part.create_array("label", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int16", fill_value=-1,
+                      dimension_names=("row",), attributes={"description": "index of the most probable class"})
+    part.create_array("confidence", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="float32", fill_value=0.0,
+                      dimension_names=("row",), attributes={"description": "probability of the label"})
+    part.attrs.update({"signature": sig, "rows_done": 0})
+    return part, 0
+
+
+def _install(store: EmbeddingStore, name: str, meta: dict) -> None:
+    """Rename the finished group into place (a crash between the steps is finished by the re-run)."""
+    entries = dict(store.attrs.get(ATTR) or {})
+    entries[name] = None
+    store.group.attrs.update({ATTR: entries})
+    if GROUP not in store.group:
+        store.group.create_group(GROUP, attributes={"description": "few-shot heads applied to the store"})
+    src = os.path.join(store.path, PARTIAL, name)
+    dst = os.path.join(store.path, GROUP, name)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.rename(src, dst)
+    entries[name] = meta
+    store.group.attrs.update({ATTR: entries})
+    part_dir = os.path.join(store.path, PARTIAL)
+    if os.path.isdir(part_dir) and not [e for e in os.listdir(part_dir) if e != "zarr.json"]:
+        shutil.rmtree(part_dir)
+
+
+def _counts(store: EmbeddingStore, name: str, k: int) -> dict[str, int]:
+    meta = (store.attrs.get(ATTR) or {}).get(name) or {}
+    total = np.zeros(k, np.int64)
+    arr = store.group[f"{GROUP}/{name}/label"]
+    step = row_chunking(store)[1]
+    for start in range(0, store.n_rows, step):
+        lab = np.asarray(arr[start:min(start + step, store.n_rows)], dtype=np.int64)
+        total += np.bincount(lab[lab >= 0], minlength=k)[:k]
+    return {c: int(v) for c, v in zip(meta.get("classes", range(k)), total)}
