@@ -17,7 +17,7 @@ from galaxalign_batch.errors import GalaxAlignError
 
 # In the order of the data's path; `help` of the top-level parser lists them so.
 SUBCOMMANDS = ["simulate", "info", "train", "evaluate", "embed", "classify", "search", "join", "report",
-               "demo", "fewshot", "label"]
+               "demo", "fewshot", "label", "morphology"]
 
 log = logging.getLogger("galaxalign_batch")
 
