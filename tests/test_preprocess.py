@@ -331,3 +331,16 @@ def test_block_map_and_window_scan_agree():
     np.testing.assert_allclose(together.pixels, want, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(together.masked_fraction, masked, atol=1e-6)
     assert 0 < (together.masked_fraction > 0).sum() < 30
+
+
+def test_cutouts_leave_torch_thread_count_alone():
+    """Numba's OpenMP layer shares libgomp with torch; make_cutouts must not change torch's threads."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        img = np.random.default_rng(0).random((3, 200, 200), dtype=np.float32)
+        make_cutouts(img, np.ones(img.shape, bool), np.array([100.0]), np.array([100.0]), 0.262, CutoutSpec())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -80,7 +82,26 @@ def make_cutouts(
     return _run(image, valid, xs, ys, float(pixscale), spec, planes, p1, p2)
 
 
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """Numba's OpenMP layer shares libgomp with torch and sets its thread count on every parallel
+    launch, so a process that set ``torch.set_num_threads(1)`` would find it back at all cores
+    after a cutout (measured: 1 -> 2 here; 4x slower training under load). Put it back."""
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _run(image, valid, xs, ys, pixscale, spec, planes, p1, p2) -> CutoutBatch:
+    with _keep_torch_threads():
+        return _run_kernels(image, valid, xs, ys, pixscale, spec, planes, p1, p2)
+
+
+def _run_kernels(image, valid, xs, ys, pixscale, spec, planes, p1, p2) -> CutoutBatch:
     mode = _MODES[spec.stretch]
     if mode == kernels.MODE_ASINH:  # the kernel divides by asinh(max / softening)
         p2 = [math.asinh(mx / soft) for soft, mx in zip(p1, p2)]
