@@ -1,0 +1,120 @@
+"""Image restoration: simulated pairs, metrics, the denoising head, classical baselines, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.restoration import (LEVELS, DenoiseHead, FoundationEncoder, HeadConfig, TrainSettings,
+                                          add_noise, baselines, denoise, draw_clean, load_head, metrics,
+                                          save_head, train_head)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return draw_clean(6, stamp_size=40, seed=3)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from galaxalign_batch.model.train import TrainConfig, build_model
+
+    torch.manual_seed(0)
+    return FoundationEncoder.from_model(build_model(TrainConfig(data="", out="")), "random weights")
+
+
+def test_pairs_have_the_stated_noise_level(clean):
+    assert clean.clean.shape == (6, 3, 40, 40) and clean.clean.dtype == np.float32
+    assert np.all((clean.sigma_nominal > 0.001) & (clean.sigma_nominal < 0.03))
+    nominal = add_noise(clean, "nominal", np.random.default_rng(0))
+    deep = add_noise(clean, "deep", np.random.default_rng(1))
+    for pairs in (nominal, deep):
+        measured = (pairs.noisy - pairs.clean).std(axis=(0, 2, 3)) / pairs.sigma.mean(axis=0)
+        np.testing.assert_allclose(measured, 1.0, atol=0.03)   # 9600 pixels per band: ~0.7 % scatter
+    np.testing.assert_allclose(deep.sigma, nominal.sigma * 10 ** -0.4, rtol=1e-12)
+    np.testing.assert_allclose(nominal.depth[0], [24.7, 24.1, 23.3])
+    np.testing.assert_allclose(add_noise(clean, "decals-requirement", np.random.default_rng(2)).depth[0],
+                               [24.0, 23.4, 22.5])
+    assert set(LEVELS) >= {"shallow", "nominal", "deep"}
+
+
+def test_psnr_ssim_rmse_on_known_arrays():
+    clean = np.zeros((1, 1, 16, 16))
+    clean[0, 0, 8, 8] = 2.0                                   # data range 2
+    est = clean + 0.1                                         # MSE 0.01
+    assert metrics.psnr(clean, est)[0, 0] == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-9)
+    assert metrics.ssim(clean, clean)[0, 0] == pytest.approx(1.0)
+    assert metrics.ssim(clean, est)[0, 0] < 1.0
+    assert metrics.rmse_sigma(clean, est, [[0.05]])[0, 0] == pytest.approx(2.0)
+    s = metrics.summary(clean, est, [[0.05]])
+    assert s["psnr"] == pytest.approx(26.0206, abs=1e-4) and s["rmse_sigma"] == pytest.approx(2.0)
+
+
+def test_nlm_improves_psnr_on_a_noisy_blob():
+    yy, xx = np.mgrid[:48, :48]
+    blob = 0.5 + 5.0 * np.exp(-((xx - 23.5) ** 2 + (yy - 20.0) ** 2) / (2 * 4.0 ** 2))
+    clean = np.stack([blob, 0.8 * blob, 1.2 * blob])[None].astype(np.float32)
+    noisy = clean + 0.3 * np.random.default_rng(0).standard_normal(clean.shape).astype(np.float32)
+    before = metrics.psnr(clean, noisy).mean()
+    after = metrics.psnr(clean, baselines.nlm(noisy, 0.3, 1.0)).mean()
+    assert after > before + 5.0
+    assert metrics.psnr(clean, baselines.gaussian(noisy, 0.3, 1.0)).mean() > before
+    assert metrics.psnr(clean, baselines.wavelet(noisy, 0.3)).mean() > before
+    best, scores = baselines.tune(baselines.nlm, "h_factor", (0.5, 1.0), noisy, clean, np.full((1, 3), 0.3))
+    assert best in (0.5, 1.0) and scores[best] == max(scores.values())
+
+
+def test_head_trains_and_lowers_the_loss(clean, torch_one_thread):
+    r = train_head(clean, TrainSettings(steps=40, batch_size=4, crop=32, width=8, realisations=2, seed=0))
+    first, last = np.mean(r.losses[:5]), np.mean(r.losses[-5:])
+    assert last < 0.7 * first, (first, last)
+    pairs = add_noise(clean, "nominal", np.random.default_rng(4))
+    out = denoise(r.head, pairs.noisy, pairs.sigma, batch_size=4)
+    assert out.shape == pairs.noisy.shape and out.dtype == np.float32
+    assert metrics.rmse_sigma(pairs.clean, out, pairs.sigma).mean() < 1.0   # better than the noisy input
+
+
+def test_save_load_round_trip_with_features(clean, encoder, tmp_path, torch_one_thread):
+    r = train_head(clean, TrainSettings(steps=3, batch_size=2, crop=32, width=8, realisations=1), encoder)
+    assert r.head.uses_features and r.head.encoder is encoder
+    pairs = add_noise(clean, "shallow", np.random.default_rng(5))
+    before = denoise(r.head, pairs.noisy[:3], pairs.sigma[:3])
+    path = save_head(r.head, tmp_path / "head.safetensors")
+    loaded = load_head(path)
+    assert loaded.config == r.head.config and loaded.uses_features
+    assert loaded.encoder.weights_digest() == encoder.weights_digest()
+    np.testing.assert_array_equal(denoise(loaded, pairs.noisy[:3], pairs.sigma[:3]), before)
+    # without sigma the noise is estimated from the stamps
+    assert np.isfinite(denoise(loaded, pairs.noisy[:2])).all()
+
+
+def test_bad_input_gives_clear_errors(clean, tmp_path):
+    head = DenoiseHead(HeadConfig(width=4))
+    good = np.zeros((2, 3, 16, 16), np.float32)
+    with pytest.raises(ConfigError, match="add a leading axis"):
+        denoise(head, good[0], 0.01)
+    with pytest.raises(ConfigError, match="4 band"):
+        denoise(head, np.zeros((2, 4, 16, 16), np.float32), 0.01)
+    with pytest.raises(ConfigError, match="NaN"):
+        denoise(head, np.full((1, 3, 16, 16), np.nan, np.float32), 0.01)
+    with pytest.raises(ConfigError, match="sigma"):
+        denoise(head, good, -1.0)
+    with pytest.raises(ConfigError, match="sigma must be"):
+        denoise(head, good, np.ones((5, 3)))
+    with pytest.raises(ConfigError, match="shapes differ"):
+        metrics.psnr(np.ones((1, 3, 8, 8)), np.ones((1, 3, 8, 9)))
+    with pytest.raises(ConfigError, match="constant"):
+        metrics.psnr(np.ones((1, 3, 8, 8)), np.ones((1, 3, 8, 8)))
+    with pytest.raises(ConfigError, match="unknown noise level"):
+        add_noise(clean, "ultra-deep", np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="needs the encoder"):
+        DenoiseHead(HeadConfig(feature_dim=128))
+    with pytest.raises(ConfigError, match="not found"):
+        load_head(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="junk.safetensors"):
+        load_head(tmp_path / "junk.safetensors")
+    with pytest.raises(ConfigError, match="positive integer"):
+        draw_clean(0)
