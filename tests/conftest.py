@@ -27,3 +27,25 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def simulated_sky_store(tmp: Path, seed: int) -> Path:
+    """One simulated 512-px brick (real tiles to re-make cutouts from) embedded in this process with
+    the tiny model into ``tmp/sky.zarr`` (~175 rows), as `embed` would write it."""
+    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.engine.encoder import load_encoder
+    from galaxalign_batch.engine.prepare import prepare_tile
+    from galaxalign_batch.simulate import simulate_survey
+    from galaxalign_batch.store import EmbeddingStore
+
+    simulate_survey(tmp / "sky", bricks=1, size=512, seed=seed, density=8000, stars=100, no_coverage=0)
+    enc = load_encoder("tiny")
+    info = enc.describe()
+    store = EmbeddingStore.create(tmp / "sky.zarr", info["dim"], attrs={
+        "model": info["identity"], "vocabulary": info["vocabulary"], "cutout_spec": info["cutout_spec"],
+        "survey_roots": [str(tmp / "sky")]})
+    for ref in resolve_tiles([str(tmp / "sky")]):
+        p = prepare_tile(ref, enc.spec)
+        store.commit([(ref.name, dict(p.columns, embedding=enc.encode(p.pixels)), "")])
+    store.finalize()
+    return tmp / "sky.zarr"

@@ -30,25 +30,12 @@ S1, S2 = "session-one-0001", "session-two-0002"
 
 @pytest.fixture(scope="module")
 def sky_store(tmp_path_factory):
-    """A simulated brick (real tiles to re-make cutouts from) embedded with the tiny model (~175 rows)."""
-    from galaxalign_batch.engine import resolve_tiles
-    from galaxalign_batch.engine.encoder import load_encoder
-    from galaxalign_batch.engine.prepare import prepare_tile
-    from galaxalign_batch.simulate import simulate_survey
+    """A simulated brick embedded with the tiny model: real tiles, ~175 rows."""
+    from conftest import simulated_sky_store
 
-    tmp = tmp_path_factory.mktemp("label-sky")
-    simulate_survey(tmp / "sky", bricks=1, size=512, seed=1, density=8000, stars=100, no_coverage=0)
-    enc = load_encoder("tiny")
-    info = enc.describe()
-    store = EmbeddingStore.create(tmp / "sky.zarr", info["dim"], attrs={
-        "model": info["identity"], "vocabulary": info["vocabulary"], "cutout_spec": info["cutout_spec"],
-        "survey_roots": [str(tmp / "sky")]})
-    for ref in resolve_tiles([str(tmp / "sky")]):
-        p = prepare_tile(ref, enc.spec)
-        store.commit([(ref.name, dict(p.columns, embedding=enc.encode(p.pixels)), "")])
-    store.finalize()
-    assert store.n_rows > 60
-    return tmp / "sky.zarr"
+    path = simulated_sky_store(tmp_path_factory.mktemp("label-sky"), seed=1)
+    assert EmbeddingStore.open(path).n_rows > 60
+    return path
 
 
 def _blob_store(path, n_per: int = 300, k: int = 4, dim: int = 16, seed: int = 0, rows_per_chunk: int = 128):

@@ -33,24 +33,10 @@ CLASSES = ["ring", "not-ring", "other"]
 @pytest.fixture(scope="module")
 def sky_store(tmp_path_factory):
     """A simulated brick embedded with the tiny model: real tiles, ~175 rows."""
-    from galaxalign_batch.engine import resolve_tiles
-    from galaxalign_batch.engine.encoder import load_encoder
-    from galaxalign_batch.engine.prepare import prepare_tile
-    from galaxalign_batch.simulate import simulate_survey
-    from galaxalign_batch.store import EmbeddingStore
+    from conftest import simulated_sky_store
 
-    tmp = tmp_path_factory.mktemp("label-browser")
-    simulate_survey(tmp / "sky", bricks=1, size=512, seed=2, density=8000, stars=100, no_coverage=0)
-    enc = load_encoder("tiny")
-    info = enc.describe()
-    store = EmbeddingStore.create(tmp / "sky.zarr", info["dim"], attrs={
-        "model": info["identity"], "vocabulary": info["vocabulary"], "cutout_spec": info["cutout_spec"],
-        "survey_roots": [str(tmp / "sky")]})
-    for ref in resolve_tiles([str(tmp / "sky")]):
-        p = prepare_tile(ref, enc.spec)
-        store.commit([(ref.name, dict(p.columns, embedding=enc.encode(p.pixels)), "")])
-    store.finalize()
-    return tmp / "sky.zarr"
+    path = simulated_sky_store(tmp_path_factory.mktemp("label-browser"), seed=2)
+    return path
 
 
 class Server:
