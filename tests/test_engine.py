@@ -147,11 +147,11 @@ def test_driver_description_equals_the_loaded_model(tmp_path):
 
 
 @pytest.mark.parametrize("cpus, threads, expect", [
-    (1, None, (1, 1, 0.0)),    # one replica, reserves nothing: tile tasks share the core
-    (2, None, (2, 1, 0.5)),    # every core runs the model; one CPU left as a tile-task slot
-    (16, None, (8, 2, 1.0)),   # big node: 8 replicas of 2 threads, not 16 copies of the weights
-    (64, None, (8, 8, 4.0)),
-    (8, 4, (2, 4, 2.0)),       # --cpu-threads 4
+    (1, None, (1, 1)),
+    (2, None, (2, 1)),     # every core runs the model
+    (16, None, (8, 2)),    # big node: 8 replicas of 2 threads, not 16 copies of the weights
+    (64, None, (8, 8)),
+    (8, 4, (2, 4)),        # --cpu-threads 4
 ])
 def test_cpu_pool(cpus, threads, expect):
     from galaxalign_batch.engine.pipeline import cpu_pool

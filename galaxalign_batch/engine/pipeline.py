@@ -108,20 +108,20 @@ class _EncoderActor:
         return out, time.perf_counter() - t
 
 
-def cpu_pool(n_cpus: int, threads: int | None = None) -> tuple[int, int, float]:
-    """``(replicas, torch threads each, CPUs reserved each)`` for CPU model replicas on ``n_cpus``.
+def cpu_pool(n_cpus: int, threads: int | None = None) -> tuple[int, int]:
+    """``(replicas, torch threads each)`` for CPU model replicas on a cluster of ``n_cpus``.
 
-    Measured on the tiny model (docs/engine.md): the model is ~60 % of a source's CPU time, reading and
-    cutting ~40 %. So every core runs model work (one replica per ``threads`` cores; 1 thread up to 15
-    cores, then ``n_cpus // 8`` so a big node holds 8 replicas, not one per core) and each replica
-    reserves only half its cores from Ray: the rest are slots for tile tasks, which the OS then
-    time-shares with the replicas. Tile tasks never starve and no core idles while the model is
-    behind. On one CPU the single replica reserves nothing.
+    Measured on the tiny model (docs/engine.md): the model is ~70 % of a source's CPU time, reading
+    and cutting the rest. So every core runs model work: one replica per ``threads`` cores (1 thread
+    up to 15 CPUs, then ``n_cpus // 8`` so a big node holds 8 replicas, not one per core). The
+    replicas reserve no CPU from Ray (they are spread over the nodes instead): every CPU stays a
+    slot for tile tasks, which the OS time-shares with the replicas, and the backpressure of
+    ``max_inflight`` keeps the tile tasks from running far ahead of the model. A reservation would
+    deadlock after a node loss: the replicas restart on the surviving nodes and can hold every CPU
+    a tile task needs (seen with 3 half-CPU replicas on a 2-CPU head).
     """
     threads = threads or max(1, n_cpus // 8)
-    replicas = max(1, n_cpus // threads)
-    reserve = 0.5 * threads if n_cpus >= 2 else 0.0
-    return replicas, threads, reserve
+    return max(1, n_cpus // threads), threads
 
 
 def _init_ray(address: str | None, cpus: int | None) -> None:
@@ -165,10 +165,10 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                   for _ in range(gpu_workers)]
     else:
         batch_size = batch_size or 64  # measured: larger CPU batches are slower (cache), see docs/engine.md
-        replicas, threads, reserve = cpu_pool(n_cpus, cpu_threads)
+        replicas, threads = cpu_pool(n_cpus, cpu_threads)
         env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
-        actors = [actor_cls.options(num_cpus=reserve, runtime_env=env, **fault).remote(model, "cpu", batch_size, threads)
-                  for _ in range(replicas)]
+        actors = [actor_cls.options(num_cpus=0, scheduling_strategy="SPREAD", runtime_env=env, **fault)
+                  .remote(model, "cpu", batch_size, threads) for _ in range(replicas)]
         log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
     replicas_ready = [a.describe.remote() for a in actors]
     store = _open_existing(out, info)
