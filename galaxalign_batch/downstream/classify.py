@@ -26,10 +26,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import (CLASSIFICATION_ARRAYS, CLASSIFICATION_ATTR, ModelMismatchError,
-                                                classification_of, row_chunking)
+                                                classification_of, create_prob_arrays, label_counts, row_chunking,
+                                                write_probs)
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
 
@@ -173,16 +173,9 @@ def _partial_group(store: EmbeddingStore, scorer: Scorer, n: int):
             return part, int(part.attrs.get("rows_done", 0))
         log.info("%s: discarding an unfinished classification by another model/method", store.path)
         shutil.rmtree(os.path.join(store.path, PARTIAL))
-    chunk, shard = row_chunking(store)
     part = g.create_group(PARTIAL)
-    k = len(scorer.classes)
-    part.create_array("probs", shape=(n, k), chunks=(chunk, k), shards=(shard, k), dtype="float32",
-                      fill_value=0.0, dimension_names=("row", "class"),
-                      attributes={"description": "class probabilities (softmax), columns in attrs classification.classes"})
-    part.create_array("label", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int16", fill_value=-1,
-                      dimension_names=("row",), attributes={"description": "index of the most probable class"})
-    part.create_array("confidence", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="float32", fill_value=0.0,
-                      dimension_names=("row",), attributes={"description": "probability of the label"})
+    create_prob_arrays(part, store, n, len(scorer.classes),
+                       "class probabilities (softmax), columns in attrs classification.classes")
     part.attrs.update({"signature": sig, "rows_done": 0})
     return part, 0
 
@@ -228,21 +221,14 @@ def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int |
     chunk, shard = row_chunking(store)
     step = batch_rows or scorer.batch_rows or shard
     step = max(chunk, step // chunk * chunk)  # whole chunks: every chunk is written once
-    bar = progress.bar(total=n, initial=done, desc="classify", unit="row")
-    try:
-        for start in range(done, n, step):
-            stop = min(start + step, n)
-            probs = np.asarray(scorer.score(store, start, stop), dtype=np.float32)
-            if probs.shape != (stop - start, len(scorer.classes)):
-                raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {len(scorer.classes)})")
-            label = probs.argmax(1)
-            part["probs"][start:stop] = probs
-            part["label"][start:stop] = label.astype(np.int16)
-            part["confidence"][start:stop] = probs[np.arange(len(label)), label]
-            part.attrs.update({"rows_done": stop})  # the commit point of this batch
-            bar.update(stop - start)
-    finally:
-        bar.close()
+
+    def score(start: int, stop: int) -> np.ndarray:
+        probs = np.asarray(scorer.score(store, start, stop), dtype=np.float32)
+        if probs.shape != (stop - start, len(scorer.classes)):
+            raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {len(scorer.classes)})")
+        return probs
+
+    write_probs(part, score, n, done, step, "classify")
 
     meta = {"method": scorer.method, "classes": list(scorer.classes), "labels": list(scorer.labels),
             "model": dict(scorer.identity), "rows": n, "software_version": __version__,
@@ -254,11 +240,4 @@ def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int |
 
 
 def _counts(store: EmbeddingStore, classes: list[str]) -> dict[str, int]:
-    k = len(classes)
-    total = np.zeros(k, np.int64)
-    arr = store.group["label"]
-    step = row_chunking(store)[1]
-    for start in range(0, store.n_rows, step):
-        lab = np.asarray(arr[start:min(start + step, store.n_rows)], dtype=np.int64)
-        total += np.bincount(lab[lab >= 0], minlength=k)[:k]
-    return {c: int(v) for c, v in zip(classes, total)}
+    return label_counts(store, store.group["label"], classes)

@@ -141,3 +141,52 @@ def chord_from_arcsec(arcsec: float | np.ndarray) -> np.ndarray | float:
 
 def arcsec_from_chord(chord: np.ndarray | float) -> np.ndarray | float:
     return np.degrees(2.0 * np.arcsin(np.clip(np.asarray(chord, dtype=np.float64) / 2.0, 0.0, 1.0))) * 3600.0
+
+
+# ------------------------------------------------------------------ per-row probabilities (classify, fewshot)
+
+def create_prob_arrays(group, store: EmbeddingStore, n: int, k: int, probs_description: str) -> None:
+    """``probs`` (n, k) float32, ``label`` (n,) int16 and ``confidence`` (n,) float32 in ``group``,
+    with the store's row chunking and sharding."""
+    chunk, shard = row_chunking(store)
+    group.create_array("probs", shape=(n, k), chunks=(chunk, k), shards=(shard, k), dtype="float32",
+                       fill_value=0.0, dimension_names=("row", "class"),
+                       attributes={"description": probs_description})
+    group.create_array("label", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int16", fill_value=-1,
+                       dimension_names=("row",), attributes={"description": "index of the most probable class"})
+    group.create_array("confidence", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="float32", fill_value=0.0,
+                       dimension_names=("row",), attributes={"description": "probability of the label"})
+
+
+def write_probs(group, score, n: int, done: int, step: int, desc: str) -> None:
+    """Fill ``group``'s prob arrays for rows ``done..n`` in batches of ``step`` rows (whole chunks).
+
+    ``score(start, stop)`` gives the (stop - start, K) probabilities; each batch ends with an atomic
+    update of ``rows_done``, the commit point a killed run resumes from.
+    """
+    from galaxalign_batch import progress
+
+    bar = progress.bar(total=n, initial=done, desc=desc, unit="row")
+    try:
+        for start in range(done, n, step):
+            stop = min(start + step, n)
+            probs = score(start, stop)
+            label = probs.argmax(1)
+            group["probs"][start:stop] = probs
+            group["label"][start:stop] = label.astype(np.int16)
+            group["confidence"][start:stop] = probs[np.arange(len(label)), label]
+            group.attrs.update({"rows_done": stop})  # the commit point of this batch
+            bar.update(stop - start)
+    finally:
+        bar.close()
+
+
+def label_counts(store: EmbeddingStore, label_array, classes) -> dict[str, int]:
+    """How many committed rows have each label in ``label_array`` (read one shard at a time)."""
+    k = len(classes)
+    total = np.zeros(k, np.int64)
+    step = row_chunking(store)[1]
+    for start in range(0, store.n_rows, step):
+        lab = np.asarray(label_array[start:min(start + step, store.n_rows)], dtype=np.int64)
+        total += np.bincount(lab[lab >= 0], minlength=k)[:k]
+    return {c: int(v) for c, v in zip(classes, total)}

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
-from galaxalign_batch.downstream.common import ModelMismatchError, row_chunking
+from galaxalign_batch.downstream.common import (ModelMismatchError, create_prob_arrays, label_counts,
+                                                  row_chunking, write_probs)
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.fewshot.heads import Head
 from galaxalign_batch.fewshot.labels import check_embeddings
@@ -128,19 +128,8 @@ def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str
     chunk, shard = row_chunking(store)
     step = max(chunk, (batch_rows or shard) // chunk * chunk)
     emb = store.group["embedding"]
-    bar = progress.bar(total=n, initial=done, desc=f"fewshot {name}", unit="row")
-    try:
-        for start in range(done, n, step):
-            stop = min(start + step, n)
-            probs = head.predict_proba(np.asarray(emb[start:stop], dtype=np.float32))
-            label = probs.argmax(1)
-            part["probs"][start:stop] = probs
-            part["label"][start:stop] = label.astype(np.int16)
-            part["confidence"][start:stop] = probs[np.arange(len(label)), label]
-            part.attrs.update({"rows_done": stop})  # the commit point of this batch
-            bar.update(stop - start)
-    finally:
-        bar.close()
+    write_probs(part, lambda start, stop: head.predict_proba(np.asarray(emb[start:stop], dtype=np.float32)),
+                n, done, step, f"fewshot {name}")
     meta = {"classes": list(head.classes), "kind": head.kind, "head": head.digest, "head_file": head_file,
             "rows": n, "validation": head.validation, "counts": head.counts, "temperature": head.temperature,
             "model": store.attrs.get("model"), "software_version": __version__,
@@ -164,16 +153,8 @@ def _partial_group(store: EmbeddingStore, head: Head, name: str, n: int):
     if PARTIAL not in g:
         g.create_group(PARTIAL)
     part = g[PARTIAL].create_group(name)
-    chunk, shard = row_chunking(store)
-    k = len(head.classes)
-    part.create_array("probs", shape=(n, k), chunks=(chunk, k), shards=(shard, k), dtype="float32", fill_value=0.0,
-                      dimension_names=("row", "class"),
-                      attributes={"description": f"calibrated probabilities of the few-shot head {name!r}, "
-                                                 f"columns in attrs fewshot.{name}.classes"})
-    part.create_array("label", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="int16", fill_value=-1,
-                      dimension_names=("row",), attributes={"description": "index of the most probable class"})
-    part.create_array("confidence", shape=(n,), chunks=(chunk,), shards=(shard,), dtype="float32", fill_value=0.0,
-                      dimension_names=("row",), attributes={"description": "probability of the label"})
+    create_prob_arrays(part, store, n, len(head.classes),
+                       f"calibrated probabilities of the few-shot head {name!r}, columns in attrs fewshot.{name}.classes")
     part.attrs.update({"signature": sig, "rows_done": 0})
     return part, 0
 
@@ -199,10 +180,4 @@ def _install(store: EmbeddingStore, name: str, meta: dict) -> None:
 
 def _counts(store: EmbeddingStore, name: str, k: int) -> dict[str, int]:
     meta = (store.attrs.get(ATTR) or {}).get(name) or {}
-    total = np.zeros(k, np.int64)
-    arr = store.group[f"{GROUP}/{name}/label"]
-    step = row_chunking(store)[1]
-    for start in range(0, store.n_rows, step):
-        lab = np.asarray(arr[start:min(start + step, store.n_rows)], dtype=np.int64)
-        total += np.bincount(lab[lab >= 0], minlength=k)[:k]
-    return {c: int(v) for c, v in zip(meta.get("classes", range(k)), total)}
+    return label_counts(store, store.group[f"{GROUP}/{name}/label"], meta.get("classes", range(k)))
