@@ -89,6 +89,9 @@ def _reset_hwm() -> bool:
 
 
 def _loss_fn(impl: str):
+    if impl.startswith("fused-"):  # fused-tc / fused-simt: the CUDA path, chosen through the environment
+        os.environ["GALAXALIGN_CUDA_LOSS"] = impl.split("-", 1)[1]
+        impl = "fused"
     if impl == "composite":
         from open_clip.loss import ClipLoss
 
@@ -99,11 +102,19 @@ def _loss_fn(impl: str):
     return lambda i, t, s, scale: trimodal_contrastive_loss(i, t, s, scale, impl="fused")
 
 
-def loss_case(impl: str, batch: int, reps: int, device: str) -> dict:
-    """One (implementation, batch) case, run in its own process: time and peak extra memory."""
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_case(impl: str, batch: int, reps: int, device: str, dtype: str = "fp32") -> dict:
+    """One (implementation, batch, dtype) case, run in its own process: time and peak extra memory.
+
+    ``tf32``: fp32 inputs with ``torch.set_float32_matmul_precision("high")`` (TF32 tensor cores for
+    every fp32 GEMM, the composite's included); ``fp32``: the default ``highest`` precision."""
     dev = torch.device(device)
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
     g = torch.Generator().manual_seed(batch)
-    feats = [torch.nn.functional.normalize(torch.randn(batch, D, generator=g), dim=1).to(dev).requires_grad_() for _ in range(3)]
+    feats = [torch.nn.functional.normalize(torch.randn(batch, D, generator=g), dim=1).to(dev, DTYPES[dtype]).requires_grad_()
+             for _ in range(3)]
     log_scale = torch.tensor(np.log(1 / 0.07), dtype=torch.float32, device=dev, requires_grad=True)
     fn = _loss_fn(impl)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -117,6 +128,7 @@ def loss_case(impl: str, batch: int, reps: int, device: str) -> dict:
         return float(loss.detach())
 
     # One small step first (thread pools, lazy initialisation), so only the batch's own memory counts.
+    step([x[:256].detach().clone().requires_grad_() for x in feats])
     step([x[:256].detach().clone().requires_grad_() for x in feats])
     gc.collect()
     if dev.type == "cuda":
@@ -150,37 +162,75 @@ def loss_case(impl: str, batch: int, reps: int, device: str) -> dict:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     return {
-        "impl": impl, "batch": batch, "loss": value, "first_step_s": first,
+        "impl": impl, "batch": batch, "dtype": dtype, "loss": value, "first_step_s": first,
         "time_s": min(times) if times else first, "timed_steps": len(times) or 1,
         "cpu_s": min(cpu_times) if cpu_times else first_cpu,
         "peak_extra_bytes": int(peak), "memory_method": method,
     }
 
 
-def run_loss(sizes: list[int], device: str) -> list[dict]:
+def _gemm_tflops(dtype: str, device: str) -> float | None:
+    """This device's own GEMM throughput (TFLOP/s) for an 8192^3 product in ``dtype``: the yardstick."""
+    if device != "cuda":
+        return None
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    a = torch.randn(8192, 8192, device="cuda").to(DTYPES[dtype])
+    b = torch.randn(8192, 8192, device="cuda").to(DTYPES[dtype])
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    torch.set_float32_matmul_precision("highest")
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str]) -> list[dict]:
     rows = []
-    for batch in sizes:
-        reps = 5 if batch <= 1024 else 3 if batch <= 4096 else 0 if device == "cpu" else 3
-        pair = {}
-        for impl in ("fused", "composite"):
-            cmd = [sys.executable, __file__, "--_loss-case", impl, str(batch), str(reps), device]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                pair[impl] = {"impl": impl, "batch": batch, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-            else:
-                pair[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  loss B={batch:6d} {impl:9s} " + _fmt_loss(pair[impl]), flush=True)
-        f, c = pair["fused"], pair["composite"]
-        summary = {"batch": batch, "fused": f, "composite": c}
-        if "error" not in f and "error" not in c:
-            summary["speedup"] = c["time_s"] / f["time_s"]
-            summary["cpu_speedup"] = c["cpu_s"] / f["cpu_s"]
-            summary["memory_ratio"] = f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1)
-            summary["loss_abs_diff"] = abs(f["loss"] - c["loss"])
-            print(f"  -> B={batch}: fused {summary['speedup']:.2f}x faster (CPU time {summary['cpu_speedup']:.2f}x), "
-                  f"{summary['memory_ratio']:.3f}x the composite's "
-                  f"peak extra memory, |loss diff| {summary['loss_abs_diff']:.2e}", flush=True)
-        rows.append(summary)
+    for dtype in dtypes:
+        peak = _gemm_tflops(dtype, device)
+        if peak:
+            print(f"  {dtype} GEMM 8192^3 on this device: {peak:.0f} TFLOP/s", flush=True)
+        for batch in sizes:
+            reps = 5 if batch <= 1024 else 3 if batch <= 4096 else 0 if device == "cpu" else 3
+            pair = {}
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--_loss-case", impl, str(batch), str(reps), device, dtype]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    pair[impl] = {"impl": impl, "batch": batch, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+                else:
+                    pair[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"  loss {dtype} B={batch:6d} {impl:10s} " + _fmt_loss(pair[impl]), flush=True)
+            c = pair.get("composite", {"error": "not run"})
+            summary = {"batch": batch, "dtype": dtype, "gemm_tflops": peak, **pair}
+            for impl in impls:
+                f = pair[impl]
+                if impl == "composite" or "error" in f:
+                    continue
+                if peak and impl in ("fused-tc", "fused"):
+                    # the blocked path's own GEMM work: per pair 1 product forward, 3 backward, 2 n^2 D each
+                    f["tflops"] = 3 * 4 * 2.0 * batch * batch * D / f["time_s"] / 1e12
+                    f["fraction_of_gemm_peak"] = f["tflops"] / peak
+                if "error" not in c:
+                    f["speedup"] = c["time_s"] / f["time_s"]
+                    f["memory_ratio"] = f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1)
+                    f["loss_abs_diff"] = abs(f["loss"] - c["loss"])
+                    line = (f"  -> {dtype} B={batch}: {impl} {f['speedup']:.2f}x the composite's speed, "
+                            f"{f['memory_ratio']:.3f}x its peak extra memory, |loss diff| {f['loss_abs_diff']:.2e}")
+                else:
+                    line = f"  -> {dtype} B={batch}: {impl} ran; composite: {c.get('error')}"
+                if "fraction_of_gemm_peak" in f:
+                    line += f"; {f['tflops']:.0f} TFLOP/s = {f['fraction_of_gemm_peak']:.2f} of the {dtype} GEMM"
+                print(line, flush=True)
+            if device == "cpu" and "error" not in c and "error" not in pair.get("fused", {"error": 1}):
+                f = pair["fused"]
+                summary.update(speedup=c["time_s"] / f["time_s"], cpu_speedup=c["cpu_s"] / f["cpu_s"],
+                               memory_ratio=f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1),
+                               loss_abs_diff=abs(f["loss"] - c["loss"]))
+            rows.append(summary)
     return rows
 
 
@@ -240,7 +290,10 @@ def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
     q_dev = queries.to(dev)
     faiss_entry: dict = {}
 
-    for label, mat in (("fp32", m32), ("fp16", m16)):
+    cases = [("fp32", m32), ("fp16", m16)]
+    if dev.type == "cuda":  # the matrix already on the GPU: the kernel's own speed, no PCIe transfer
+        cases += [("fp16-on-device", torch.from_numpy(m16).to(dev)), ("fp32-on-device", torch.from_numpy(m32).to(dev))]
+    for label, mat in cases:
         entry = {"rows": label, "n": TOPK_QUERIES, "m": rows, "d": D, "k": TOPK_K}
         t_fused, entry["fused_cpu_s"], (s_f, i_f) = _timed(
             lambda: similarity_topk(q_dev, mat, TOPK_K, chunk_rows=CHUNK_ROWS, impl="fused"), sync)
@@ -269,6 +322,7 @@ def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
         else:  # fp16 matrix-multiply throughput on this device, the GPU target's yardstick
             a = queries.half().to(dev)
             b = torch.as_tensor(m16[:CHUNK_ROWS]).to(dev)
+            entry["path"] = os.environ.get("GALAXALIGN_CUDA_TOPK", "tc")
             a @ b.T
             sync()
             t_mm, _, _ = _timed(lambda: [a @ b.T for _ in range(10)], sync)
@@ -300,11 +354,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-topk", action="store_true")
     parser.add_argument("--faiss-fp16", action="store_true",
                         help="also time faiss IndexScalarQuantizer(QT_fp16) for the fp16 rows (slow: no BLAS)")
-    parser.add_argument("--_loss-case", nargs=4, metavar=("IMPL", "B", "REPS", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--dtypes", default="fp32", help="loss input types, comma-separated: fp32, tf32, bf16, fp16")
+    parser.add_argument("--impls", default=None,
+                        help="loss implementations (default: fused,composite on cpu; fused-tc,fused-simt,composite on cuda)")
+    parser.add_argument("--_loss-case", nargs=5, metavar=("IMPL", "B", "REPS", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._loss_case:
-        impl, batch, reps, device = args._loss_case
-        print(json.dumps(loss_case(impl, int(batch), int(reps), device)))
+        impl, batch, reps, device, dtype = args._loss_case
+        print(json.dumps(loss_case(impl, int(batch), int(reps), device, dtype)))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
@@ -316,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not args.skip_loss:
         print("loss (forward + backward, D=512):", flush=True)
-        report["loss"] = run_loss(sizes, args.device)
+        impls = args.impls.split(",") if args.impls else (
+            ["fused-tc", "fused-simt", "composite"] if args.device == "cuda" else ["fused", "composite"])
+        report["loss"] = run_loss(sizes, args.device, args.dtypes.split(","), impls)
     if not args.skip_topk:
         print(f"top-k (N={TOPK_QUERIES}, M={args.topk_rows}, D={D}, k={TOPK_K}):", flush=True)
         report["topk"] = run_topk(args.topk_rows, args.device, args.faiss_fp16)

@@ -287,6 +287,55 @@ __global__ void __launch_bounds__(THREADS) topk_kernel(const float* __restrict__
   }
 }
 
+// Running top-k update from a ready score tile (the tensor-core path: the scores come from a cuBLAS
+// GEMM). One warp per query row scans its ``rows`` scores 128 at a time; only scores above the
+// current k-th best reach lane 0, which inserts them in index order (ties keep the lower index), so
+// after the first tiles almost every step is four coalesced loads and four ballots.
+__global__ void __launch_bounds__(THREADS) topk_scores_kernel(const float* __restrict__ S, int64_t n, int64_t rows,
+                                                              int64_t ld, int64_t offset, int64_t k,
+                                                              float* __restrict__ best_s,
+                                                              int64_t* __restrict__ best_i) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + threadIdx.x / 32;
+  if (row >= n) return;  // the whole warp leaves together
+  const float* s = S + row * ld;
+  float* bs = best_s + row * k;
+  int64_t* bi = best_i + row * k;
+  float threshold = bs[k - 1];
+  for (int64_t c0 = 0; c0 < rows; c0 += 128) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t c = c0 + 32 * u + lane;
+      v[u] = c < rows ? __ldg(s + c) : neg_inf();
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      unsigned bits = __ballot_sync(0xffffffffu, v[u] > threshold);
+      if (bits == 0u) continue;  // warp-uniform
+      if (lane == 0) {
+        while (bits) {
+          const int l = __ffs(bits) - 1;
+          bits &= bits - 1;
+          const int64_t c = c0 + 32 * u + l;
+          const float x = s[c];
+          if (!(x > bs[k - 1])) continue;
+          int64_t pos = k - 1;
+          while (pos > 0 && x > bs[pos - 1]) {
+            bs[pos] = bs[pos - 1];
+            bi[pos] = bi[pos - 1];
+            --pos;
+          }
+          bs[pos] = x;
+          bi[pos] = offset + c;
+        }
+      }
+      __syncwarp();
+      threshold = bs[k - 1];
+    }
+  }
+}
+
 // out[i, :] = softmax_j(scale * F[i] . P[j]): scores straight into out, then a warp per row.
 __global__ void __launch_bounds__(THREADS) prototype_kernel(const float* __restrict__ F, int64_t n, int64_t d,
                                                             const float* __restrict__ P, int64_t k, float scale,
@@ -451,6 +500,23 @@ void register_similarity(py::module_& m) {
       py::arg("queries"), py::arg("n"), py::arg("d"), py::arg("chunk"), py::arg("rows"), py::arg("chunk_is_fp16"),
       py::arg("offset"), py::arg("k"), py::arg("best_score"), py::arg("best_index"), py::arg("stream"),
       py::arg("device"), "Stream one chunk (fp32 or fp16 rows) into each query's running top-k.");
+  m.def(
+      "topk_scores_update",
+      [](uintptr_t scores, int64_t n, int64_t rows, int64_t ld, int64_t offset, int64_t k, uintptr_t best_score,
+         uintptr_t best_index, uintptr_t stream, int device) {
+        require(n >= 1 && k >= 1 && ld >= rows, "topk_scores_update: bad shape");
+        if (rows == 0) return;
+        check(cudaSetDevice(device), "cudaSetDevice");
+        const int64_t blocks = (n + THREADS / 32 - 1) / (THREADS / 32);
+        require(blocks <= 0x7fffffff, "topk_scores_update: too many queries for one launch");
+        topk_scores_kernel<<<static_cast<unsigned>(blocks), THREADS, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+            ptr<float>(scores), n, rows, ld, offset, k, mptr<float>(best_score), mptr<int64_t>(best_index));
+        check_launch("topk_scores_kernel");
+      },
+      py::arg("scores"), py::arg("n"), py::arg("rows"), py::arg("ld"), py::arg("offset"), py::arg("k"),
+      py::arg("best_score"), py::arg("best_index"), py::arg("stream"), py::arg("device"),
+      "Stream an fp32 score tile (n x rows, leading dimension ld; column r is row offset + r) into each query's "
+      "running top-k (score desc, index asc).");
   m.def(
       "prototype_probs",
       [](uintptr_t features, int64_t n, int64_t d, uintptr_t prototypes, int64_t k, float scale, uintptr_t out,

@@ -30,6 +30,14 @@ def test_module_exposes_the_kernels():
     assert _cuda.device_count() >= 0
 
 
+@pytest.fixture(params=["tc", "simt"])
+def cuda_path(request, monkeypatch):
+    """Both CUDA paths: ``tc`` (cuBLAS tile products, tensor cores for half inputs) and ``simt`` (hand-written kernels)."""
+    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", request.param)
+    monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", request.param)
+    return request.param
+
+
 def _features(n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) for _ in range(3)]
@@ -45,7 +53,7 @@ def _run(feats, scale, class_ids, weights, impl, device, dtype):
 
 @gpu
 @pytest.mark.parametrize("n,d,classes", [(1, 5, False), (97, 33, True), (300, 512, False), (1000, 129, True)])
-def test_loss_float32_matches_reference(n, d, classes):
+def test_loss_float32_matches_reference(n, d, classes, cuda_path):
     feats = _features(n, d, seed=n)
     ids = torch.randint(0, 7, (n,)) if classes else None
     ref = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
@@ -58,7 +66,7 @@ def test_loss_float32_matches_reference(n, d, classes):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_loss_half_inputs(dtype):
+def test_loss_half_inputs(dtype, cuda_path):
     feats = [x.to(dtype).double() for x in _features(257, 96, seed=3)]  # the values the kernel sees
     ref = _run(feats, 14.0, None, (1.0, 1.0, 1.0), "reference", "cpu", torch.float64)
     got = _run(feats, 14.0, None, (1.0, 1.0, 1.0), "fused", "cuda", dtype)
@@ -68,7 +76,7 @@ def test_loss_half_inputs(dtype):
 
 
 @gpu
-def test_loss_extreme_scale():
+def test_loss_extreme_scale(cuda_path):
     g = torch.Generator().manual_seed(9)
     base = F.normalize(torch.randn(1, 16, generator=g, dtype=torch.float64), dim=1)
     feats = [F.normalize(base + 1e-3 * torch.randn(70, 16, generator=g, dtype=torch.float64), dim=1) for _ in range(3)]
@@ -78,7 +86,7 @@ def test_loss_extreme_scale():
 
 @gpu
 @pytest.mark.parametrize("fp16", [False, True])
-def test_topk_exact_on_integer_data(fp16):
+def test_topk_exact_on_integer_data(fp16, cuda_path):
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-3, 4, (150, 20), generator=g).float()
     mat = torch.randint(-3, 4, (5000, 20), generator=g).float()
@@ -96,3 +104,36 @@ def test_prototype_probs():
     f, p = torch.randn(300, 64, generator=g), torch.randn(130, 64, generator=g)
     got = prototype_probs(f.cuda(), p.cuda(), 3.0, impl="fused").cpu()
     torch.testing.assert_close(got, torch.softmax(3.0 * f @ p.T, dim=1), rtol=1e-4, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_logsumexp_rectangular(dtype, monkeypatch):
+    monkeypatch.setenv("GALAXALIGN_TILE_MB", "1")  # several tiles
+    from galaxalign_batch.ops import row_logsumexp
+
+    g = torch.Generator().manual_seed(4)
+    a = F.normalize(torch.randn(700, 96, generator=g, dtype=torch.float64), dim=1).to(dtype).double()
+    b = F.normalize(torch.randn(1900, 96, generator=g, dtype=torch.float64), dim=1).to(dtype).double()
+    w = torch.randn(700, generator=g, dtype=torch.float64)
+    out = []
+    for device, dt in (("cpu", torch.float64), ("cuda", dtype)):
+        x, y = a.to(device, dt).requires_grad_(), b.to(device, dt).requires_grad_()
+        s = torch.tensor(17.0, device=device, dtype=torch.float32 if dt != torch.float64 else dt, requires_grad=True)
+        lse = row_logsumexp(x, y, s, impl="reference" if device == "cpu" else "fused")
+        (lse * w.to(device, lse.dtype)).sum().backward()
+        out.append([t.double().cpu() for t in (lse.detach(), x.grad, y.grad, s.grad)])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-4)
+    for got, ref in zip(out[1], out[0]):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+@gpu
+def test_topk_device_matrix_random(cuda_path):
+    g = torch.Generator().manual_seed(5)
+    q = F.normalize(torch.randn(333, 64, generator=g), dim=1)
+    mat = F.normalize(torch.randn(20000, 64, generator=g), dim=1)
+    ref_s, ref_i = (q @ mat.T).topk(7, dim=1)
+    scores, index = similarity_topk(q.cuda(), mat.cuda(), 7, chunk_rows=6000, impl="fused")
+    torch.testing.assert_close(scores.cpu(), ref_s, rtol=1e-5, atol=1e-5)
+    assert (index.cpu() == ref_i).float().mean() > 0.999

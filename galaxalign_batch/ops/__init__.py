@@ -17,7 +17,7 @@ from galaxalign_batch.ops import reference
 from galaxalign_batch.ops.backends import resolve_impl
 from galaxalign_batch.ops.topk import prototype_probs, similarity_topk
 
-__all__ = ["trimodal_contrastive_loss", "similarity_topk", "prototype_probs", "reference"]
+__all__ = ["trimodal_contrastive_loss", "row_logsumexp", "similarity_topk", "prototype_probs", "reference"]
 
 _FEATURE_NAMES = ("image", "text", "symbol")
 
@@ -93,3 +93,38 @@ def trimodal_contrastive_loss(
     from galaxalign_batch.ops.fused import fused_trimodal_loss
 
     return fused_trimodal_loss(image, text, symbol, logit_scale, class_ids, weights)
+
+
+def row_logsumexp(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, *, impl: str = "auto") -> torch.Tensor:
+    """``logsumexp(logit_scale * a @ b.T, dim=1)`` for ``a`` (n, D) and ``b`` (m, D), ``n != m`` allowed.
+
+    The building block of contrastive losses whose rows and columns differ, such as a worker's own
+    rows against the all-gathered batch of every worker (global negatives). Differentiable in ``a``,
+    ``b`` and ``logit_scale`` for any upstream gradient. ``impl="fused"`` (and ``"auto"``) is the
+    blocked algorithm of :mod:`galaxalign_batch.ops.blocked`: tiles of rows through the vendor GEMM
+    (tensor cores for bf16/fp16 on a GPU), never the ``n x m`` matrix, memory O(tile + (n + m) D);
+    ``"reference"`` materialises the matrix. Returns float32 (float64 for float64 inputs), shape (n,).
+    """
+    if impl not in ("auto", "fused", "reference"):
+        raise ConfigError(f"impl must be one of ('auto', 'fused', 'reference'), got {impl!r}")
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ConfigError(f"row_logsumexp: {name} must be a 2-D floating-point tensor, got {getattr(x, 'shape', type(x))}")
+    if a.shape[1] != b.shape[1] or a.device != b.device:
+        raise ConfigError(f"row_logsumexp: a {tuple(a.shape)} on {a.device} and b {tuple(b.shape)} on {b.device} "
+                          "must have the same D and device")
+    if b.shape[0] < 1:
+        raise ConfigError("row_logsumexp: b has no rows")
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(float(logit_scale), device=a.device)
+    if logit_scale.numel() != 1:
+        raise ConfigError(f"row_logsumexp: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+    logit_scale = logit_scale.reshape(())
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    if impl == "reference":
+        wd = torch.float64 if dtype == torch.float64 else torch.float32
+        return torch.logsumexp(logit_scale.to(wd) * (a.to(wd) @ b.to(wd).T), dim=1)
+    from galaxalign_batch.ops.blocked import row_logsumexp as blocked_row_logsumexp
+
+    return blocked_row_logsumexp(a, b, logit_scale)

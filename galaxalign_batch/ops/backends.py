@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import warnings
 from types import ModuleType
 
@@ -70,6 +71,28 @@ def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtyp
         _warned.add(what)
         warnings.warn(f"no compiled kernel {what}; falling back to the PyTorch reference", RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+CUDA_LOSS_PATHS = ("tc", "simt")
+
+
+def cuda_loss_path() -> str:
+    """The CUDA loss path: ``tc`` (default: blocked, tile products on cuBLAS tensor cores, see
+    ``ops/blocked.py``) or ``simt`` (the hand-written CUDA-core kernels of ``_cuda``), chosen by
+    ``GALAXALIGN_CUDA_LOSS``."""
+    path = os.environ.get("GALAXALIGN_CUDA_LOSS", "tc").lower()
+    if path not in CUDA_LOSS_PATHS:
+        raise ConfigError(f"GALAXALIGN_CUDA_LOSS must be one of {CUDA_LOSS_PATHS}, got {path!r}")
+    return path
+
+
+def cuda_topk_path() -> str:
+    """The CUDA top-k path: ``tc`` (default: cuBLAS score tile, then the ``_cuda`` selection kernel)
+    or ``simt`` (one hand-written kernel), chosen by ``GALAXALIGN_CUDA_TOPK``."""
+    path = os.environ.get("GALAXALIGN_CUDA_TOPK", "tc").lower()
+    if path not in CUDA_LOSS_PATHS:
+        raise ConfigError(f"GALAXALIGN_CUDA_TOPK must be one of {CUDA_LOSS_PATHS}, got {path!r}")
+    return path
 
 
 def cpu_threads() -> int:

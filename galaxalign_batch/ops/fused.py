@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from galaxalign_batch.ops import backends
+from galaxalign_batch.ops import backends, blocked
 from galaxalign_batch.ops.reference import PAIRS
 from galaxalign_batch.ops.topk import _matrix_shape
 
@@ -42,6 +42,8 @@ def _cuda() -> Any:
 
 def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
+    if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
+        return blocked.pair_lse_forward(a, b, scale.float())
     if a.device.type == "cpu":
         lse_row = torch.empty(n, dtype=a.dtype)
         lse_col = torch.empty(n, dtype=a.dtype)
@@ -61,6 +63,8 @@ def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple
 
 def _lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, grad_b):
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into grad_a/grad_b; return d/dscale."""
+    if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
+        return blocked.pair_lse_backward_into(a, b, scale.float(), lse_row, lse_col, coef, grad_a, grad_b).float()
     if a.device.type == "cpu":
         return backends.module_for(a.device).trimodal_loss_backward(
             a.detach().numpy(), b.detach().numpy(), float(scale), lse_row.numpy(), lse_col.numpy(), coef,
@@ -224,9 +228,23 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         best_s = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
         cuda = _cuda()
+        tc = backends.cuda_topk_path() == "tc" and hasattr(cuda, "topk_scores_update")
+        q16 = q.half() if tc else None
+        budget = blocked.tile_budget_bytes(device)
 
         def update(s: int, rows: torch.Tensor) -> None:
             rows = rows.to(device).contiguous()  # on this thread's current stream, before the kernel
+            if tc:  # the score tile from cuBLAS (fp16 rows: fp16 tensor cores, fp32 accumulate), then selection
+                qq = q16 if rows.dtype == torch.float16 else q
+                step = max(1, min(n, budget // max(1, 4 * rows.shape[0])))
+                for q0 in range(0, n, step):
+                    scores = blocked.mm_f32(qq[q0:q0 + step], rows.T).contiguous()
+                    cuda.topk_scores_update(
+                        scores.data_ptr(), scores.shape[0], rows.shape[0], scores.shape[1], s, k,
+                        best_s[q0:q0 + step].data_ptr(), best_i[q0:q0 + step].data_ptr(), _cuda_stream(device),
+                        _cuda_index(device),
+                    )
+                return
             cuda.topk_update(
                 q.data_ptr(), n, q.shape[1], rows.data_ptr(), rows.shape[0], rows.dtype == torch.float16, s, k,
                 best_s.data_ptr(), best_i.data_ptr(), _cuda_stream(device), _cuda_index(device),
