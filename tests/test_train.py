@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -71,15 +72,17 @@ def test_simulated_set_goes_through_make_cutouts(labelled):
 
 
 def test_training_passes_class_ids_to_the_loss(labelled, tmp_path, monkeypatch):
+    from galaxalign_batch.model import loss as loss_mod
+
     calls = []
-    real = train_mod.trimodal_contrastive_loss
+    real = loss_mod.trimodal_contrastive_loss
 
     def spy(image, text, symbol, logit_scale, class_ids=None, weights=(1, 1, 1), impl="auto"):
         calls.append({"class_ids": None if class_ids is None else class_ids.clone(), "weights": tuple(weights),
                       "symbol": symbol is not None, "impl": impl, "B": image.shape[0]})
         return real(image, text, symbol, logit_scale, class_ids=class_ids, weights=weights, impl=impl)
 
-    monkeypatch.setattr(train_mod, "trimodal_contrastive_loss", spy)
+    monkeypatch.setattr(loss_mod, "trimodal_contrastive_loss", spy)  # what one worker's loss is
     summary = run_training(_cfg(labelled, tmp_path, loss="reference", stage1_weights=(1.0, 0.0, 0.5)))
     assert len(calls) == 2  # one step in each stage
     s1, s2 = calls
@@ -282,3 +285,25 @@ def test_learning_rate_default_depends_on_the_starting_weights():
     assert TrainConfig(data="d", out="o", model="run/model.safetensors").effective_lr == 1e-4
     assert TrainConfig(data="d", out="o", lr=3e-4).effective_lr == 3e-4
     assert [s.lr for s in train_mod.plan_stages(TrainConfig(data="d", out="o", lr_stage2=2e-4))] == [1e-3, 2e-4]
+
+
+# ---------------------------------------------------------------------------------------------- batch layout
+
+def test_accumulation_and_batch_layout_in_log_config_and_checkpoint(labelled, tmp_path, caplog):
+    out = tmp_path / "accum"
+    cfg = _cfg(labelled, out, mode="image-text", epochs=1, batch_size=4, accum_steps=2, max_steps_per_epoch=None)
+    with caplog.at_level(logging.INFO, logger="galaxalign_batch"):
+        summary = train(cfg)
+    layout = {"global_batch": 8, "workers": 1, "per_worker_batch": 8, "micro_batch": 4, "accum_steps": 2,
+              "negatives": "global"}
+    assert summary["batch"] == layout and summary["global_step"] == 40 // 8  # 40 train images, 8 per step
+    assert json.loads((out / "train_config.json").read_text())["batch"] == layout
+    info = read_info(out / "model.safetensors")
+    assert info["batch"] == layout and info["training"]["accum_steps"] == 2
+    assert "effective global batch 8 = 1 worker(s) x 8 per worker (2 accumulation step(s) of 4)" in caplog.text
+    # a different accumulation is a different run: no silent resume
+    with pytest.raises(ConfigError, match="accum_steps=2"):
+        run_training(_cfg(labelled, out, mode="image-text", epochs=1, batch_size=4, accum_steps=1, resume="yes"))
+    with pytest.raises(ConfigError, match="--accum-steps must be >= 1"):
+        TrainConfig(data="d", out="o", accum_steps=0)
+    assert TrainConfig(data="d", out="o", workers=4, batch_size=16, accum_steps=8).batch_layout()["global_batch"] == 512

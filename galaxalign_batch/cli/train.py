@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, mode=args.mode, model=args.model, pretrained=args.pretrained,
         vocabulary=args.vocabulary, symbols=args.symbols, epochs_stage1=args.epochs_stage1,
-        epochs_stage2=args.epochs_stage2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        epochs_stage2=args.epochs_stage2, epochs=args.epochs, batch_size=args.batch_size,
+        accum_steps=args.accum_steps, negatives=args.negatives, lr=args.lr,
         lr_stage2=args.lr_stage2, weight_decay=args.weight_decay, warmup=args.warmup, weights=args.weights,
         stage1_weights=args.stage1_weights, temperature=args.temperature, learn_temperature=not args.fixed_temperature,
         train_layers=args.train_layers, loss=args.loss, workers=args.workers, device=args.device, amp=not args.no_amp,
@@ -81,7 +82,14 @@ def register(sub) -> None:
     g.add_argument("--epochs-stage2", type=int, default=5, help="tri-modal stage 2 epochs")
     g.add_argument("--epochs", type=int, default=None,
                    help="baseline epochs (default: epochs-stage1 + epochs-stage2, the same budget)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step and worker")
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="images per worker and micro-batch; a step's global batch is workers x batch-size x accum-steps")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="micro-batches per optimisation step: their features are cached, the loss is taken over all "
+                        "of them, then the encoders re-run with gradients one micro-batch at a time (GradCache)")
+    g.add_argument("--negatives", default="global", choices=["global", "local"],
+                   help="with --workers >= 2: contrast each item with every worker's batch (global, all-gather with "
+                        "gradients) or only with its own worker's (local)")
     g.add_argument("--lr", type=float, default=None,
                    help="AdamW peak learning rate (warmup + cosine); default 1e-3 from random weights (no "
                         "--pretrained), 1e-4 when fine-tuning pretrained weights or one of our checkpoints")
@@ -96,7 +104,8 @@ def register(sub) -> None:
     g.add_argument("--symbol-bank", type=int, default=32, help="augmented symbols per class drawn each epoch")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=0, help="Ray Train data-parallel workers (0: run in this process)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="Ray Train data-parallel workers (0: run in this process); --data and --out may be relative")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")

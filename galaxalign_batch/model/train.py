@@ -10,7 +10,10 @@ Modes (all run ``epochs_stage1 + epochs_stage2`` epochs by default, so budgets m
 - ``image-only``: the image encoder plus a linear classifier, cross-entropy.
 
 The contrastive loss is :func:`galaxalign_batch.ops.trimodal_contrastive_loss` with the batch's
-class ids (items of the same class are positives, not negatives). Each epoch ends with a
+class ids (items of the same class are positives, not negatives); with several workers it is the
+loss of the global batch (every worker's items are negatives for every other's, see
+:mod:`galaxalign_batch.model.loss`), and ``accum_steps`` micro-batches per step are accumulated
+with cached features (:func:`galaxalign_batch.model.distributed.step_gradients`). Each epoch ends with a
 validation pass, a row in ``metrics.csv`` and a training checkpoint; a run resumes from the
 latest checkpoint under its output directory.
 """
@@ -31,16 +34,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
 from galaxalign_batch.model.data import ImageSet, load_dataset
+from galaxalign_batch.model.distributed import MicroBatch, broadcast_parameters, step_gradients
 from galaxalign_batch.model.evaluate import quick_accuracy
 from galaxalign_batch.model.galaxalign import MODES, GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
-from galaxalign_batch.ops import trimodal_contrastive_loss
 from galaxalign_batch.preprocess import CutoutSpec
 from galaxalign_batch.progress import bar
 from galaxalign_batch.vocabulary import load_vocabulary
@@ -51,7 +53,8 @@ METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_sca
                  "val_acc_combined", "val_acc_head", "epoch_seconds", "elapsed_seconds"]
 # Settings that must agree between a run and the checkpoint it resumes from.
 RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "epochs_stage1", "epochs_stage2", "epochs",
-               "batch_size", "seed", "val_fraction", "test_fraction", "limit_per_class")
+               "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class")
+PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols")  # compared as resolved paths on resume
 
 
 @dataclass
@@ -68,7 +71,9 @@ class TrainConfig:
     epochs_stage1: int = 5
     epochs_stage2: int = 5
     epochs: int | None = None              # image-text / image-only; default epochs_stage1 + epochs_stage2
-    batch_size: int = 64                   # per worker
+    batch_size: int = 64                   # per worker and micro-batch
+    accum_steps: int = 1                   # micro-batches per optimisation step (features cached, GradCache)
+    negatives: str = "global"              # global: every worker's items; local: the worker's own batch only
     lr: float | None = None                # default: 1e-3 from random weights, 1e-4 when fine-tuning weights
     lr_stage2: float | None = None         # default: lr
     weight_decay: float = 0.1
@@ -121,6 +126,17 @@ class TrainConfig:
             raise ConfigError("trimodal training needs at least one epoch in stage 1 or stage 2")
         if self.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if int(self.accum_steps) < 1:
+            raise ConfigError(f"--accum-steps must be >= 1, got {self.accum_steps}")
+        if self.negatives not in ("global", "local"):
+            raise ConfigError(f"--negatives must be global or local, got {self.negatives!r}")
+
+    def batch_layout(self, world_size: int | None = None) -> dict:
+        """Items per optimisation step: ``global_batch = workers x batch_size x accum_steps``."""
+        workers = world_size if world_size is not None else max(1, self.workers)
+        return {"global_batch": workers * self.batch_size * self.accum_steps, "workers": workers,
+                "per_worker_batch": self.batch_size * self.accum_steps, "micro_batch": self.batch_size,
+                "accum_steps": self.accum_steps, "negatives": self.negatives if workers > 1 else "global"}
 
     @property
     def starts_from_random_weights(self) -> bool:
@@ -306,9 +322,17 @@ def _resume_point(cfg: TrainConfig, ctx: RunContext, out: Path) -> Path | None:
     return found
 
 
+def _same_setting(key: str, saved, current) -> bool:
+    if saved == current:
+        return True
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(current, str):
+        return Path(saved).resolve() == Path(current).resolve()  # a Ray run stores absolute paths
+    return False
+
+
 def check_resumable(cfg: TrainConfig, progress: dict, where: Path) -> None:
     saved = progress.get("config", {})
-    diff = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.to_dict()[k]]
+    diff = [k for k in RESUME_KEYS if k in saved and not _same_setting(k, saved[k], cfg.to_dict()[k])]
     if diff:
         raise ConfigError(f"{where}: checkpoint of a different run ({', '.join(f'{k}={saved[k]!r}' for k in diff)}); "
                           f"use another --out or --no-resume")
@@ -331,6 +355,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     else:
         model = build_model(cfg)
     model.info["training"] = cfg.to_dict()
+    model.info["batch"] = layout = cfg.batch_layout(ctx.world_size)
     model.to(device)
 
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
@@ -345,6 +370,9 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     if ctx.is_main:
         log.info("%s training of %s on %d train / %d val images (%s), %d worker(s), device %s", cfg.mode,
                  model.info["open_clip"]["name"], len(train), len(val), data.description["kind"], ctx.world_size, device)
+        log.info("effective global batch %d = %d worker(s) x %d per worker (%d accumulation step(s) of %d)%s",
+                 layout["global_batch"], layout["workers"], layout["per_worker_batch"], layout["accum_steps"],
+                 layout["micro_batch"], f", {layout['negatives']} negatives" if layout["workers"] > 1 else "")
     writer = _MetricsWriter(out, progress["epoch"], cfg.tensorboard) if ctx.is_main else None
     prompts = _Prompts(model)
     done = int(progress["epoch"])
@@ -371,14 +399,14 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
         if state.get("stage") == stage.name and done > epoch_base:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-        engine = _wrap(model, ctx)
+        broadcast_parameters(model)  # every worker starts the stage from rank 0's weights
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
         if ctx.is_main:
             log.info("%s: %d epoch(s) of %d step(s), lr %.2g, %d trainable parameters, weights %s", stage.name,
                      stage.epochs, steps, stage.lr, n_trainable, stage.weights or "cross-entropy")
         for epoch in range(max(done, epoch_base), epoch_base + stage.epochs):
             t_epoch = time.perf_counter()
-            loss = _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, train, prompts, epoch, steps)
+            loss = _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train, prompts, epoch, steps)
             global_step += steps
             done = epoch + 1
             metrics = {"epoch": done, "stage": stage.name, "global_step": global_step, "train_loss": loss,
@@ -412,7 +440,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
         final = ckpt.save_model(model, out / "model.safetensors")
         summary = {"model": str(final), "epochs": done, "global_step": global_step, "seconds": elapsed,
                    "val_accuracy": last_val, "train_images": len(train), "val_images": len(val),
-                   "workers": ctx.world_size, "device": str(device), "config": cfg.to_dict()}
+                   "workers": ctx.world_size, "batch": layout, "resumed_from": str(start) if start else None,
+                   "device": str(device), "config": cfg.to_dict()}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
         writer.close()
         epochs_bar.close()
@@ -421,26 +450,19 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
 
 def _steps_per_epoch(n_train: int, cfg: TrainConfig, ctx: RunContext) -> int:
     per_worker = n_train // ctx.world_size
-    if per_worker < 2:
-        raise ConfigError(f"the train split has {n_train} images: too few for {ctx.world_size} worker(s)")
-    steps = max(1, per_worker // cfg.batch_size)
+    if per_worker < 2 * cfg.accum_steps:
+        raise ConfigError(f"the train split has {n_train} images: too few for {ctx.world_size} worker(s)"
+                          + (f" x {cfg.accum_steps} accumulation steps" if cfg.accum_steps > 1 else ""))
+    steps = max(1, per_worker // (cfg.batch_size * cfg.accum_steps))
     return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
 
 
-def _wrap(model: GalaxAlignModel, ctx: RunContext) -> torch.nn.Module:
-    if ctx.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    return model
-
-
-def _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, train: ImageSet, prompts, epoch, steps) -> float:
+def _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train: ImageSet, prompts, epoch, steps) -> float:
     device = ctx.device
     rng = np.random.default_rng([cfg.seed, epoch, ctx.rank])
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))[ctx.rank::ctx.world_size]
-    bsz = min(cfg.batch_size, len(order))
+    accum = cfg.accum_steps
+    bsz = min(cfg.batch_size, len(order) // accum)  # micro-batch; a step takes accum of them
     bank = None
     if stage.weights is not None and (stage.weights[1] or stage.weights[2]):
         bank_seed = int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank, 1]).generate_state(1)[0])
@@ -450,24 +472,21 @@ def _train_epoch(cfg, ctx, model, engine, optimizer, scheduler, scaler, stage, t
     pbar = bar(range(steps), total=steps, desc=f"{stage.name} epoch {epoch + 1}", unit="step", leave=False) \
         if ctx.is_main else range(steps)
     for step in pbar:
-        idx = order[step * bsz:(step + 1) * bsz]
-        labels_np = train.labels[idx]
-        labels = torch.from_numpy(labels_np).to(device)
-        images = model.prepare_images(augment_images(train.batch(idx), rng))
-        with _autocast(device, cfg.amp):
-            if stage.weights is None:
-                out = engine(images=images)
-                loss = F.cross_entropy(out["logits"].float(), labels)
-            else:
-                symbols = model.prepare_images(bank.sample(labels_np, rng)) if bank is not None else None
+        micro = []
+        for k in range(accum):
+            start = (step * accum + k) * bsz
+            idx = order[start:start + bsz]
+            labels_np = train.labels[idx]
+            mb = MicroBatch(images=model.prepare_images(augment_images(train.batch(idx), rng)),
+                            labels=torch.from_numpy(labels_np).to(device))
+            if stage.weights is not None:
+                mb.symbols = model.prepare_images(bank.sample(labels_np, rng)) if bank is not None else None
                 tokens, inverse = prompts.sample(labels_np, rng)
-                out = engine(images=images, symbols=symbols, tokens=tokens.to(device))
-                text = out["text"].float()[inverse.to(device)]
-                sym = out["symbol"].float() if "symbol" in out else None
-                loss = trimodal_contrastive_loss(out["image"].float(), text, sym, model.logit_scale.float(),
-                                                 class_ids=labels, weights=stage.weights, impl=cfg.loss)
+                mb.tokens, mb.inverse = tokens.to(device), inverse.to(device)
+            micro.append(mb)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = step_gradients(model, micro, weights=stage.weights, impl=cfg.loss, negatives=cfg.negatives,
+                              scaler=scaler, autocast=lambda: _autocast(device, cfg.amp))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -538,7 +557,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume == "no" and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / "train_config.json").write_text(json.dumps({**cfg.to_dict(), "batch": cfg.batch_layout()}, indent=1))
     if cfg.workers >= 1:
         from galaxalign_batch.model.distributed import train_distributed
 
