@@ -5,7 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +283,75 @@ def test_ray_train_two_workers_take_a_real_step(labelled, tmp_path, ray_cluster)
     assert find_latest(tmp_path / "ray" / "checkpoints") == ray_ckpt  # what a rerun would resume from
     with open(tmp_path / "ray" / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 1
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _ray_train_workers(pid: int) -> list[int]:
+    found = []
+    for p in _descendants(pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{p}/cmdline").read_bytes():
+                found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow  # a Ray instance, two workers, a worker group restart: ~1-2 min on 2 shared cores
+def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_path):
+    shutil.copytree(labelled, tmp_path / "sim")
+    cmd = [sys.executable, "-m", "galaxalign_batch", "train", "--data", "sim", "--out", "run", "--workers", "2",
+           "--mode", "image-text", "--epochs", "4", "--batch-size", "4", "--accum-steps", "2", "--lr", "5e-4",
+           "--angular-size", str(ANGULAR), "--max-steps-per-epoch", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the fixture's
+    env.update(OMP_NUM_THREADS="1", GALAXALIGN_PROGRESS="0")
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            first = tmp_path / "run" / "checkpoints" / "ray" / "train" / "epoch_0001" / "model.safetensors"
+            deadline = time.monotonic() + 300
+            workers: list[int] = []
+            while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+                workers = workers if len(workers) == 2 else _ray_train_workers(proc.pid)  # found ahead of the kill
+                time.sleep(0.05)
+            assert first.is_file(), "no first-epoch checkpoint:\n" + log_path.read_text()[-3000:]
+            assert len(workers) == 2, f"Ray Train worker processes: {workers}"
+            os.kill(max(workers), signal.SIGKILL)  # one worker dies at the start of epoch 2 (3 epochs to go)
+            rc = proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log_path.read_text()
+    assert rc == 0, text[-3000:]
+    run = tmp_path / "run"
+    with open(run / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["workers"] == 2
+    assert summary["resumed_from"] and "epoch_000" in summary["resumed_from"]  # restarted from a checkpoint
+    layout = {"global_batch": 16, "workers": 2, "per_worker_batch": 8, "micro_batch": 4, "accum_steps": 2,
+              "negatives": "global"}
+    assert summary["batch"] == layout and read_info(run / "model.safetensors")["batch"] == layout
+    assert json.loads((run / "train_config.json").read_text())["batch"] == layout
+    assert "effective global batch 16 = 2 worker(s) x 8 per worker (2 accumulation step(s) of 4), global negatives" in text
 
 
 def test_learning_rate_default_depends_on_the_starting_weights():

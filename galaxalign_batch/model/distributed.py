@@ -25,8 +25,8 @@ workers of a ``torch.distributed`` group (gloo on CPU, NCCL on GPU):
 :func:`galaxalign_batch.model.train.run_training` on its shard of every epoch (the same seeded
 permutation, rows ``rank::N``). Rank 0 validates, writes ``metrics.csv`` and reports a checkpoint
 each epoch; Ray persists it under ``<out>/checkpoints/ray/train/epoch_NNNN``. A worker failure
-restarts the group from the last reported checkpoint (``max_failures`` times); a new run on the
-same ``--out`` resumes from the latest checkpoint there, whether a local or a Ray one. Paths of the
+restarts the group from the newest complete checkpoint of the run (``max_failures`` times); a new
+run on the same ``--out`` resumes from the latest checkpoint there, whether a local or a Ray one. Paths of the
 configuration (``--data``, ``--out``, ``--symbols``, a vocabulary or checkpoint file) are made
 absolute before they reach the workers, whose working directory is not the caller's.
 
@@ -305,6 +305,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from galaxalign_batch.model import checkpoint as ckpt
     from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
     cfg = TrainConfig.from_dict(config["cfg"])
@@ -314,8 +315,18 @@ def _worker_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     logging.basicConfig(level=config.get("log_level", logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    restored = ray.train.get_checkpoint()  # set after a worker failure: the last reported checkpoint
-    resume_dir = Path(restored.path) if restored is not None else (Path(config["resume_dir"]) if config.get("resume_dir") else None)
+    # Where to start: after a worker failure, the newest complete checkpoint of this run. Ray's own record
+    # (get_checkpoint) misses a checkpoint that was written but not yet collected from every worker when
+    # one died, so rank 0 also looks in the run's checkpoint folder (the driver emptied it for --no-resume)
+    # and tells the others, so that all workers start from the same one.
+    choice = [None]
+    if rank == 0:
+        found = ckpt.find_latest(Path(cfg.out) / "checkpoints")
+        restored = ray.train.get_checkpoint()
+        choice = [str(found) if found is not None else restored.path if restored is not None else config.get("resume_dir")]
+    if size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    resume_dir = Path(choice[0]) if choice[0] else None
     with tempfile.TemporaryDirectory(prefix="galaxalign-ckpt-") as tmp:
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
@@ -361,6 +372,8 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
         use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
     worker_cfg = absolute_paths(cfg.to_dict())
     out = Path(worker_cfg["out"])
+    if cfg.resume == "no" and (out / "checkpoints").exists():  # workers resume from what they find there
+        shutil.rmtree(out / "checkpoints")
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:  # a cluster the user points at
