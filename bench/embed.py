@@ -7,6 +7,15 @@ NumPy viewer stretch and ``skimage.transform.resize`` per source (bench/preproce
 then open_clip encoding one galaxy at a time, and a Zarr write at the end.
 
     python bench/embed.py [--json PATH] [--bricks N] [--size PX] [--data DIR]
+    python bench/embed.py --device cuda [--model ViT-B-16] [--sources 30000] [--batch 512] [--json PATH]
+
+``--device cuda`` measures the engine's GPU stage alone: an open_clip model at random weights
+(ViT-B-16 by default) encoding uint8 cutouts at the model's input size, as the engine's encoder
+replica receives them, (a) a baseline: each batch converted to float on the host, copied, encoded in fp32 (the
+engine's encode before it was tuned for GPUs), (b) ``Encoder.encode`` as the engine calls it (uint8
+batches copied from pinned memory on a side stream while the previous batch runs, bf16 autocast),
+(c) the same in fp32, (d) the model alone on a resident batch (the ceiling). Sources/s and GPU utilisation sampled through NVML every 20 ms (mean over the timed part).
+Reads and cutouts are CPU work, measured by the default mode.
 """
 
 from __future__ import annotations
@@ -94,6 +103,99 @@ def engine(root: Path, cpus: int, out: Path) -> dict:
             "steady_sources_per_s": s.sources / (s.seconds - s.startup_seconds), "timings": s.timings}
 
 
+class _NvmlSampler:
+    """GPU utilisation (%) sampled through NVML on a thread; ``mean`` over the samples taken while running."""
+
+    def __init__(self, index: int = 0, period: float = 0.02):
+        import threading
+
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._period = period
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            self._stop.wait(self._period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.samples)) if self.samples else float("nan")
+
+
+def gpu_main(args) -> int:
+    import torch
+
+    from galaxalign_batch.engine.encoder import _from_open_clip
+
+    dev = torch.device("cuda")
+    enc = _from_open_clip(args.model, None, "cuda", kind="open_clip")
+    size = enc.spec.out_size
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, size=(args.batch * 4, 3, size, size), dtype=np.uint8)  # cutouts as the engine makes them
+    n_batches = max(4, args.sources // args.batch // 4 * 4)
+    batches = [pool[(i % 4) * args.batch:(i % 4 + 1) * args.batch] for i in range(n_batches)]
+    results = {}
+
+    def timed(name: str, fn) -> None:
+        fn(batches[:2])  # warm-up: cuDNN/cuBLAS choices, allocator
+        torch.cuda.synchronize()
+        with _NvmlSampler() as nv:
+            t0 = time.perf_counter()
+            fn(batches)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        results[name] = {"sources": n_batches * args.batch, "seconds": dt, "sources_per_s": n_batches * args.batch / dt,
+                         "gpu_util_mean_pct": nv.mean, "nvml_samples": len(nv.samples)}
+        print(f"{name:<34} {results[name]['sources_per_s']:10.0f} sources/s   GPU busy {nv.mean:5.1f}% "
+              f"({len(nv.samples)} NVML samples)", flush=True)
+
+    def engine_encode(bs):  # what the engine's replica does: Encoder.encode on a tile's sources (the 4-batch pool)
+        for _ in range(0, len(bs), 4):
+            enc.encode(pool, batch_size=args.batch)
+
+    def float_transfer_fp32(bs):  # the engine's encode before pinned uint8 transfers and bf16 (the baseline)
+        with torch.no_grad():
+            for b in bs:
+                x = torch.from_numpy(b).float() / 255.0
+                enc._encode(x.to(dev)).float().cpu().numpy()
+
+    print(f"device: {torch.cuda.get_device_name()}; model {args.model} (random weights), input {size} px, "
+          f"batch {args.batch}, {n_batches * args.batch} sources; CPU: {cpu_model()} x {os.cpu_count()}", flush=True)
+    timed("baseline: float transfer, fp32", float_transfer_fp32)
+    timed("Encoder.encode (uint8 pinned, bf16)", engine_encode)
+    os.environ["GALAXALIGN_GPU_PRECISION"] = "fp32"
+    timed("Encoder.encode (uint8 pinned, fp32)", engine_encode)
+    del os.environ["GALAXALIGN_GPU_PRECISION"]
+    # the model alone on resident data: the ceiling for this batch size
+    x = torch.from_numpy(pool[:args.batch]).to(dev)
+
+    def model_only(bs):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in bs:
+                enc._encode(x.float().div_(255.0))
+
+    timed("model only, resident input, bf16", model_only)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "model": args.model,
+                                               "batch": args.batch, "cpu": cpu_model(), "results": results}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the figures here")
@@ -101,8 +203,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=2400, help="brick side in px (3600 = full brick)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU encoder stage (see above)")
+    ap.add_argument("--model", default="ViT-B-16", help="--device cuda: open_clip model name (random weights)")
+    ap.add_argument("--sources", type=int, default=30000, help="--device cuda: sources to encode")
+    ap.add_argument("--batch", type=int, default=512, help="--device cuda: batch size")
     args = ap.parse_args(argv)
     os.environ.setdefault("GALAXALIGN_PROGRESS", "0")
+    if args.device == "cuda":
+        return gpu_main(args)
 
     from galaxalign_batch.engine.encoder import load_encoder
     from galaxalign_batch.survey import layout

@@ -382,6 +382,122 @@ __global__ void __launch_bounds__(THREADS) prototype_kernel(const float* __restr
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tile epilogues of the tensor-core path (ops/blocked.py): the tile X (rows x m, leading dimension
+// ld, fp32 raw dot products) comes from a cuBLAS GEMM; these kernels read it once per use, fold the
+// logit scale in, and keep every statistic in fp32.
+
+// Merge two online log-sum-exp states (max m, sum z of exp(x - m)); an empty state is (-inf, 0).
+__device__ __forceinline__ void lse_merge(float& m, float& z, float m2, float z2) {
+  if (m2 == neg_inf()) return;
+  if (m == neg_inf()) { m = m2; z = z2; return; }
+  const float mn = fmaxf(m, m2);
+  z = z * expf(m - mn) + z2 * expf(m2 - mn);
+  m = mn;
+}
+
+// lse_out[i] = logsumexp_j scale * X[i, j]: one warp per row.
+__global__ void __launch_bounds__(THREADS) tile_row_lse_kernel(const float* __restrict__ X, int64_t rows, int64_t m,
+                                                               int64_t ld, const float* __restrict__ scale_ptr,
+                                                               float* __restrict__ lse_out) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const float scale = *scale_ptr;
+  const float* x = X + row * ld;
+  float mx = neg_inf(), z = 0.0f;
+  for (int64_t j = lane; j < m; j += 32) {
+    const float v = scale * __ldg(x + j);
+    if (v > mx) { z = z * expf(mx - v) + 1.0f; mx = v; } else { z += expf(v - mx); }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, mx, o), z2 = __shfl_xor_sync(0xffffffffu, z, o);
+    lse_merge(mx, z, m2, z2);
+  }
+  if (lane == 0) lse_out[row] = mx + logf(z);
+}
+
+constexpr int COL_SEG = 64;  // rows per column segment
+
+// Column partial statistics of segment blockIdx.y (COL_SEG rows): part_m/part_z[seg * m + j].
+__global__ void __launch_bounds__(THREADS) tile_col_partial_kernel(const float* __restrict__ X, int64_t rows,
+                                                                   int64_t m, int64_t ld,
+                                                                   const float* __restrict__ scale_ptr,
+                                                                   float* __restrict__ part_m,
+                                                                   float* __restrict__ part_z) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x;
+  if (j >= m) return;
+  const float scale = *scale_ptr;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * COL_SEG;
+  const int64_t r1 = r0 + COL_SEG < rows ? r0 + COL_SEG : rows;
+  float mx = neg_inf(), z = 0.0f;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float v = scale * __ldg(X + r * ld + j);
+    if (v > mx) { z = z * expf(mx - v) + 1.0f; mx = v; } else { z += expf(v - mx); }
+  }
+  part_m[blockIdx.y * m + j] = mx;
+  part_z[blockIdx.y * m + j] = z;
+}
+
+// lse_col[j] = logaddexp(lse_col[j], logsumexp over the segments' partials of column j).
+__global__ void __launch_bounds__(THREADS) tile_col_merge_kernel(const float* __restrict__ part_m,
+                                                                 const float* __restrict__ part_z, int64_t segs,
+                                                                 int64_t m, float* __restrict__ lse_col) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x;
+  if (j >= m) return;
+  float mx = lse_col[j], z = mx == neg_inf() ? 0.0f : 1.0f;
+  for (int64_t s = 0; s < segs; ++s) lse_merge(mx, z, part_m[s * m + j], part_z[s * m + j]);
+  lse_col[j] = mx + logf(z);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+
+// G[i, j] = crow_i * exp(s X[i,j] - lse_row[i]) + coef * exp(s X[i,j] - lse_col[j]) (second term only when
+// lse_col is given; crow_i = row_coef[i], or coef when row_coef is null), written as T; *grad_scale += sum G * X.
+// Grid: (column blocks of THREADS * 4, rows).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) tile_grad_kernel(const float* __restrict__ X, int64_t m, int64_t ld,
+                                                            const float* __restrict__ scale_ptr,
+                                                            const float* __restrict__ lse_row,
+                                                            const float* __restrict__ lse_col,
+                                                            const float* __restrict__ row_coef,
+                                                            const float* __restrict__ coef_ptr, T* __restrict__ G,
+                                                            int64_t ldg, float* __restrict__ grad_scale) {
+  const int64_t i = blockIdx.y;
+  const float scale = *scale_ptr, coef = *coef_ptr;
+  const float r = lse_row[i];
+  const float crow = row_coef != nullptr ? row_coef[i] : coef;
+  const float* x = X + i * ld;
+  T* g = G + i * ldg;
+  float ds = 0.0f;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * THREADS * 4 + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t j = j0 + u * THREADS;
+    if (j < m) {
+      const float raw = __ldg(x + j), v = scale * raw;
+      float gv = crow * expf(v - r);
+      if (lse_col != nullptr) gv += coef * expf(v - lse_col[j]);
+      g[j] = from_float<T>(gv);
+      ds = fmaf(gv, raw, ds);
+    }
+  }
+  __shared__ float partial[THREADS / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ds += __shfl_xor_sync(0xffffffffu, ds, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ds;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
+    atomicAdd(grad_scale, total);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side.
 
 void check_launch(const char* what) {
@@ -517,6 +633,80 @@ void register_similarity(py::module_& m) {
       py::arg("best_score"), py::arg("best_index"), py::arg("stream"), py::arg("device"),
       "Stream an fp32 score tile (n x rows, leading dimension ld; column r is row offset + r) into each query's "
       "running top-k (score desc, index asc).");
+  m.def(
+      "tile_row_lse",
+      [](uintptr_t x, int64_t rows, int64_t m, int64_t ld, uintptr_t scale, uintptr_t lse_out, uintptr_t stream,
+         int device) {
+        require(rows >= 0 && m >= 1 && ld >= m, "tile_row_lse: bad shape");
+        if (rows == 0) return;
+        check(cudaSetDevice(device), "cudaSetDevice");
+        const int64_t blocks = (rows + THREADS / 32 - 1) / (THREADS / 32);
+        tile_row_lse_kernel<<<static_cast<unsigned>(blocks), THREADS, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+            ptr<float>(x), rows, m, ld, ptr<float>(scale), mptr<float>(lse_out));
+        check_launch("tile_row_lse_kernel");
+      },
+      py::arg("x"), py::arg("rows"), py::arg("m"), py::arg("ld"), py::arg("scale"), py::arg("lse_out"),
+      py::arg("stream"), py::arg("device"), "lse_out[i] = logsumexp_j scale * x[i, j] for an fp32 tile (rows x m).");
+  m.def(
+      "tile_col_lse_update",
+      [](uintptr_t x, int64_t rows, int64_t m, int64_t ld, uintptr_t scale, uintptr_t lse_col, uintptr_t part_m,
+         uintptr_t part_z, uintptr_t stream, int device) {
+        require(rows >= 0 && m >= 1 && ld >= m, "tile_col_lse_update: bad shape");
+        if (rows == 0) return;
+        check(cudaSetDevice(device), "cudaSetDevice");
+        auto s = reinterpret_cast<cudaStream_t>(stream);
+        const int64_t segs = (rows + COL_SEG - 1) / COL_SEG;
+        require(segs <= 65535, "tile_col_lse_update: too many rows in one tile");
+        const dim3 grid(static_cast<unsigned>((m + THREADS - 1) / THREADS), static_cast<unsigned>(segs));
+        tile_col_partial_kernel<<<grid, THREADS, 0, s>>>(ptr<float>(x), rows, m, ld, ptr<float>(scale),
+                                                         mptr<float>(part_m), mptr<float>(part_z));
+        check_launch("tile_col_partial_kernel");
+        tile_col_merge_kernel<<<static_cast<unsigned>((m + THREADS - 1) / THREADS), THREADS, 0, s>>>(
+            ptr<float>(part_m), ptr<float>(part_z), segs, m, mptr<float>(lse_col));
+        check_launch("tile_col_merge_kernel");
+      },
+      py::arg("x"), py::arg("rows"), py::arg("m"), py::arg("ld"), py::arg("scale"), py::arg("lse_col"),
+      py::arg("part_m"), py::arg("part_z"), py::arg("stream"), py::arg("device"),
+      "lse_col[j] = logaddexp(lse_col[j], logsumexp_i scale * x[i, j]); part_m/part_z: scratch of "
+      "ceil(rows / 64) * m floats each.");
+  m.def(
+      "tile_grad",
+      [](uintptr_t x, int64_t rows, int64_t m, int64_t ld, uintptr_t scale, uintptr_t lse_row, uintptr_t lse_col,
+         uintptr_t row_coef, uintptr_t coef, uintptr_t g, int64_t ldg, int g_dtype, uintptr_t grad_scale,
+         uintptr_t stream, int device) {
+        require(rows >= 0 && m >= 1 && ld >= m && ldg >= m, "tile_grad: bad shape");
+        require(rows <= 65535, "tile_grad: at most 65535 rows per tile");
+        if (rows == 0) return;
+        check(cudaSetDevice(device), "cudaSetDevice");
+        auto s = reinterpret_cast<cudaStream_t>(stream);
+        const dim3 grid(static_cast<unsigned>((m + THREADS * 4 - 1) / (THREADS * 4)), static_cast<unsigned>(rows));
+        const float* lc = lse_col ? ptr<float>(lse_col) : nullptr;
+        const float* rc = row_coef ? ptr<float>(row_coef) : nullptr;
+        switch (g_dtype) {
+          case kF32:
+            tile_grad_kernel<float><<<grid, THREADS, 0, s>>>(ptr<float>(x), m, ld, ptr<float>(scale), ptr<float>(lse_row),
+                                                             lc, rc, ptr<float>(coef), mptr<float>(g), ldg,
+                                                             mptr<float>(grad_scale));
+            break;
+          case kBF16:
+            tile_grad_kernel<__nv_bfloat16><<<grid, THREADS, 0, s>>>(
+                ptr<float>(x), m, ld, ptr<float>(scale), ptr<float>(lse_row), lc, rc, ptr<float>(coef),
+                mptr<__nv_bfloat16>(g), ldg, mptr<float>(grad_scale));
+            break;
+          case kF16:
+            tile_grad_kernel<__half><<<grid, THREADS, 0, s>>>(ptr<float>(x), m, ld, ptr<float>(scale),
+                                                              ptr<float>(lse_row), lc, rc, ptr<float>(coef),
+                                                              mptr<__half>(g), ldg, mptr<float>(grad_scale));
+            break;
+          default: throw std::invalid_argument("g_dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+        }
+        check_launch("tile_grad_kernel");
+      },
+      py::arg("x"), py::arg("rows"), py::arg("m"), py::arg("ld"), py::arg("scale"), py::arg("lse_row"),
+      py::arg("lse_col"), py::arg("row_coef"), py::arg("coef"), py::arg("g"), py::arg("ldg"), py::arg("g_dtype"),
+      py::arg("grad_scale"), py::arg("stream"), py::arg("device"),
+      "g = row_coef_i (or coef) * exp(scale x - lse_row_i) [+ coef * exp(scale x - lse_col_j)] for an fp32 tile, "
+      "written as fp32/bf16/fp16; *grad_scale += sum g * x. Null pointers (0) omit lse_col / row_coef.");
   m.def(
       "prototype_probs",
       [](uintptr_t features, int64_t n, int64_t d, uintptr_t prototypes, int64_t k, float scale, uintptr_t out,

@@ -30,11 +30,14 @@ def test_module_exposes_the_kernels():
     assert _cuda.device_count() >= 0
 
 
-@pytest.fixture(params=["tc", "simt"])
+@pytest.fixture(params=["tc", "tc-torch-epilogue", "simt"])
 def cuda_path(request, monkeypatch):
-    """Both CUDA paths: ``tc`` (cuBLAS tile products, tensor cores for half inputs) and ``simt`` (hand-written kernels)."""
-    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", request.param)
-    monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", request.param)
+    """Every CUDA path: ``tc`` (cuBLAS tile products, tensor cores for half inputs, the ``_cuda`` tile
+    epilogues), the same with torch ops as epilogue, and ``simt`` (the hand-written CUDA-core kernels)."""
+    path = request.param.split("-")[0]
+    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", path)
+    monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", path)
+    monkeypatch.setenv("GALAXALIGN_CUDA_EPILOGUE", "torch" if "torch" in request.param else "cuda")
     return request.param
 
 
@@ -58,9 +61,10 @@ def test_loss_float32_matches_reference(n, d, classes, cuda_path):
     ids = torch.randint(0, 7, (n,)) if classes else None
     ref = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
     got = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "fused", "cuda", torch.float32)
-    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-5, abs=1e-5)  # n = 1: the loss is 0 up to rounding
     for a, b in zip(got[1], ref[1]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        # n = 1: every gradient is a cancellation to 0 of fp32 terms of size ~scale (seen: 1.1e-5 on an H200)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 if n > 1 else 5e-5)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-3, atol=1e-4)
 
 
@@ -107,9 +111,11 @@ def test_prototype_probs():
 
 
 @gpu
+@pytest.mark.parametrize("epilogue", ["cuda", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_logsumexp_rectangular(dtype, monkeypatch):
+def test_row_logsumexp_rectangular(dtype, epilogue, monkeypatch):
     monkeypatch.setenv("GALAXALIGN_TILE_MB", "1")  # several tiles
+    monkeypatch.setenv("GALAXALIGN_CUDA_EPILOGUE", epilogue)
     from galaxalign_batch.ops import row_logsumexp
 
     g = torch.Generator().manual_seed(4)
@@ -118,13 +124,17 @@ def test_row_logsumexp_rectangular(dtype, monkeypatch):
     w = torch.randn(700, generator=g, dtype=torch.float64)
     out = []
     for device, dt in (("cpu", torch.float64), ("cuda", dtype)):
-        x, y = a.to(device, dt).requires_grad_(), b.to(device, dt).requires_grad_()
+        x = a.to(device, dt).detach().clone().requires_grad_()
+        y = b.to(device, dt).detach().clone().requires_grad_()
         s = torch.tensor(17.0, device=device, dtype=torch.float32 if dt != torch.float64 else dt, requires_grad=True)
         lse = row_logsumexp(x, y, s, impl="reference" if device == "cpu" else "fused")
         (lse * w.to(device, lse.dtype)).sum().backward()
         out.append([t.double().cpu() for t in (lse.detach(), x.grad, y.grad, s.grad)])
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-4)
     for got, ref in zip(out[1], out[0]):
+        # bf16: the softmax weights enter the gradient GEMMs as bf16 (2^-9 relative), so elements that cancel
+        # to near 0 carry an absolute error of a few 1e-3 of the gradient's scale (seen: 1.4e-3 of ~1 on an H200)
+        scale = float(ref.abs().max())
+        tol = dict(rtol=1e-4, atol=1e-5 * scale) if dtype == torch.float32 else dict(rtol=3e-2, atol=4e-3 * scale)
         torch.testing.assert_close(got, ref, **tol)
 
 
@@ -137,3 +147,18 @@ def test_topk_device_matrix_random(cuda_path):
     scores, index = similarity_topk(q.cuda(), mat.cuda(), 7, chunk_rows=6000, impl="fused")
     torch.testing.assert_close(scores.cpu(), ref_s, rtol=1e-5, atol=1e-5)
     assert (index.cpu() == ref_i).float().mean() > 0.999
+
+
+@gpu
+def test_loss_large_batch_blocked(monkeypatch):
+    """B = 6000 over several tiles (a 4 MiB tile budget) on the tensor-core path, bf16 inputs, class ids."""
+    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", "tc")
+    monkeypatch.setenv("GALAXALIGN_TILE_MB", "4")
+    feats = [x.to(torch.bfloat16).double() for x in _features(6000, 64, seed=11)]
+    ids = torch.randint(0, 10, (6000,))
+    ref = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
+    got = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "fused", "cuda", torch.bfloat16)
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-4)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-5)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-3)

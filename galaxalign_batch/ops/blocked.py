@@ -34,7 +34,7 @@ def tile_budget_bytes(device: torch.device) -> int:
 def chunk_rows(n: int, m: int, device: torch.device, buffers: int = 4) -> int:
     """Rows per tile so that ``buffers`` fp32 ``chunk x m`` temporaries fit the tile budget (a multiple of 64)."""
     rows = tile_budget_bytes(device) // max(1, 4 * m * buffers)
-    rows = max(64, rows // 64 * 64)
+    rows = max(64, min(32768, rows // 64 * 64))
     return int(min(n, rows))
 
 
@@ -76,6 +76,32 @@ def _work_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _epilogue(x: torch.Tensor):
+    """The ``_cuda`` module when its tile epilogue kernels serve ``x`` (fp32 statistics on a GPU), else None
+    (torch ops do the epilogue: CPU tensors, fp64, or ``GALAXALIGN_CUDA_EPILOGUE=torch``)."""
+    if x.device.type != "cuda" or _work_dtype(x) != torch.float32:
+        return None
+    if os.environ.get("GALAXALIGN_CUDA_EPILOGUE", "cuda").lower() == "torch":
+        return None
+    from galaxalign_batch.ops import backends
+
+    mod = backends.module_for(x.device)
+    return mod if mod is not None and hasattr(mod, "tile_grad") else None
+
+
+def epilogue_path(x: torch.Tensor) -> str:
+    """``cuda`` (one-pass tile kernels of ``_cuda``) or ``torch`` (torch ops): what the blocked path uses for ``x``."""
+    return "cuda" if _epilogue(x) is not None else "torch"
+
+
+def _launch(x: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.current_stream(x.device).cuda_stream, (x.device.index if x.device.index is not None
+                                                             else torch.cuda.current_device())
+
+
 # ------------------------------------------------------------------------------------------------
 # Rectangular row log-sum-exp
 
@@ -87,12 +113,20 @@ class RowLogSumExp(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         n, m = a.shape[0], b.shape[0]
         wd = _work_dtype(a)
-        s = scale.to(wd)
+        s = scale.to(a.device, wd)
         out = torch.empty(n, dtype=wd, device=a.device)
         bt = b.T
         step = chunk_rows(n, m, a.device, buffers=2)
+        mod = _epilogue(a)
+        if mod is not None:
+            s32 = s.reshape(1).contiguous()
+            stream, dev = _launch(a)
         for i0 in range(0, n, step):
-            out[i0:i0 + step] = torch.logsumexp(s * mm_f32(a[i0:i0 + step], bt).to(wd), dim=1)
+            if mod is not None:
+                x = mm_f32(a[i0:i0 + step], bt).contiguous()
+                mod.tile_row_lse(x.data_ptr(), x.shape[0], m, m, s32.data_ptr(), out[i0:].data_ptr(), stream, dev)
+            else:
+                out[i0:i0 + step] = torch.logsumexp(s * mm_f32(a[i0:i0 + step], bt).to(wd), dim=1)
         ctx.save_for_backward(a, b, scale, out)
         return out
 
@@ -102,7 +136,7 @@ class RowLogSumExp(torch.autograd.Function):
         a, b, scale, lse = ctx.saved_tensors
         n, m = a.shape[0], b.shape[0]
         wd = _work_dtype(a)
-        s = scale.to(wd)
+        s = scale.to(a.device, wd)
         grad = grad.to(wd)
         grad_a = torch.empty(a.shape, dtype=wd, device=a.device)
         grad_b = torch.zeros(b.shape, dtype=wd, device=a.device)
@@ -110,6 +144,25 @@ class RowLogSumExp(torch.autograd.Function):
         bt = b.T
         gemm_dtype = a.dtype if a.dtype in _HALF else wd
         step = chunk_rows(n, m, a.device, buffers=3)
+        mod = _epilogue(a)
+        if mod is not None:
+            s32 = s.reshape(1).contiguous()
+            grad32 = grad.contiguous()
+            one = torch.ones(1, dtype=torch.float32, device=a.device)
+            gs = torch.zeros(1, dtype=torch.float32, device=a.device)
+            gbuf = torch.empty((step, m), dtype=gemm_dtype, device=a.device)
+            stream, dev = _launch(a)
+            for i0 in range(0, n, step):
+                ac = a[i0:i0 + step]
+                x = mm_f32(ac, bt).contiguous()
+                pg = gbuf[:x.shape[0]]
+                mod.tile_grad(x.data_ptr(), x.shape[0], m, m, s32.data_ptr(), lse[i0:].data_ptr(), 0,
+                              grad32[i0:].data_ptr(), one.data_ptr(), pg.data_ptr(), m, _DTYPE_CODES[gemm_dtype],
+                              gs.data_ptr(), stream, dev)
+                grad_a[i0:i0 + step] = s * mm_f32(pg, b)
+                grad_b += s * mm_f32(pg.T, ac)
+            grad_s = gs.reshape(())
+            return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_s.to(scale.dtype).reshape(scale.shape)
         for i0 in range(0, n, step):
             ac = a[i0:i0 + step]
             x = mm_f32(ac, bt).to(wd)  # raw dot products
@@ -134,11 +187,24 @@ def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> t
     """Row and column log-sum-exp (fp32, or fp64 for fp64 inputs) of ``scale * a @ b.T``, one GEMM per tile."""
     n = a.shape[0]
     wd = _work_dtype(a)
-    s = scale.to(wd)
+    s = scale.to(a.device, wd)
     lse_row = torch.empty(n, dtype=wd, device=a.device)
     lse_col = torch.full((b.shape[0],), float("-inf"), dtype=wd, device=a.device)
     bt = b.T
     step = chunk_rows(n, b.shape[0], a.device, buffers=2)
+    mod = _epilogue(a)
+    if mod is not None:  # one read of each tile for the rows, one for the columns
+        m = b.shape[0]
+        s32 = s.reshape(1).contiguous()
+        segs = -(-step // 64)
+        part = torch.empty((2, segs * m), dtype=torch.float32, device=a.device)
+        stream, dev = _launch(a)
+        for i0 in range(0, n, step):
+            x = mm_f32(a[i0:i0 + step], bt).contiguous()
+            mod.tile_row_lse(x.data_ptr(), x.shape[0], m, m, s32.data_ptr(), lse_row[i0:].data_ptr(), stream, dev)
+            mod.tile_col_lse_update(x.data_ptr(), x.shape[0], m, m, s32.data_ptr(), lse_col.data_ptr(),
+                                    part[0].data_ptr(), part[1].data_ptr(), stream, dev)
+        return lse_row, lse_col
     for i0 in range(0, n, step):
         t = s * mm_f32(a[i0:i0 + step], bt).to(wd)
         lse_row[i0:i0 + step] = torch.logsumexp(t, dim=1)
@@ -150,11 +216,29 @@ def pair_lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, g
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into ``grad_a``/``grad_b``; return d/dscale."""
     n = a.shape[0]
     wd = _work_dtype(a)
-    s = scale.to(wd)
+    s = scale.to(a.device, wd)
     gemm_dtype = a.dtype if a.dtype in _HALF else wd
     bt = b.T
     grad_s = torch.zeros((), dtype=wd, device=a.device)
     step = chunk_rows(n, b.shape[0], a.device, buffers=4)
+    mod = _epilogue(a)
+    if mod is not None:  # one read of each tile, G written once in the GEMM's input type
+        m = b.shape[0]
+        s32 = s.reshape(1).contiguous()
+        coef32 = torch.full((1,), coef, dtype=torch.float32, device=a.device)
+        gs = torch.zeros(1, dtype=torch.float32, device=a.device)
+        gbuf = torch.empty((step, m), dtype=gemm_dtype, device=a.device)
+        stream, dev = _launch(a)
+        for i0 in range(0, n, step):
+            ac = a[i0:i0 + step]
+            x = mm_f32(ac, bt).contiguous()
+            g = gbuf[:x.shape[0]]
+            mod.tile_grad(x.data_ptr(), x.shape[0], m, m, s32.data_ptr(), lse_row[i0:].data_ptr(), lse_col.data_ptr(),
+                          0, coef32.data_ptr(), g.data_ptr(), m, _DTYPE_CODES[gemm_dtype], gs.data_ptr(), stream, dev)
+            del x
+            grad_a[i0:i0 + step] += (s * mm_f32(g, b)).to(grad_a.dtype)
+            grad_b += (s * mm_f32(g.T, ac)).to(grad_b.dtype)
+        return gs.reshape(())
     for i0 in range(0, n, step):
         ac = a[i0:i0 + step]
         x = mm_f32(ac, bt).to(wd)

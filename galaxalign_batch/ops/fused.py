@@ -229,16 +229,22 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
         cuda = _cuda()
         tc = backends.cuda_topk_path() == "tc" and hasattr(cuda, "topk_scores_update")
-        q16 = q.half() if tc else None
+        # fp16 rows: the queries as a sum of two fp16 parts (hi + lo), so two fp16 tensor-core GEMMs give
+        # scores within ~2^-21 of the fp32 queries' (one fp16 rounding of the queries would reorder near-ties)
+        q_hi = q.half() if tc else None
+        q_lo = (q - q_hi.float()).half() if tc else None
         budget = blocked.tile_budget_bytes(device)
 
         def update(s: int, rows: torch.Tensor) -> None:
             rows = rows.to(device).contiguous()  # on this thread's current stream, before the kernel
             if tc:  # the score tile from cuBLAS (fp16 rows: fp16 tensor cores, fp32 accumulate), then selection
-                qq = q16 if rows.dtype == torch.float16 else q
                 step = max(1, min(n, budget // max(1, 4 * rows.shape[0])))
                 for q0 in range(0, n, step):
-                    scores = blocked.mm_f32(qq[q0:q0 + step], rows.T).contiguous()
+                    if rows.dtype == torch.float16:
+                        scores = blocked.mm_f32(q_hi[q0:q0 + step], rows.T)
+                        scores += blocked.mm_f32(q_lo[q0:q0 + step], rows.T)
+                    else:
+                        scores = blocked.mm_f32(q[q0:q0 + step], rows.T).contiguous()
                     cuda.topk_scores_update(
                         scores.data_ptr(), scores.shape[0], rows.shape[0], scores.shape[1], s, k,
                         best_s[q0:q0 + step].data_ptr(), best_i[q0:q0 + step].data_ptr(), _cuda_stream(device),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Every GPU check of the kernels in one run (< 8 minutes on one H100/H200-class GPU), so a short
+# lease of a GPU machine is enough:
+#   1. build _core and _cuda in place for this GPU's architecture (CMake + Ninja, no pip install);
+#   2. tests/test_ops_cuda.py (both CUDA paths, tc and simt, against the float64 CPU reference);
+#   3. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536 (fp32 and bf16 inputs; tensor-core
+#      path with the _cuda tile epilogues and with torch-op epilogues, SIMT kernels, open_clip composite;
+#      LOSS_IMPLS=... picks a subset), top-k with host and device-resident matrices (both paths);
+#   4. bench/embed.py --device cuda: a ViT-B-16-sized open_clip model (random weights), sources/s and
+#      GPU utilisation through NVML.
+# Usage: bash bench/gpu_check.sh [OUTDIR]   (default: $OUT, else ./gpu-check). Logs and JSON land in OUTDIR.
+# Python packages the machine lacks may be given as wheels in .whl/ (installed to /tmp/site).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-gpu-check}}"
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 GALAXALIGN_PROGRESS=0
+PY="${PYTHON:-python3}"
+log() { echo "== $(date +%T) $*"; }
+
+{
+  log "machine"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  lscpu | grep -m1 'Model name'
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  fi
+
+  log "build (CMake, CUDA architecture of device 0)"
+  ARCH=$("$PY" -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}{c[1]}')")
+  BUILD=/tmp/galaxalign-build
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGALAXALIGN_CUDA=ON \
+    -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v "$PY")" \
+    -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >"$OUTDIR/cmake.log" 2>&1 \
+    && cmake --build "$BUILD" -j "$(nproc)" >>"$OUTDIR/cmake.log" 2>&1 \
+    || { tail -30 "$OUTDIR/cmake.log"; exit 2; }
+  cp "$BUILD"/_core*.so "$BUILD"/_cuda*.so galaxalign_batch/
+  export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+  "$PY" -c "import galaxalign_batch._cuda as c, galaxalign_batch._core as k; print('_cuda runtime', c.runtime_version(), 'devices', c.device_count(), '| _core', k.similarity_isa())"
+
+  log "tests/test_ops_cuda.py"
+  timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py >"$OUTDIR/test_ops_cuda.log" 2>&1
+  grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_cuda.log" | head -40
+
+  log "bench/kernels.py --device cuda (loss)"
+  timeout 330 "$PY" bench/kernels.py --device cuda --skip-topk --loss-sizes 4096,16384,65536 --dtypes bf16,fp32 \
+    --impls "${LOSS_IMPLS:-fused-tc,fused-tc-torch,fused-simt,composite}" --json "$OUTDIR/kernels_loss.json"
+  for path in tc simt; do
+    log "bench/kernels.py --device cuda (top-k, $path path)"
+    GALAXALIGN_CUDA_TOPK=$path timeout 120 "$PY" bench/kernels.py --device cuda --skip-loss --json "$OUTDIR/kernels_topk_$path.json"
+  done
+
+  log "bench/embed.py --device cuda (ViT-B-16, random weights)"
+  timeout 150 "$PY" bench/embed.py --device cuda --model ViT-B-16 --sources 20480 --batch 512 --json "$OUTDIR/embed_gpu.json"
+  log "done"
+} 2>&1 | tee "$OUTDIR/gpu_check.log"
