@@ -1,6 +1,7 @@
-// Entry points of the CPU similarity kernels. simd_kernels.inc is compiled twice, once per
-// instruction-set level (isa_v2: x86-64-v2/SSE4.2, isa_v3: x86-64-v3/AVX2+FMA+F16C); similarity.cpp
-// picks one table at run time from the CPU's features, so no AVX2 instruction runs on an older CPU.
+// Entry points of the CPU similarity kernels. simd_kernels.inc is compiled three times, once per
+// instruction-set level (isa_v2: x86-64-v2/SSE4.2, isa_v3: x86-64-v3/AVX2+FMA+F16C, isa_v4:
+// x86-64-v4/AVX-512); similarity.cpp picks one table at run time from the CPU's features, so no
+// AVX2 or AVX-512 instruction runs on a CPU without it.
 #pragma once
 #include <cstdint>
 
@@ -44,6 +45,9 @@ namespace isa_v2 {
 const KernelTable& kernel_table();
 }
 namespace isa_v3 {
+const KernelTable& kernel_table();
+}
+namespace isa_v4 {
 const KernelTable& kernel_table();
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "kernels_api.h"
@@ -27,13 +28,38 @@ bool cpu_has_v3() {
 #endif
 }
 
+bool cpu_has_v4() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return cpu_has_v3() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 const KernelTable* active = nullptr;
 
+// The best level this CPU runs, or the one GALAXALIGN_CPU_ISA names (v2, v3, v4): a named level the CPU
+// lacks is an error rather than a silent fallback, so a forced test never passes on the wrong code.
 const KernelTable& table() {
   if (active == nullptr) {
     const char* env = std::getenv("GALAXALIGN_CPU_ISA");
-    const bool want_v2 = env != nullptr && std::strcmp(env, "v2") == 0;
-    active = (!want_v2 && cpu_has_v3()) ? &isa_v3::kernel_table() : &isa_v2::kernel_table();
+    const std::string want = env != nullptr ? env : "";
+    if (want == "v2") {
+      active = &isa_v2::kernel_table();
+    } else if (want == "v3") {
+      if (!cpu_has_v3()) throw std::runtime_error("GALAXALIGN_CPU_ISA=v3 but this CPU lacks AVX2/FMA/F16C");
+      active = &isa_v3::kernel_table();
+    } else if (want == "v4") {
+      if (!cpu_has_v4()) throw std::runtime_error("GALAXALIGN_CPU_ISA=v4 but this CPU lacks AVX-512 F/BW/CD/DQ/VL");
+      active = &isa_v4::kernel_table();
+    } else if (want.empty() || want == "auto") {
+      active = cpu_has_v4() ? &isa_v4::kernel_table() : cpu_has_v3() ? &isa_v3::kernel_table() : &isa_v2::kernel_table();
+    } else {
+      throw std::runtime_error("GALAXALIGN_CPU_ISA must be v2, v3, v4 or auto, got '" + want + "'");
+    }
   }
   return *active;
 }
@@ -172,8 +198,9 @@ void register_similarity(py::module_& m) {
         py::arg("scale"), py::arg("out").noconvert(), py::arg("threads"),
         "out = softmax over prototypes of scale * features @ prototypes.T, written without other n x k buffers.");
   m.def("similarity_isa", []() { return std::string(table().isa); },
-        "Instruction-set level of the similarity kernels in use (GALAXALIGN_CPU_ISA=v2 forces the SSE4.2 path).");
+        "Instruction-set level of the similarity kernels in use (GALAXALIGN_CPU_ISA=v2|v3|v4 forces one).");
   m.def("cpu_supports_v3", &cpu_has_v3, "Whether this CPU runs the x86-64-v3 (AVX2+FMA+F16C) kernels.");
+  m.def("cpu_supports_v4", &cpu_has_v4, "Whether this CPU runs the x86-64-v4 (AVX-512) kernels.");
 }
 
 }  // namespace galaxalign

@@ -34,6 +34,8 @@ def test_info_runs_and_reports_core():
 
     info = json.loads(out)
     assert info["core"]["openmp"] > 0
+    assert info["cpu_kernels"].startswith("x86-64-v")  # the level chosen at run time
+    assert info["cpu_kernels"].split()[0] in info["cpu_levels_supported"]
     assert info["core_threads"] >= 1
 
 

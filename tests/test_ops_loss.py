@@ -298,14 +298,25 @@ def test_auto_uses_fused_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
+def _cpu_supports(level: str) -> bool:
+    from galaxalign_batch import _core
+
+    return level == "v2" or bool(getattr(_core, f"cpu_supports_{level}")())
+
+
 @needs_core
-def test_sse_fallback_path_matches_reference():
-    """The x86-64-v2 kernels (what a CPU without AVX2 runs), forced with GALAXALIGN_CPU_ISA=v2."""
+@pytest.mark.parametrize("level", ["v2", "v3", "v4"])
+def test_every_isa_level_matches_reference(level):
+    """Each instruction-set level this CPU runs (x86-64-v2 SSE4.2, v3 AVX2, v4 AVX-512), forced with
+    GALAXALIGN_CPU_ISA in a fresh process: loss and gradients (float64 and float32), top-k (fp32 and
+    fp16 rows, exact on integer data) and prototype probabilities against the PyTorch reference."""
+    if not _cpu_supports(level):
+        pytest.skip(f"this CPU does not run the x86-64-{level} kernels")
     code = (
-        "import torch, torch.nn.functional as F\n"
+        "import numpy as np, torch, torch.nn.functional as F\n"
         "from galaxalign_batch import _core\n"
-        "from galaxalign_batch.ops import trimodal_contrastive_loss as L\n"
-        "assert _core.similarity_isa().startswith('x86-64-v2'), _core.similarity_isa()\n"
+        "from galaxalign_batch.ops import trimodal_contrastive_loss as L, similarity_topk, prototype_probs\n"
+        f"assert _core.similarity_isa().startswith('x86-64-{level}'), _core.similarity_isa()\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for dt in (torch.float64, torch.float32):\n"
         "    f = [F.normalize(torch.randn(101, 37, generator=g, dtype=dt), dim=1).requires_grad_() for _ in range(3)]\n"
@@ -317,12 +328,28 @@ def test_sse_fallback_path_matches_reference():
         "        out.append([l.detach()] + [x.grad.clone() for x in f])\n"
         "    tol = 1e-10 if dt == torch.float64 else 1e-4\n"
         "    for a, b in zip(*out): torch.testing.assert_close(a, b, rtol=tol, atol=tol)\n"
+        "q = torch.randint(-3, 4, (70, 19), generator=g).float()\n"
+        "m = torch.randint(-3, 4, (3000, 19), generator=g).float()\n"
+        "ref = torch.sort(q @ m.T, dim=1, descending=True, stable=True)\n"
+        "for rows in (m, m.half().numpy()):\n"
+        "    s, i = similarity_topk(q, rows, 12, chunk_rows=700, impl='fused')\n"
+        "    assert torch.equal(s, ref.values[:, :12]) and torch.equal(i, ref.indices[:, :12])\n"
+        "p = torch.randn(13, 19, generator=g)\n"
+        "torch.testing.assert_close(prototype_probs(q, p, 0.3, impl='fused'), torch.softmax(0.3 * q @ p.T, 1), rtol=1e-4, atol=1e-6)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, GALAXALIGN_CPU_ISA="v2")
+    env = dict(os.environ, GALAXALIGN_CPU_ISA=level)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
+
+
+@needs_core
+def test_isa_level_the_cpu_lacks_is_an_error():
+    env = dict(os.environ, GALAXALIGN_CPU_ISA="v9")
+    code = "from galaxalign_batch import _core; _core.similarity_isa()"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "GALAXALIGN_CPU_ISA must be v2, v3, v4 or auto" in result.stderr
 
 
 @needs_core

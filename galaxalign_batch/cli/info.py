@@ -11,8 +11,17 @@ def collect() -> dict:
 
     from galaxalign_batch import __version__, _core
 
+    from galaxalign_batch.ops import backends
+
     info = {"galaxalign_batch": __version__, "torch": torch.__version__, "core": dict(_core.build_info()),
-            "core_threads": _core.max_threads(), "cuda_available": torch.cuda.is_available()}
+            "core_threads": _core.max_threads()}
+    try:  # the CPU kernel level chosen at run time (GALAXALIGN_CPU_ISA=v2|v3|v4 forces one)
+        info["cpu_kernels"] = _core.similarity_isa()
+    except RuntimeError as e:
+        info["cpu_kernels"] = f"error: {e}"
+    info["cpu_levels_supported"] = ["x86-64-v2"] + [f"x86-64-{lv}" for lv in ("v3", "v4")
+                                                    if getattr(_core, f"cpu_supports_{lv}", lambda: False)()]
+    info["cuda_available"] = torch.cuda.is_available()
     try:
         from galaxalign_batch import _cuda  # noqa: F401
 
@@ -22,6 +31,10 @@ def collect() -> dict:
         info["cuda_module"] = {"built": False, "why": str(e)}
     if torch.cuda.is_available():
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        info["cuda_paths"] = {"loss": backends.cuda_loss_path(), "topk": backends.cuda_topk_path()}
+    except Exception as e:  # a bad GALAXALIGN_CUDA_LOSS/TOPK value
+        info["cuda_paths"] = f"error: {e}"
     return info
 
 
