@@ -39,6 +39,17 @@ bool cpu_has_v4() {
 #endif
 }
 
+// AVX-512 by default only off AMD: Zen 4 executes each 512-bit FMA as two 256-bit halves, and there the
+// v4 loss measured 0.77x the v3 one (bench/RESULTS.md); Intel cores with two 512-bit FMA units gain.
+bool prefer_v4() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return cpu_has_v4() && !__builtin_cpu_is("amd");
+#else
+  return false;
+#endif
+}
+
 const KernelTable* active = nullptr;
 
 // The best level this CPU runs, or the one GALAXALIGN_CPU_ISA names (v2, v3, v4): a named level the CPU
@@ -56,7 +67,7 @@ const KernelTable& table() {
       if (!cpu_has_v4()) throw std::runtime_error("GALAXALIGN_CPU_ISA=v4 but this CPU lacks AVX-512 F/BW/CD/DQ/VL");
       active = &isa_v4::kernel_table();
     } else if (want.empty() || want == "auto") {
-      active = cpu_has_v4() ? &isa_v4::kernel_table() : cpu_has_v3() ? &isa_v3::kernel_table() : &isa_v2::kernel_table();
+      active = prefer_v4() ? &isa_v4::kernel_table() : cpu_has_v3() ? &isa_v3::kernel_table() : &isa_v2::kernel_table();
     } else {
       throw std::runtime_error("GALAXALIGN_CPU_ISA must be v2, v3, v4 or auto, got '" + want + "'");
     }
