@@ -1,0 +1,512 @@
+"""Label-free pretraining of an open_clip model on survey sources: a foundation for GalaxAlign.
+
+What it reads: survey tiles through the same path as ``embed`` (``engine.tiles.resolve_tiles``,
+``engine.prepare.read_tile``, ``survey.sources_for``, ``preprocess.make_cutouts``). Each source is
+cut once per pass at 1.5x the model's angular size (same pixel scale and stretch), so that two
+random **views** can be resampled from it: rotation by any angle, mirror, zoom 0.85-1.2, shift up to
+1.5", Gaussian blur (seeing) 0-1 px, brightness x0.8-1.2 and pixel noise. No class label is read
+anywhere (the simulator's ``true_class*`` columns are dropped on reading).
+
+Objective, per batch of B sources (the fused tri-modal loss of ``galaxalign_batch.ops`` with
+``class_ids=None``, so only the same source is a positive):
+
+- **image-image** (SimCLR-style): view 1 against view 2, weight ``w_ii``;
+- **image-caption** (CLIP-style): each view against a caption generated from the source's Tractor
+  columns (:mod:`galaxalign_batch.model.captions`), weight ``w_ic`` per view. Tiles without a
+  Tractor catalogue (sources from detection) have no captions: their batches use image-image only.
+
+Streaming: tiles are read in a seeded order, ``buffer`` sources at a time (a shuffle buffer of
+whole tiles), so memory holds one buffer, never the survey. Resumable: every ``checkpoint_every``
+steps (and at the end of each pass) a training checkpoint is written under ``OUT/checkpoints``;
+a rerun of the same command continues from the last one at the same batch, with the same data
+order and augmentation (everything is seeded by position, not by history).
+
+The result ``OUT/model.safetensors`` is an ordinary GalaxAlign checkpoint (mode ``image-text``,
+``info["pretraining"]`` describing the run), so ``train --model``, ``embed --model`` and
+``classify`` accept it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from galaxalign_batch.errors import ConfigError, TileError
+from galaxalign_batch.model import checkpoint as ckpt
+from galaxalign_batch.model.captions import captions as make_captions, has_caption_columns
+from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
+from galaxalign_batch.model.galaxalign import GalaxAlignModel
+from galaxalign_batch.model.symbols import SymbolSet
+from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.progress import bar
+from galaxalign_batch.vocabulary import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+VIEW_MARGIN = 1.5          # sources are cut at this multiple of the model's angular size
+RESUME_KEYS = ("tiles", "model", "pretrained", "epochs", "batch_size", "seed", "angular_size", "stretch", "buffer",
+               "weights", "galaxies_only")
+
+
+@dataclass
+class PretrainConfig:
+    tiles: list[str]
+    out: str
+    model: str = TINY
+    pretrained: str | None = None
+    bricks: list[str] | None = None
+    epochs: int = 20                      # passes over the tiles
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05
+    weights: tuple[float, float] = (1.0, 1.0)   # (w_ii image-image, w_ic image-caption)
+    temperature: float = 0.1
+    angular_size: float = 32.0
+    stretch: str = "lupton"
+    buffer: int = 20000                   # sources held at once (shuffle buffer)
+    galaxies_only: bool = False           # drop catalogue type PSF rows (uses the catalogue, not labels)
+    max_steps: int | None = None          # stop after this many steps (quick runs); the schedule still spans epochs
+    checkpoint_every: int = 200
+    seed: int = 0
+    threads: int | None = None
+    device: str = "auto"
+    resume: str = "auto"                  # auto | yes | no
+
+    def __post_init__(self) -> None:
+        self.tiles = [str(t) for t in self.tiles]
+        self.weights = tuple(float(w) for w in self.weights)
+        if len(self.weights) != 2 or min(self.weights) < 0 or max(self.weights) == 0:
+            raise ConfigError(f"--weights must be two non-negative numbers w_ii,w_ic, not both 0; got {self.weights}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("--epochs must be >= 1 and --batch-size >= 2")
+        if self.lr <= 0 or not 0 < self.temperature < 10:
+            raise ConfigError("--lr must be > 0 and --temperature in (0, 10)")
+        if self.resume not in ("auto", "yes", "no"):
+            raise ConfigError(f"resume must be auto, yes or no, got {self.resume!r}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@dataclass
+class Chunk:
+    """The sources of a group of whole tiles: wide cutouts (uint8) and captions (None without a catalogue)."""
+
+    pixels: np.ndarray            # (N, 3, W, W) uint8, W = 1.5 x the model's input size
+    captions: list[str | None]
+
+
+def plan_chunks(refs, counts: list[int], buffer: int, order: np.ndarray) -> list[list[int]]:
+    """Consecutive groups of tiles (in ``order``) holding up to ``buffer`` sources each (at least one tile)."""
+    chunks, cur, n = [], [], 0
+    for i in order:
+        if cur and n + counts[i] > buffer:
+            chunks.append(cur)
+            cur, n = [], 0
+        cur.append(int(i))
+        n += counts[i]
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _sources(ref, galaxies_only: bool):
+    from galaxalign_batch.engine.prepare import read_tile
+    from galaxalign_batch.survey import sources_for
+
+    tile = read_tile(ref)
+    src = sources_for(tile, catalog="auto", id_prefix=ref.name)
+    for c in [c for c in src.colnames if c.startswith("true_")]:
+        src.remove_column(c)  # truth of the simulator: never seen by pretraining
+    if galaxies_only and "type" in src.colnames:
+        kind = np.char.strip(np.asarray(src["type"]).astype(str))
+        src = src[(kind != "PSF") & (kind != "DUP")]
+    return tile, src
+
+
+def count_sources(refs, galaxies_only: bool) -> list[int]:
+    """Sources per tile (reads catalogues; tiles without one are read and detected)."""
+    out = []
+    for ref in bar(refs, total=len(refs), desc="counting sources", unit="tile"):
+        try:
+            out.append(len(_sources(ref, galaxies_only)[1]))
+        except TileError as e:
+            log.warning("skipping %s: %s", ref.name, e)
+            out.append(0)
+    return out
+
+
+def load_chunk(refs, tiles: list[int], spec: CutoutSpec, galaxies_only: bool, fits) -> Chunk:
+    pixels, caps = [], []
+    for i in tiles:
+        try:
+            tile, src = _sources(refs[i], galaxies_only)
+        except TileError as e:
+            log.warning("skipping %s: %s", refs[i].name, e)
+            continue
+        if not len(src):
+            continue
+        x, y = np.asarray(src["x"], np.float64), np.asarray(src["y"], np.float64)
+        batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
+        keep = np.asarray(batch.masked_fraction) < 0.5
+        pixels.append(batch.pixels[keep])
+        if has_caption_columns(src):
+            caps += [c for c, k in zip(make_captions(src, None, fits), keep) if k]
+        else:
+            caps += [None] * int(keep.sum())
+    w = spec.out_size
+    return Chunk(np.concatenate(pixels) if pixels else np.zeros((0, 3, w, w), np.uint8), caps)
+
+
+# ---------------------------------------------------------------------------------------------- views
+
+def make_views(wide: torch.Tensor, out_size: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random views (N, 3, out, out) in [0, 1] of wide cutouts (N, 3, W, W) float in [0, 1] cut at
+    ``VIEW_MARGIN`` x the model's angular size: rotation, mirror, zoom, shift, blur, brightness, noise."""
+    n = len(wide)
+    theta_r = rng.uniform(0, 2 * np.pi, n)
+    zoom = np.exp(rng.uniform(np.log(0.85), np.log(1.2), n))
+    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    shift = rng.uniform(-1.5, 1.5, (n, 2)) / (16.0 * VIEW_MARGIN)   # arcsec -> normalised (half-side 16" x 1.5)
+    f = 1.0 / (VIEW_MARGIN * zoom)
+    cos, sin = np.cos(theta_r) * f, np.sin(theta_r) * f
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos * flip, -sin, shift[:, 0]
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin * flip, cos, shift[:, 1]
+    grid = F.affine_grid(torch.from_numpy(theta), [n, 3, out_size, out_size], align_corners=False)
+    x = F.grid_sample(wide, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    sigma = rng.uniform(0.0, 1.0, n)
+    blur = sigma > 0.3
+    if blur.any():
+        x[blur] = _blur(x[blur], sigma[blur])
+    x = x * torch.from_numpy(rng.uniform(0.8, 1.2, (n, 1, 1, 1)).astype(np.float32))
+    x = x + torch.from_numpy(rng.uniform(0, 0.03, (n, 1, 1, 1)).astype(np.float32)) * \
+        torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+    return x.clamp(0, 1)
+
+
+def _blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+    r = 2
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t[None] / torch.from_numpy(sigma.astype(np.float32))[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)                                        # (n, 5)
+    n, c, h, w = x.shape
+    y = x.reshape(1, n * c, h, w)
+    kx = k.repeat_interleave(c, 0)[:, None, None, :]
+    ky = k.repeat_interleave(c, 0)[:, None, :, None]
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), kx, groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), ky, groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_foundation_model(cfg: PretrainConfig) -> GalaxAlignModel:
+    """A fresh open_clip model (name + tag/file, or one of our checkpoints to continue from) wrapped as an
+    ``image-text`` GalaxAlign model with the galaxy10 vocabulary and the built-in symbols (so that a
+    foundation can be classified zero-shot and fine-tuned like any checkpoint)."""
+    vocab = load_vocabulary("galaxy10")
+    from_checkpoint = cfg.model.endswith(".safetensors") or Path(cfg.model).is_dir()
+    if from_checkpoint:
+        base = ckpt.load_checkpoint(cfg.model)
+        clip, oc, pre = base.clip, dict(base.info["open_clip"]), dict(base.info["preprocess"])
+    else:
+        clip, oc_cfg, pre = create_clip(cfg.model, cfg.pretrained)
+        oc = {"name": cfg.model, "pretrained": cfg.pretrained, "config": oc_cfg}
+    spec = CutoutSpec(angular_size=cfg.angular_size, out_size=pre["size"], stretch=cfg.stretch)
+    info = {"mode": "image-text", "stage": "pretrain", "open_clip": oc, "preprocess": pre,
+            "cutout_spec": spec.to_dict()}
+    model = GalaxAlignModel(clip, info, tokenizer_for(oc["name"], oc["config"]), vocab,
+                            SymbolSet.builtin(vocab, pre["size"]))
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(1.0 / cfg.temperature))
+        emb = getattr(model.clip, "token_embedding", None)
+        if isinstance(emb, torch.nn.Embedding) and not cfg.pretrained and not from_checkpoint:
+            # a token embedding that can be regenerated from its seed: see export_foundation
+            emb.weight.copy_(seeded_token_embedding(tuple(emb.weight.shape), cfg.seed))
+    return model
+
+
+TOKEN_INIT_STD = 0.02   # open_clip's init of the token embedding
+
+
+def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """N(0, 0.02) token embedding from a seed alone (CPU generator), as pretraining starts it."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    return torch.randn(shape, generator=g, dtype=torch.float32) * TOKEN_INIT_STD
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's rule (no decay on 1-D tensors, norms, biases, temperature) plus none on the token
+    embedding, whose rows of words never seen must not shrink to zero."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "token_embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _schedule(optimizer, total_steps: int, warmup: float):
+    warm = max(1, int(round(total_steps * warmup)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``."""
+    from galaxalign_batch.engine.tiles import resolve_tiles
+    from galaxalign_batch.model.train import resolve_device
+    from galaxalign_batch.ops import trimodal_contrastive_loss
+
+    out = Path(cfg.out)
+    if cfg.resume == "no" and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    refs = resolve_tiles(cfg.tiles, cfg.bricks)
+
+    start = None if cfg.resume == "no" else ckpt.find_latest(out / "checkpoints")
+    if start is None and cfg.resume == "yes":
+        raise ConfigError(f"--resume: no pretraining checkpoint under {out / 'checkpoints'}")
+    if start is not None:
+        state, progress = ckpt.load_training_state(start)
+        saved = progress.get("config", {})
+        diff = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.to_dict()[k]]
+        if diff:
+            raise ConfigError(f"{start}: checkpoint of a different pretraining ({', '.join(diff)}); "
+                              f"use another --out or --no-resume")
+        model = ckpt.load_checkpoint(start)
+        counts = progress["counts"]
+        log.info("resuming pretraining from %s (step %d)", start, progress["global_step"])
+    else:
+        state, progress = {}, {"epoch": 0, "chunk": 0, "batch": 0, "global_step": 0, "elapsed": 0.0}
+        model = build_foundation_model(cfg)
+        counts = count_sources(refs, cfg.galaxies_only)
+        progress["counts"] = counts
+    if sum(counts) < cfg.batch_size:
+        raise ConfigError(f"{sum(counts)} sources in {len(refs)} tile(s): fewer than one batch of {cfg.batch_size}")
+    model.to(device)
+    model.set_trainable("all")
+    spec = CutoutSpec.from_dict(model.info["cutout_spec"])
+    wide = CutoutSpec(angular_size=spec.angular_size * VIEW_MARGIN,
+                      out_size=int(round(spec.out_size * VIEW_MARGIN)), stretch=spec.stretch, dtype="uint8")
+    context = int(model.info["open_clip"]["config"].get("text_cfg", {}).get("context_length", 77))
+    fits = _token_budget(model, context - 2)
+
+    steps_per_epoch = sum(c // cfg.batch_size for c in (
+        [sum(counts[i] for i in ch) for ch in plan_chunks(refs, counts, cfg.buffer, np.arange(len(refs)))]))
+    steps_per_epoch = max(1, steps_per_epoch)
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = _schedule(optimizer, total, cfg.warmup)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    model.info["pretraining"] = {"config": cfg.to_dict(), "tiles": len(refs), "sources": int(sum(counts)),
+                                 "steps_per_epoch": steps_per_epoch}
+    w_ii, w_ic = cfg.weights
+    log.info("pretraining %s on %d sources of %d tile(s): %d epoch(s) x ~%d steps, batch %d, device %s",
+             model.info["open_clip"]["name"], sum(counts), len(refs), cfg.epochs, steps_per_epoch, cfg.batch_size,
+             device)
+    step = int(progress["global_step"])
+    t_run, elapsed0 = time.perf_counter(), float(progress.get("elapsed", 0.0))
+    history = list(progress.get("history", []))
+    run_loss, run_n = 0.0, 0
+    pbar = bar(total=min(total, cfg.max_steps or total), desc="pretrain", unit="step", initial=step)
+    stop = bool(cfg.max_steps and step >= cfg.max_steps)
+
+    def save(epoch: int, chunk: int, batch: int) -> None:
+        progress.update(epoch=epoch, chunk=chunk, batch=batch, global_step=step, history=history,
+                        elapsed=round(elapsed0 + time.perf_counter() - t_run, 1), config=cfg.to_dict())
+        model.info["train_seconds"] = progress["elapsed"]
+        root = out / "checkpoints"
+        ckpt.save_training_checkpoint(root / f"step_{step:07d}", model,
+                                      {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                      progress)
+        for p in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))[:-2]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    for epoch in range(int(progress["epoch"]), cfg.epochs if not stop else 0):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(refs))
+        chunks = plan_chunks(refs, counts, cfg.buffer, order)
+        first_chunk = int(progress["chunk"]) if epoch == int(progress["epoch"]) else 0
+        for ci in range(first_chunk, len(chunks)):
+            data = load_chunk(refs, chunks[ci], wide, cfg.galaxies_only, fits)
+            perm = np.random.default_rng([cfg.seed, epoch, ci]).permutation(len(data.pixels))
+            nb = len(perm) // cfg.batch_size
+            first_batch = int(progress["batch"]) if (epoch, ci) == (int(progress["epoch"]), int(progress["chunk"])) else 0
+            model.train()
+            for b in range(first_batch, nb):
+                idx = np.sort(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                rng = np.random.default_rng([cfg.seed, epoch, ci, b])
+                x = torch.from_numpy(data.pixels[idx]).float() / 255.0
+                v1 = model.prepare_images(make_views(x, model.image_size, rng))
+                v2 = model.prepare_images(make_views(x, model.image_size, rng))
+                caps = [data.captions[i] for i in idx]
+                use_text = w_ic > 0 and all(c is not None for c in caps)
+                tokens = model.tokenize(caps).to(device) if use_text else None
+                o = model(images=torch.cat([v1, v2]), tokens=tokens)
+                f1, f2 = o["image"].float().split([len(idx), len(idx)])
+                text = o["text"].float() if use_text else None
+                loss = trimodal_contrastive_loss(f1, text, f2, model.logit_scale.float(), class_ids=None,
+                                                 weights=(w_ic if use_text else 0.0, w_ii, w_ic if use_text else 0.0))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                model.clamp_logit_scale()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise ConfigError(f"pretraining diverged (loss {value}) at step {step + 1}; lower --lr")
+                step += 1
+                run_loss, run_n = run_loss + value, run_n + 1
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{run_loss / run_n:.3f}")
+                if step % 50 == 0:
+                    history.append({"step": step, "loss": round(run_loss / run_n, 4),
+                                    "logit_scale": round(model.logit_scale.item(), 3)})
+                    log.info("pretrain step %d/%d: loss %.4f, logit scale %.1f", step, total, run_loss / run_n,
+                             model.logit_scale.item())
+                    run_loss, run_n = 0.0, 0
+                if cfg.max_steps and step >= cfg.max_steps:
+                    stop = True
+                if stop or step % cfg.checkpoint_every == 0:
+                    nxt = (epoch, ci, b + 1) if b + 1 < nb else (epoch, ci + 1, 0) if ci + 1 < len(chunks) \
+                        else (epoch + 1, 0, 0)
+                    save(*nxt)
+                if stop:
+                    break
+            if stop:
+                break
+        if stop:
+            break
+        progress.update(epoch=epoch + 1, chunk=0, batch=0)
+        if epoch + 1 == cfg.epochs and step % cfg.checkpoint_every:
+            save(epoch + 1, 0, 0)   # a rerun of a finished pretraining finds it finished
+    pbar.close()
+    elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
+    model.info["train_seconds"] = elapsed
+    model.info["pretraining"].update(global_step=step, history=history)
+    final = ckpt.save_model(model, out / "model.safetensors")
+    summary = {"model": str(final), "global_step": step, "total_steps": total, "seconds": elapsed,
+               "sources": int(sum(counts)), "tiles": len(refs), "last_loss": history[-1]["loss"] if history else None,
+               "config": cfg.to_dict()}
+    (out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _token_budget(model: GalaxAlignModel, max_tokens: int):
+    tok = model.tokenizer
+    encode = getattr(tok, "encode", None)
+    if encode is None:
+        return None
+    return lambda text: len(encode(text)) <= max_tokens
+
+
+# ---------------------------------------------------------------------------------------------- compact foundations
+
+COMPACT_FORMAT = "galaxalign-foundation-compact"
+_ROWS, _VALUES = "__token_rows__", "__token_values__"
+TOKEN_KEY = "clip.token_embedding.weight"
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def export_foundation(model_path: str | Path, dest: str | Path) -> dict:
+    """Write a pretrained model as a small file: weights in float16, and of the token embedding only the
+    rows pretraining changed (the words of the captions); the other rows are the seeded initialisation
+    (:func:`seeded_token_embedding`), regenerated by :func:`expand_foundation`. ~3.5 MB for galaxalign-tiny
+    instead of 32 MB. Returns a description (rows kept, bytes)."""
+    from safetensors.torch import save_file
+
+    model = ckpt.load_checkpoint(model_path)
+    pre = model.info.get("pretraining") or {}
+    if not pre:
+        raise ConfigError(f"{model_path}: not a pretrained foundation (no pretraining record)")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    emb = state.pop(TOKEN_KEY)
+    seed = int(pre["config"]["seed"])
+    init = seeded_token_embedding(tuple(emb.shape), seed)
+    rows = torch.nonzero((emb != init).any(1)).flatten()
+    out = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    out[_ROWS] = rows.to(torch.int64)
+    out[_VALUES] = emb[rows].float().contiguous()           # the trained rows stay float32 (few)
+    meta = {"format": COMPACT_FORMAT, "info": model.info, "token_init": {
+        "seed": seed, "std": TOKEN_INIT_STD, "shape": list(emb.shape), "digest": _tensor_digest(init)},
+        "weights_digest": model.info.get("weights_digest")}
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(dest), metadata={"galaxalign_compact": json.dumps(meta)})
+    return {"file": str(dest), "bytes": dest.stat().st_size, "token_rows": int(len(rows)),
+            "source": str(model_path)}
+
+
+def expand_foundation(compact: str | Path, dest: str | Path) -> Path:
+    """The full checkpoint (``dest``, a ``model.safetensors``) of a compact foundation file. Fails if this
+    torch regenerates a different token initialisation than the one the file was made with."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from galaxalign_batch.model.config import build_clip_from_config
+    from galaxalign_batch.vocabulary import Vocabulary
+
+    compact = Path(compact)
+    try:
+        with safe_open(str(compact), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("galaxalign_compact", "{}"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise ConfigError(f"{compact}: not a compact foundation file ({' '.join(str(e).split())[:200]})") from None
+    if meta.get("format") != COMPACT_FORMAT:
+        raise ConfigError(f"{compact}: not a compact foundation file")
+    info, ti = meta["info"], meta["token_init"]
+    init = seeded_token_embedding(tuple(ti["shape"]), int(ti["seed"]))
+    if _tensor_digest(init) != ti["digest"]:
+        raise ConfigError(f"{compact}: this torch regenerates a different token initialisation than the one the "
+                          f"file was made with; re-create the foundation with the command in docs/model.md")
+    state = load_file(str(compact))
+    rows, values = state.pop(_ROWS), state.pop(_VALUES)
+    init[rows] = values.float()
+    state[TOKEN_KEY] = init
+    oc = info["open_clip"]
+    vocab = Vocabulary.from_dict(info["vocabulary"], str(compact))
+    symbols = SymbolSet.from_dict(info["symbols"]) if info.get("symbols") else None
+    model = GalaxAlignModel(build_clip_from_config(oc["config"]), dict(info),
+                            tokenizer_for(oc["name"], oc["config"]), vocab, symbols)
+    ref = model.state_dict()
+    full = {k: v.to(ref[k].dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{compact}: weights do not match the described model ({missing[:3]}, {unexpected[:3]})")
+    model.info["expanded_from"] = compact.name
+    return ckpt.save_model(model, dest)
