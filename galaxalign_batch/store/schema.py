@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMAT = "galaxalign-embedding-store"
-FORMAT_VERSION = 1
+#: 2: stores created atomically, one-write commits, every chunk written (also all-fill ones), tile keys
+#: from resolved paths (docs/store.md). Version 1 stores are read, never resumed by ``embed``.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 #: HEALPix order of the ``healpix`` column (nested scheme). Order 29 is the finest an int64 holds
 #: (~0.4 mas pixels); the pixel at a coarser order k is ``healpix >> (2 * (29 - k))``.
@@ -28,11 +31,11 @@ class Column:
 
 #: One row per source. ``embedding`` is (N, D); every other column is (N,).
 ROW_COLUMNS: tuple[Column, ...] = (
-    Column("object_id", "str", "stable unique id: release/brick/objid (Tractor) or tile/detN (detected)"),
+    Column("object_id", "str", "stable unique id: release/brick/objid (Tractor) or TILE-KEY/detN (detected)"),
     Column("ra", "float64", "right ascension, degrees (ICRS)"),
     Column("dec", "float64", "declination, degrees (ICRS)"),
     Column("healpix", "int64", f"HEALPix nested pixel at order {HEALPIX_ORDER}"),
-    Column("tile", "str", "tile (brick name or file stem) the source was cut from"),
+    Column("tile", "str", "key of the tile the source was cut from (resolved cube path or brick folder)"),
     Column("x", "float32", "0-based pixel column of the source in its tile"),
     Column("y", "float32", "0-based pixel row of the source in its tile"),
     Column("masked_fraction", "float32", "fraction of the cutout without coverage or outside the tile"),
@@ -41,7 +44,7 @@ ROW_COLUMNS: tuple[Column, ...] = (
 
 #: One row per tile that a run finished (done or failed).
 TILE_COLUMNS: tuple[Column, ...] = (
-    Column("name", "str", "tile name (brick name or file path)"),
+    Column("name", "str", "tile key (resolved cube path, or resolved brick folder ROOT/coadd/AAA/BRICK)"),
     Column("status", "int8", "1 done, 2 failed"),
     Column("row_start", "int64", "first row of the tile's sources"),
     Column("row_count", "int64", "number of rows (0 when failed or empty)"),
