@@ -194,12 +194,14 @@ def flux_scale(tile: Tile) -> float:
 
 def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend_nthresh: int = 32,
                    deblend_cont: float = 0.005, bands: tuple[str, ...] | None = None,
-                   background_box: int | None = None) -> Table:
+                   background_box: int | None = None, id_prefix: str | None = None) -> Table:
     """Detect sources with sep on the weighted band mean (threshold ``nsigma`` x per-pixel error).
 
     ``x, y`` are windowed centroids (:func:`refine_centres`). Rows are sorted by (y, x) and named
-    ``"{tile.name}/det{i}"``. Columns besides the standard ones: ``flux`` (detection image) and
-    ``flux_<band>`` (Kron, 2.5 Kron radii), nanomaggies (see :func:`flux_scale`),
+    ``"{id_prefix}/det{i}"``; ``id_prefix`` defaults to ``tile.name``, which is not unique across
+    folders (``embed`` passes the tile's key, a resolved path, so that its ids are). Columns besides
+    the standard ones: ``flux`` (detection image) and ``flux_<band>`` (Kron, 2.5 Kron radii),
+    nanomaggies (see :func:`flux_scale`),
     ``a``, ``b`` (px), ``theta`` (rad), ``npix``, ``peak``, ``flags`` (sep flags).
     """
     import sep
@@ -220,7 +222,8 @@ def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend
     ra, dec = (np.atleast_1d(v) for v in tile.pixel_to_world(x, y))
 
     out = Table()
-    out["object_id"] = np.array([f"{tile.name}/det{i}" for i in range(len(objs))], dtype=str)
+    prefix = tile.name if id_prefix is None else id_prefix
+    out["object_id"] = np.array([f"{prefix}/det{i}" for i in range(len(objs))], dtype=str)
     out["ra"], out["dec"], out["x"], out["y"] = ra, dec, x, y
     out["tile"] = np.full(len(objs), tile.name)
     scale = flux_scale(tile)
@@ -253,8 +256,10 @@ def sources_for(tile: Tile, catalog: str | os.PathLike | None = "auto", **detect
     """Sources of ``tile``: a Tractor catalog when there is one, else sep detection.
 
     ``catalog``: ``"auto"`` uses ``tractor_path(root, brick)`` for a brick read from a survey
-    tree when that file exists; a path reads that catalog; None always detects.
+    tree when that file exists; a path reads that catalog; None or ``"detect"`` always detects.
     """
+    if isinstance(catalog, str) and catalog == "detect":
+        catalog = None
     if catalog is not None and not (isinstance(catalog, str) and catalog == "auto"):
         return read_tractor(catalog, tile)
     if catalog == "auto":

@@ -34,6 +34,20 @@ HEADER_KEYS = ("BRICKNAME", "BRICKNAM", "BRICK", "BRICKID", "RELEASE", "SURVEY",
 
 FITS_BLOCK = 2880
 
+#: The most pixels (all planes together) an image HDU may declare before it is read: 2**28
+#: (268 million pixels, 1 GiB as float32; a full Legacy Survey brick band is 13 million). Checked
+#: against the header, before any pixel is allocated, so that a file declaring 3 x 30000 x 30000
+#: (a compressed one can be small) is refused instead of making a worker allocate 10 GiB.
+#: ``GALAXALIGN_MAX_IMAGE_PIXELS`` or ``embed --max-image-pixels`` change it (:func:`set_max_image_pixels`).
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 28
+
+
+def _default_max_image_pixels() -> int:
+    return int(os.environ.get("GALAXALIGN_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+_max_image_pixels = _default_max_image_pixels()
+
 
 @dataclass
 class Tile:
@@ -154,6 +168,36 @@ def open_fits(path: str | os.PathLike):
     return f
 
 
+def set_max_image_pixels(n: int | None) -> int:
+    """Set the declared-size limit of image HDUs (None: ``GALAXALIGN_MAX_IMAGE_PIXELS`` or the default);
+    returns the previous value."""
+    global _max_image_pixels
+    if n is not None and (isinstance(n, bool) or int(n) < 1):
+        raise ValueError(f"the image size limit must be a positive number of pixels, got {n!r}")
+    old, _max_image_pixels = _max_image_pixels, int(n) if n is not None else _default_max_image_pixels()
+    return old
+
+
+def max_image_pixels() -> int:
+    return _max_image_pixels
+
+
+def check_declared_size(path: str | os.PathLike, f, ext: int) -> None:
+    """TileError when HDU ``ext`` declares more pixels than :func:`max_image_pixels` (header only)."""
+    info = f[ext].get_info()
+    dims = [int(d) for d in (info.get("dims") or [])]
+    if not dims:
+        return
+    n = 1
+    for d in dims:
+        n *= max(d, 0)
+    if n > _max_image_pixels:
+        shape = " x ".join(str(d) for d in dims)
+        raise TileError(path, f"HDU {ext} declares a {shape} image ({n:,} pixels), more than the limit of "
+                              f"{_max_image_pixels:,} (raise it with --max-image-pixels or "
+                              f"GALAXALIGN_MAX_IMAGE_PIXELS if this image is real)")
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -169,7 +213,11 @@ def _wcs_reason(e: BaseException) -> str:
 
 
 def read_hdu(path: str | os.PathLike, f, ext: int) -> tuple[np.ndarray, fits.Header]:
-    """Pixels (native byte order) and a clean astropy header of HDU ``ext`` of an open fitsio file."""
+    """Pixels (native byte order) and a clean astropy header of HDU ``ext`` of an open fitsio file.
+
+    The HDU's declared size is checked against :func:`max_image_pixels` before anything is read.
+    """
+    check_declared_size(path, f, ext)
     try:
         data = f[ext].read()
         raw = f[ext].read_header()
