@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
                           cpu_threads=args.cpu_threads,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
                           catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
-                          commit_rows=args.commit_rows, commit_seconds=args.commit_seconds)
+                          commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
+                          force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels)
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 3
@@ -46,8 +47,10 @@ def register(sub) -> None:
     p = sub.add_parser(
         "embed", help="embed survey tiles into a Zarr store with Ray",
         description="Embed every source of survey tiles into a Zarr embedding store (docs/store.md). Resumable: "
-                    "a re-run skips tiles already in the store and retries failed ones. Exit code 0 when every "
-                    "tile is in the store, 3 when some failed (listed) or were lost to a worker failure.")
+                    "a re-run skips tiles already in the store and retries failed ones. One run writes a store at "
+                    "a time (a lock beside it, STORE.lock); the model, --catalog, --out and the lock are checked "
+                    "before Ray starts. Exit code 0 when every tile is in the store, 3 when some failed (listed) "
+                    "or were lost to a worker failure, 1 for an error before or during the run.")
     p.add_argument("--tiles", nargs="*", metavar="PATH",
                    help="tile files, directories, globs, @list.txt, or a Legacy Survey root (folder with coadd/); "
                         f"default: the simulated survey in {DEFAULT_SURVEY} (made on first use)")
@@ -59,7 +62,8 @@ def register(sub) -> None:
                         "(default: tiny)")
     p.add_argument("--out", metavar="STORE.zarr", help=f"the store (default: {DEFAULT_STORE})")
     p.add_argument("--catalog", default="auto",
-                   help="'auto' (Tractor catalog when the tile has one, else detection), 'detect', or a catalog path")
+                   help="'auto' (Tractor catalog when the tile has one, else detection), 'detect' (always detect "
+                        "sources), or the path of a Tractor catalog used for every tile")
     p.add_argument("--batch-size", type=int, default=None,
                    help="model batch size (default: 256 on a GPU, 64 on CPU where larger batches are slower)")
     p.add_argument("--cpu-workers", type=int, default=None,
@@ -78,4 +82,10 @@ def register(sub) -> None:
                    help="... or once this many seconds passed since the last commit (default 30): at most this "
                         "much work is redone after a crash")
     p.add_argument("--skip-failed", action="store_true", help="do not retry tiles that failed in an earlier run")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take the store's lock even though another run seems to hold it (only when you know that run "
+                        "is gone; a lock whose process died is taken over without this)")
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="refuse (as a failed tile) an image whose FITS header declares more than N pixels, before "
+                        "reading it (default 268435456 = 2**28, or GALAXALIGN_MAX_IMAGE_PIXELS)")
     p.set_defaults(func=run)

@@ -11,9 +11,10 @@ Data flow (bounded, streaming)::
                        driver: buffer finished tiles -> EmbeddingStore.commit (one writer, whole tiles)
 
 Exactly once: only the driver writes, whole tiles at a time, and a tile's rows and record become
-visible in one atomic attribute update (see :mod:`galaxalign_batch.store`). A re-run skips the
-tiles recorded as done and retries the failed ones. Pixels travel task -> actor through Ray's object
-store without passing through the driver.
+visible in one replace of the store's root ``zarr.json`` (see :mod:`galaxalign_batch.store`). The
+driver holds the store's lock (one writer per store) from before Ray starts to the end. A re-run
+skips the tiles recorded as done and retries the failed ones. Pixels travel task -> actor through
+Ray's object store without passing through the driver.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxalign_batch import progress
+from galaxalign_batch.engine import preflight
 from galaxalign_batch.engine.encoder import describe_model
 from galaxalign_batch.engine.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
-from galaxalign_batch.store import EmbeddingStore, StoreError, store_exists
+from galaxalign_batch.store import EmbeddingStore, lock as store_lock
+from galaxalign_batch.store.embedding_store import as_str
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,17 @@ class EmbedSummary:
         return out
 
 
-def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str):
+def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None):
     """Ray task body: returns (meta, pixels) as two objects, or (failure, None)."""
     import numba
 
     from galaxalign_batch.engine.prepare import prepare_tile
     from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.tile import set_max_image_pixels
 
     # One tile task per reserved CPU: Numba's threads follow the CPUs Ray gave the task.
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
+    set_max_image_pixels(max_image_pixels)  # every task: a worker process serves tasks of several runs
     try:
         p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog)
     except TileError as e:
@@ -140,12 +145,41 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 cpu_workers: int | None = None, cpu_threads: int | None = None, gpu_workers: int | None = None, device: str = "auto",
                 address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
-                retry_failed: bool = True, stall_seconds: float = 120.0) -> EmbedSummary:
-    """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists)."""
+                retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
+                max_image_pixels: int | None = None) -> EmbedSummary:
+    """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
+
+    Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
+    taken (:class:`~galaxalign_batch.store.LockError` when another run writes it; ``force_unlock``
+    takes it anyway). The lock is held until the function returns.
+    """
+    t_start = time.perf_counter()
+    info = describe_model(model)  # the spec and the store's attributes; ConfigError for a bad --model
+    catalog = preflight.check_catalog(catalog)
+    out = preflight.check_output(out)
+    if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
+        raise ConfigError(f"--max-image-pixels must be a positive number of pixels, got {max_image_pixels!r}")
+    lock = store_lock.acquire(out, force=force_unlock)
+    try:
+        store = preflight.open_for_resume(out, info, embedding_dtype)
+        if store is not None:
+            log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
+            if n := store.remove_leftovers():
+                log.info("%s: removed %d temporary file(s) of writes a killed run left", out, n)
+        return _embed(tiles, model, out, info, store, t_start, batch_size=batch_size, cpu_workers=cpu_workers,
+                      cpu_threads=cpu_threads, gpu_workers=gpu_workers, device=device, address=address,
+                      catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
+                      commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
+                      stall_seconds=stall_seconds, max_image_pixels=max_image_pixels)
+    finally:
+        store_lock.release(lock)
+
+
+def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
+           batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
+           commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels) -> EmbedSummary:
     import ray
 
-    out = os.fspath(out)
-    t_start = time.perf_counter()
     _init_ray(address, cpu_workers)
     resources = ray.cluster_resources()
     n_gpus = int(resources.get("GPU", 0))
@@ -156,7 +190,6 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     if device == "cuda" and gpu_workers == 0:
         raise ConfigError("--device cuda but the Ray cluster has no GPU")
     n_cpus = int(resources.get("CPU", 1))
-    info = describe_model(model)  # the spec and the store's attributes, while the replicas load
     actor_cls = ray.remote(_EncoderActor)
     fault = dict(max_restarts=-1, max_task_retries=2)
     if gpu_workers:
@@ -171,7 +204,6 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                   .remote(model, "cpu", batch_size, threads) for _ in range(replicas)]
         log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
     replicas_ready = [a.describe.remote() for a in actors]
-    store = _open_existing(out, info)
     done = store.completed_tiles() if store else set()
     earlier_failed = store.failed_tiles() if store else {}
     todo = [t for t in tiles if t.name not in done and (retry_failed or t.name not in earlier_failed)]
@@ -200,7 +232,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype, attrs=_store_attrs(info))
         roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
-            store.group.attrs["survey_roots"] = roots  # where thumbnails / re-made cutouts come from
+            store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
 
     queue = list(reversed(todo))
     preparing: dict = {}  # meta ref -> (ref, pixels ref)
@@ -208,6 +240,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     actor_load = [0] * len(actors)
     pending: list[tuple[str, dict | None, str]] = []
     pending_rows, last_commit = 0, time.perf_counter()
+    ids_of_run: dict[str, tuple[str, ...]] = {}  # id brick -> tiles of this run whose ids name it
     bar = progress.bar(total=len(todo), desc="tiles", unit="tile")
 
     def flush(force: bool = False) -> None:
@@ -220,67 +253,80 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             timings["write"] += time.perf_counter() - t
             pending, pending_rows, last_commit = [], 0, time.perf_counter()
 
-    while queue or preparing or embedding:
-        while queue and len(preparing) + len(embedding) < max_inflight:
-            ref = queue.pop()
-            meta_ref, pix_ref = prepare.remote(ref, spec, catalog)
-            preparing[meta_ref] = (ref, pix_ref)
-        ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1, timeout=stall_seconds)
-        if not ready:
-            log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources free: %s",
-                        stall_seconds, len(preparing), len(embedding), ray.available_resources())
-            continue
-        r = ready[0]
-        if r in preparing:
-            ref, pix_ref = preparing.pop(r)
-            try:
-                meta = ray.get(r)
-            except (ray.exceptions.RayError, TileError) as e:  # worker died beyond retries, object lost...
-                log.warning("tile %s lost: %s", ref.name, str(e).splitlines()[0])
-                summary.tiles_lost.append(ref.name)
-                bar.update(1)
+    try:
+        while queue or preparing or embedding:
+            while queue and len(preparing) + len(embedding) < max_inflight:
+                ref = queue.pop()
+                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels)
+                preparing[meta_ref] = (ref, pix_ref)
+            ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1, timeout=stall_seconds)
+            if not ready:
+                log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources free: %s",
+                            stall_seconds, len(preparing), len(embedding), ray.available_resources())
                 continue
-            if "error" in meta:
-                log.warning("skipping %s", meta["error"])
-                pending.append((ref.name, None, meta["error"]))
-                summary.tiles_failed[ref.name] = meta["error"]
+            r = ready[0]
+            if r in preparing:
+                ref, pix_ref = preparing.pop(r)
+                try:
+                    meta = ray.get(r)
+                except (ray.exceptions.RayError, TileError) as e:  # worker died beyond retries, object lost...
+                    log.warning("tile %s lost: %s", ref.name, str(e).splitlines()[0])
+                    summary.tiles_lost.append(ref.name)
+                    bar.update(1)
+                    continue
+                if "error" in meta:
+                    log.warning("skipping %s", meta["error"])
+                    pending.append((ref.name, None, meta["error"]))
+                    summary.tiles_failed[ref.name] = meta["error"]
+                    bar.update(1)
+                    flush()
+                    continue
+                for k, v in meta["timings"].items():
+                    timings[k] += v
+                if startup is None:
+                    wait_for_replicas()
+                i = int(np.argmin(actor_load))
+                actor_load[i] += 1
+                embedding[actors[i].embed.remote(pix_ref)] = (meta, i)
+            else:
+                meta, i = embedding.pop(r)
+                actor_load[i] -= 1
+                ref = meta["ref"]
+                try:
+                    emb, seconds = ray.get(r)
+                except ray.exceptions.RayError as e:
+                    log.warning("tile %s lost in the model actor: %s", ref.name, str(e).splitlines()[0])
+                    summary.tiles_lost.append(ref.name)
+                    bar.update(1)
+                    continue
+                timings["model"] += seconds
+                rows = dict(meta["columns"], embedding=emb)
+                clash = _id_clash(ref, rows["object_id"], store, pending, ids_of_run)
+                if clash:
+                    log.warning("skipping %s: %s", ref.name, clash)
+                    pending.append((ref.name, None, clash))
+                    summary.tiles_failed[ref.name] = clash
+                    bar.update(1)
+                    flush()
+                    continue
+                pending.append((ref.name, rows, ""))
+                pending_rows += len(emb)
+                summary.tiles_done += 1
+                summary.sources += len(emb)
                 bar.update(1)
+                bar.set_postfix(sources=summary.sources)
                 flush()
-                continue
-            for k, v in meta["timings"].items():
-                timings[k] += v
-            if startup is None:
-                wait_for_replicas()
-            i = int(np.argmin(actor_load))
-            actor_load[i] += 1
-            embedding[actors[i].embed.remote(pix_ref)] = (meta, i)
-        else:
-            meta, i = embedding.pop(r)
-            actor_load[i] -= 1
-            ref = meta["ref"]
+        if startup is None:
+            wait_for_replicas()  # nothing to embed (all done or all failed): still check the model, make the store
+        flush(force=True)
+        store.finalize()
+    finally:  # also on an error or an interrupt: no model replica outlives the run
+        bar.close()
+        for a in actors:
             try:
-                emb, seconds = ray.get(r)
-            except ray.exceptions.RayError as e:
-                log.warning("tile %s lost in the model actor: %s", ref.name, str(e).splitlines()[0])
-                summary.tiles_lost.append(ref.name)
-                bar.update(1)
-                continue
-            timings["model"] += seconds
-            rows = dict(meta["columns"], embedding=emb)
-            pending.append((ref.name, rows, ""))
-            pending_rows += len(emb)
-            summary.tiles_done += 1
-            summary.sources += len(emb)
-            bar.update(1)
-            bar.set_postfix(sources=summary.sources)
-            flush()
-    if startup is None:
-        wait_for_replicas()  # nothing to embed (all done or all failed): still check the model, make the store
-    flush(force=True)
-    bar.close()
-    store.finalize()
-    for a in actors:
-        ray.kill(a)
+                ray.kill(a)
+            except Exception:  # already gone with its node
+                pass
     summary.seconds = time.perf_counter() - t_start
     summary.startup_seconds = startup
     summary.timings = timings
@@ -301,16 +347,49 @@ def _store_attrs(info: dict) -> dict:
             "normalised": True}
 
 
-def _open_existing(out: str, info: dict) -> EmbeddingStore | None:
-    """The store at ``out`` when it exists (checked against the model), else None (created later)."""
-    if not store_exists(out):
+def _id_bricks(ids: np.ndarray) -> set[str]:
+    """The bricks named by Legacy Survey ids ``release/brick/objid`` among ``ids``."""
+    out = set()
+    for oid in as_str(ids):
+        parts = oid.split("/")
+        if len(parts) == 3 and parts[0].isdigit() and parts[2].isdigit():
+            out.add(parts[1])
+    return out
+
+
+def _id_clash(ref: TileRef, ids: np.ndarray, store: EmbeddingStore | None, pending: list,
+              ids_of_run: dict[str, tuple[str, ...]]) -> str | None:
+    """Why the tile's object ids cannot go into the store (duplicates), or None.
+
+    Detected ids embed the tile's key and cannot collide. Catalog ids ``release/brick/objid`` can:
+    the same brick's catalog under two survey roots (a mirror, or two copies of one release) gives the
+    same ids. They are compared with the ids of every other tile naming the same brick, in this run
+    and (by the brick folder of their key) in the store; a clash fails the tile with this reason.
+    """
+    ids = as_str(ids)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        return f"{int((counts > 1).sum())} object id(s) appear twice in the tile (e.g. {uniq[counts > 1][0]})"
+    bricks = _id_bricks(ids)
+    if not bricks:
         return None
-    store = EmbeddingStore.open(out, "r+")
-    have = store.attrs.get("model", {})
-    if have.get("id") != info["identity"]["id"]:
-        raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
-                         f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
-    if store.dim != info["dim"]:
-        raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
-    log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
-    return store
+    others: list[str] = []
+    for b in sorted(bricks):
+        others += [t for t in ids_of_run.get(b, ()) if t != ref.name]
+        if store is not None:
+            others += [t for t in store.completed_tiles() if os.path.basename(t) == b and t != ref.name]
+    pend = {name: rows for name, rows, _ in pending if rows is not None}
+    for other in dict.fromkeys(others):
+        if other in pend:
+            theirs = as_str(pend[other]["object_id"])
+        elif store is not None and (span := store.tile_rows(other)) is not None:
+            theirs = as_str(store.read("object_id", slice(span[0], span[0] + span[1])))
+        else:
+            continue
+        both = np.intersect1d(ids, theirs)
+        if len(both):
+            return (f"{len(both)} of its {len(ids)} object ids are already taken by tile {other} (e.g. {both[0]}): "
+                    "the same catalog under two survey roots? Embed one of them only")
+    for b in bricks:
+        ids_of_run[b] = ids_of_run.get(b, ()) + (ref.name,)
+    return None

@@ -37,13 +37,15 @@ def read_tile(ref: TileRef):
 def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> PreparedTile:
     """Read ``ref``, find its sources (Tractor catalog when present, else detection), make cutouts.
 
+    ``catalog``: ``auto``, ``detect`` or a Tractor catalog path. Detected sources are named
+    ``"{ref.name}/det{i}"`` (the tile's key, a resolved path: unique across folders and roots).
     Raises :class:`TileError` for anything wrong with the tile's files.
     """
     from galaxalign_batch.survey import sources_for
 
     t0 = time.perf_counter()
     tile = read_tile(ref)
-    sources = sources_for(tile, catalog=catalog)
+    sources = sources_for(tile, catalog=catalog, id_prefix=ref.name)
     t1 = time.perf_counter()
     n = len(sources)
     x = np.asarray(sources["x"], dtype=np.float64)

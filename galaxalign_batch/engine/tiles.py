@@ -15,15 +15,44 @@ FITS_SUFFIXES = (".fits", ".fits.fz", ".fit", ".fts", ".fits.gz")
 
 @dataclass(frozen=True, order=True)
 class TileRef:
-    """One unit of work. ``name`` is the store's key: the brick name, or the file's absolute path."""
+    """One unit of work. ``name`` is the store's key for the tile (:func:`tile_key`)."""
 
     name: str
-    path: str  # cutout-cube file, or the survey root for a brick
+    path: str  # cutout-cube file, a file of a loose brick, or the (resolved) survey root for a brick
     brick: str | None = None
 
     @property
     def is_brick(self) -> bool:
         return self.brick is not None
+
+
+def brick_key(root: str | os.PathLike, brick: str) -> str:
+    """The key of brick ``brick`` of the survey tree at ``root``: its resolved coadd folder.
+
+    ``/data/dr10/south/coadd/150/1501p022``: the resolved path names the root (so the same brick
+    name under a north and a south root gives two tiles) and the brick; a symlinked or differently
+    spelled root gives the same key.
+    """
+    from galaxalign_batch.survey import layout
+
+    return os.fspath(layout.coadd_dir(os.path.realpath(os.fspath(root)), brick))
+
+
+def tile_key(path: str | os.PathLike, brick: str | None = None) -> str:
+    """The store key of a tile: :func:`brick_key` for a brick of a survey tree (``path`` its root);
+    for a file, its resolved absolute path, or for a loose brick file (outside a tree) its resolved
+    folder joined with the brick name. Keys are stable: the same file or brick always has the same key,
+    whatever path, symlink or other tiles named it."""
+    from galaxalign_batch.survey.bricks import parse_brick_filename
+
+    if brick is not None:
+        return brick_key(path, brick)
+    real = os.path.realpath(os.fspath(path))
+    parsed = parse_brick_filename(real)
+    if parsed is None:
+        return real
+    folder = os.path.dirname(real)
+    return folder if os.path.basename(folder) == parsed["brick"] else os.path.join(folder, parsed["brick"])
 
 
 def _is_fits(p: str) -> bool:
@@ -53,15 +82,15 @@ def _expand_one(spec: str) -> list[str]:
 
 def _add_file(refs: dict[str, TileRef], path: str) -> None:
     """A cutout cube is its own tile; the files of one Legacy Survey brick (bands, invvar, maskbits)
-    are one tile named by the brick, opened through any of its image files."""
+    are one tile, opened through any of its image files."""
     from galaxalign_batch.survey.bricks import parse_brick_filename
 
-    a = os.path.abspath(path)
-    parsed = parse_brick_filename(a)
+    real = os.path.realpath(path)
+    parsed = parse_brick_filename(real)
     if parsed is None:
-        refs.setdefault(a, TileRef(a, a))
+        refs.setdefault(real, TileRef(real, real))
     elif parsed["kind"] == "image":
-        refs.setdefault(parsed["brick"], TileRef(parsed["brick"], a))
+        refs.setdefault(tile_key(real), TileRef(tile_key(real), real))
 
 
 def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None) -> list[TileRef]:
@@ -70,6 +99,9 @@ def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None) -> 
     - a Legacy Survey root (has ``coadd/``): its bricks (all, or those named in ``bricks``);
     - a directory of FITS files: each file is a tile (searched recursively);
     - a FITS file, a glob, or ``@list.txt`` (one path or pattern per line, ``#`` comments).
+
+    Tiles are identified by :func:`tile_key`: a file reached through a symlink or another spelling
+    is one tile; the same brick name under two roots is two tiles.
     """
     from galaxalign_batch.survey import layout
 
@@ -82,8 +114,10 @@ def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None) -> 
                 names = present if wanted is None else sorted(wanted & set(present))
                 if wanted is not None and (missing := wanted - set(present)):
                     raise ConfigError(f"{p}: no such brick(s): {', '.join(sorted(missing))}")
+                root = os.path.realpath(p)
                 for b in names:
-                    refs.setdefault(b, TileRef(b, os.path.abspath(p), b))
+                    key = brick_key(root, b)
+                    refs.setdefault(key, TileRef(key, root, b))
             elif os.path.isdir(p):
                 files = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if _is_fits(f))
                 for f in files:

@@ -1,0 +1,88 @@
+"""Checks `embed` makes before starting Ray: the model, --catalog, the output path (and then the lock).
+
+Each problem is one line (``ConfigError`` / ``StoreError``), found in seconds instead of after the
+cluster has started and a store full of failed tiles has been written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from galaxalign_batch.errors import ConfigError, TileError
+from galaxalign_batch.store import EmbeddingStore, StoreError, schema, store_exists
+
+log = logging.getLogger(__name__)
+
+CATALOG_WORDS = ("auto", "detect")
+
+
+def check_catalog(catalog: str | os.PathLike | None) -> str:
+    """``auto``, ``detect`` or the resolved path of a readable Tractor catalog (its columns are checked)."""
+    if catalog is None:
+        return "detect"
+    catalog = os.fspath(catalog)
+    if catalog in CATALOG_WORDS:
+        return catalog
+    if not os.path.exists(catalog):
+        raise ConfigError(f"--catalog {catalog}: no such file (expected 'auto', 'detect' or a Tractor catalog "
+                          "FITS file)")
+    from galaxalign_batch.survey.sources import TRACTOR_REQUIRED
+    from galaxalign_batch.survey.tile import open_fits
+
+    try:
+        with open_fits(catalog) as f:
+            ext = next((i for i, hdu in enumerate(f) if hdu.get_info()["hdutype"] in (1, 2)), None)
+            if ext is None:
+                raise ConfigError(f"--catalog {catalog}: no table HDU (not a Tractor catalog)")
+            columns = {c.lower() for c in f[ext].get_colnames()}
+    except TileError as e:
+        raise ConfigError(f"--catalog {e}") from None
+    missing = [c for c in TRACTOR_REQUIRED if c not in columns]
+    if missing:
+        raise ConfigError(f"--catalog {catalog}: not a Tractor catalog (missing column(s) {', '.join(missing)})")
+    return os.path.realpath(catalog)
+
+
+def check_output(out: str | os.PathLike) -> str:
+    """The store path, normalised; refuses a file, a non-store folder, or a parent that cannot be written."""
+    out = os.path.normpath(os.fspath(out))
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise ConfigError(f"--out {out}: exists and is not a store (a file); choose another --out")
+        if not store_exists(out):
+            what = "an empty folder" if not os.listdir(out) else "a folder that is not a Zarr store"
+            raise ConfigError(f"--out {out}: exists and is {what}; remove it or choose another --out")
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"--out {out}: the store is not writable by this user")
+        return out
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create its folder {parent} ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: its folder {parent} is not writable by this user")
+    return out
+
+
+def open_for_resume(out: str, info: dict, embedding_dtype: str | None = None) -> EmbeddingStore | None:
+    """The store at ``out`` opened for writing when it exists (checked against the model), else None."""
+    if not store_exists(out):
+        return None
+    store = EmbeddingStore.open(out, "r+")
+    if store.format_version < schema.FORMAT_VERSION:
+        raise StoreError(f"{out}: store format version {store.format_version} (tile keys were brick names, not "
+                         f"paths); this version cannot resume it without embedding tiles twice: use a new --out "
+                         "(the old store stays readable)")
+    have = store.attrs.get("model", {})
+    if have.get("id") != info["identity"]["id"]:
+        raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
+                         f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
+    if store.dim != info["dim"]:
+        raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
+    have_dtype = str(store.array("embedding").dtype)
+    if embedding_dtype and have_dtype != embedding_dtype:
+        log.info("%s: the store keeps %s embeddings; --dtype %s applies to new stores only", out, have_dtype,
+                    embedding_dtype)
+    return store
