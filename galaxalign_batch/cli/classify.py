@@ -16,6 +16,7 @@ examples:
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.downstream.classify import classify_store, missing_model_error, scorer_from_checkpoint
     from galaxalign_batch.downstream.common import open_readable
+    from galaxalign_batch.store.lock import locked
 
     store = open_readable(args.store)
     if not args.model:
@@ -25,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = scorer_from_checkpoint(args.model, store, args.method, device=device, roots=args.survey)
-    summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force)
+    with locked(args.store, args.force_unlock):  # one writer per store: refuse before loading the model
+        scorer = scorer_from_checkpoint(args.model, store, args.method, device=device, roots=args.survey)
+        summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force)
     for line in summary.lines():
         print(line)
     return 0
@@ -57,4 +59,6 @@ def register(sub) -> None:
                    help="rows per batch and progress commit (default: one shard of the store)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scoring runs")
     p.add_argument("--force", action="store_true", help="classify again even if the store is up to date")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take the store's lock even though another writer seems to hold it (only when you know it is gone)")
     p.set_defaults(func=run)

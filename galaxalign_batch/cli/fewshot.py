@@ -35,8 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.downstream.common import open_readable
     from galaxalign_batch.errors import ConfigError
     from galaxalign_batch.fewshot import apply as ap
-    from galaxalign_batch.fewshot import fit_head, load_head
-    from galaxalign_batch.fewshot.labels import check_embeddings, embeddings_at, read_labels, rows_of
 
     if bool(args.labels) == bool(args.head):
         raise ConfigError("fewshot needs either --labels CSV (with --out HEAD) to fit a head, or --head HEAD to apply one")
@@ -46,6 +44,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--head applies an existing head: --out, --classes and --kind do not apply")
     name = ap.check_name(args.name) if args.name else None
     store = open_readable(args.store)
+    if args.apply or args.head:  # a writer: one per store, refused before any work (docs/store.md)
+        from galaxalign_batch.store.lock import locked
+
+        with locked(args.store, args.force_unlock):
+            return _run(args, store, name)
+    return _run(args, store, name)
+
+
+def _run(args: argparse.Namespace, store, name) -> int:
+    from galaxalign_batch.fewshot import apply as ap
+    from galaxalign_batch.fewshot import fit_head, load_head
+    from galaxalign_batch.fewshot.labels import check_embeddings, embeddings_at, read_labels, rows_of
+
     check_embeddings(store)
 
     if args.head:
@@ -71,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(validation_line(head))
     if args.apply or args.head:
         summary = ap.apply_head(args.store, head, name or ap.head_name(head_file), head_file=head_file,
-                                batch_rows=args.batch_rows, force=args.force)
+                                batch_rows=args.batch_rows, force=args.force, force_unlock=args.force_unlock)
         for line in summary.lines():
             print(line)
     return 0
@@ -107,4 +118,6 @@ def register(sub) -> None:
     p.add_argument("--name", help="name of the head in the store (default: the head file's name without suffix)")
     p.add_argument("--batch-rows", type=int, default=None, help="rows per batch and progress commit (default: a shard)")
     p.add_argument("--force", action="store_true", help="apply again even if the store is up to date")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="with --apply: take the store's lock even though another writer seems to hold it")
     p.set_defaults(func=run, kind_given=False)

@@ -132,7 +132,7 @@ def scorer_from_checkpoint(path: str | os.PathLike, store: EmbeddingStore, metho
         if "p" not in cache:
             cache["p"] = model.class_prototypes(method).detach()
         prototypes = cache["p"]
-        feats = torch.from_numpy(np.ascontiguousarray(st.group["embedding"][start:stop])).to(prototypes.device)
+        feats = torch.from_numpy(np.ascontiguousarray(st.read_embeddings(slice(start, stop)))).to(prototypes.device)
         return ops.prototype_probs(feats, prototypes, scale, impl=impl).cpu().numpy()
 
     return Scorer(identity, method, vocab.keys, vocab.labels, score,
@@ -195,8 +195,18 @@ def _install(store: EmbeddingStore, meta: dict) -> None:
 
 
 def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None = None,
-                   force: bool = False) -> ClassifySummary:
-    """Classify every committed row of the store at ``path`` with ``scorer`` (see the module docstring)."""
+                   force: bool = False, force_unlock: bool = False) -> ClassifySummary:
+    """Classify every committed row of the store at ``path`` with ``scorer`` (see the module docstring).
+
+    Holds the store's lock (one writer per store, docs/store.md) while it runs.
+    """
+    from galaxalign_batch.store.lock import locked
+
+    with locked(path, force_unlock):
+        return _classify_store(path, scorer, batch_rows=batch_rows, force=force)
+
+
+def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None, force: bool) -> ClassifySummary:
     t0 = time.perf_counter()
     store = open_store(path, "r+")
     if not os.path.isdir(store.path):

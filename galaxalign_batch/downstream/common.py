@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from galaxalign_batch.errors import GalaxAlignError
-from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
+from galaxalign_batch.store import EmbeddingStore, StoreCorruptError, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,17 @@ class ModelMismatchError(StoreError):
 
 
 def open_readable(path: str | os.PathLike) -> EmbeddingStore:
-    """Open a store for reading; refuse one without committed rows."""
+    """Open a store for reading; refuse one without committed rows or with arrays shorter than them."""
     store = open_store(path, "r")
     if store.n_rows == 0:
         raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
+    for name in ("embedding", "object_id", "ra", "dec"):
+        if name not in store.group:
+            raise StoreCorruptError(f"{store.path}: the store has no {name} array (damaged, or not an embed output); "
+                                    f"run 'galaxalign-batch verify {store.path}'")
+        if store.group[name].shape[0] < store.n_rows:
+            raise StoreCorruptError(f"{store.path}: array {name} has {store.group[name].shape[0]} rows, the commit "
+                                    f"record says {store.n_rows}; run 'galaxalign-batch verify {store.path}'")
     if not store.attrs.get("complete", False):
         log.warning("%s: an embed run has not finished (or crashed); using its %d committed rows",
                     store.path, store.n_rows)
@@ -43,15 +50,19 @@ def open_readable(path: str | os.PathLike) -> EmbeddingStore:
 
 
 class RowView:
-    """The committed rows of a store array as a read-only array-like (``.shape``, row slicing).
+    """The committed rows of a store's embeddings as a read-only array-like (``.shape``, row slicing).
 
     Arrays of an unfinished run are longer than ``rows_committed``; this view hides the tail, so
-    :func:`galaxalign_batch.ops.similarity_topk` and faiss never see uncommitted rows.
+    :func:`galaxalign_batch.ops.similarity_topk` and faiss never see uncommitted rows. Every slice is
+    read with :meth:`EmbeddingStore.read_embeddings`: a missing chunk, a codec error or a row that is
+    not unit-norm (zeros read from a lost chunk) raises a one-line ``StoreCorruptError`` instead of
+    being scored.
     """
 
-    def __init__(self, array, n_rows: int):
-        self.array = array
-        self.shape = (int(n_rows),) + tuple(array.shape[1:])
+    def __init__(self, store: EmbeddingStore):
+        self.store = store
+        array = store.group["embedding"]
+        self.shape = (int(store.n_rows),) + tuple(array.shape[1:])
         self.dtype = array.dtype
 
     def __len__(self) -> int:
@@ -59,13 +70,12 @@ class RowView:
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
-            return self.array[start:stop:step]
+            return self.store.read_embeddings(key)
         raise TypeError("RowView supports row slices only")
 
 
 def embedding_view(store: EmbeddingStore) -> RowView:
-    return RowView(store.group["embedding"], store.n_rows)
+    return RowView(store)
 
 
 def row_chunking(store: EmbeddingStore) -> tuple[int, int]:
@@ -187,6 +197,11 @@ def label_counts(store: EmbeddingStore, label_array, classes) -> dict[str, int]:
     total = np.zeros(k, np.int64)
     step = row_chunking(store)[1]
     for start in range(0, store.n_rows, step):
-        lab = np.asarray(label_array[start:min(start + step, store.n_rows)], dtype=np.int64)
+        try:
+            lab = np.asarray(label_array[start:min(start + step, store.n_rows)], dtype=np.int64)
+        except Exception as e:  # a damaged chunk of the label array: one line, not a traceback
+            raise StoreCorruptError(f"{store.path}: array {label_array.path}, rows {start}-"
+                                    f"{min(start + step, store.n_rows) - 1}: cannot be read "
+                                    f"({type(e).__name__}: {' '.join(str(e).split())})") from None
         total += np.bincount(lab[lab >= 0], minlength=k)[:k]
     return {c: int(v) for c, v in zip(classes, total)}

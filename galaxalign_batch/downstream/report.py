@@ -22,7 +22,8 @@ import numpy as np
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import Classification, classification_of, open_readable, row_chunking
-from galaxalign_batch.downstream.tiles import TileOpener, cutouts_for_rows, png_base64, survey_roots, to_rgb8
+from galaxalign_batch.downstream.tiles import (TileOpener, brick_of_key, cutouts_for_rows, png_base64, survey_roots,
+                                               to_rgb8)
 from galaxalign_batch.store import EmbeddingStore, schema
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,11 @@ def find_truth(store: EmbeddingStore, cls: Classification, roots: Sequence[str])
     for name, status, start, count in zip(t["name"], t["status"], t["row_start"], t["row_count"]):
         if status != schema.STATUS_DONE or count == 0:
             continue
-        name = str(name)
-        path = next((layout.tractor_path(r, name) for r in roots if layout.tractor_path(r, name).is_file()), None)
+        root, brick = brick_of_key(str(name))  # tile keys are ROOT/coadd/AAA/BRICK (bare names in old stores)
+        if brick is None:
+            continue
+        path = next((c for c in ([layout.tractor_path(root, brick)] if root else [])
+                     + [layout.tractor_path(r, brick) for r in roots] if c.is_file()), None)
         if path is None:
             continue
         try:

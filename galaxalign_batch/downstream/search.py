@@ -66,21 +66,23 @@ def find_object_rows(store: EmbeddingStore, object_ids: Sequence[str]) -> dict[s
     tiles = store.tile_table()
     by_tile = {str(n): (int(s), int(c)) for n, s, c, st in zip(tiles["name"], tiles["row_start"], tiles["row_count"],
                                                                   tiles["status"]) if st == schema.STATUS_DONE}
-    arr = store.group["object_id"]
+    by_brick: dict[str, list[tuple[int, int]]] = {}  # tile keys are brick folders: BRICK -> their spans
+    for name, span in by_tile.items():
+        by_brick.setdefault(os.path.basename(name), []).append(span)
     for oid in wanted:
-        for guess in _tile_guesses(oid):
-            if guess in by_tile:
-                s, c = by_tile[guess]
-                hit = np.flatnonzero(np.asarray(arr[s:s + c]) == oid)
-                if len(hit):
-                    found[oid] = s + int(hit[0])
-                    break
+        spans = [sp for guess in _tile_guesses(oid)
+                 for sp in ([by_tile[guess]] if guess in by_tile else by_brick.get(guess, []))]
+        for s, c in spans:
+            hit = np.flatnonzero(np.asarray(store.read("object_id", slice(s, s + c))) == oid)
+            if len(hit):
+                found[oid] = s + int(hit[0])
+                break
     rest = {o for o in wanted if o not in found}
     if rest:
         _, shard = row_chunking(store)
         n = store.n_rows
         for start in progress.bar(range(0, n, shard), total=-(-n // shard), desc="looking up ids", unit="chunk"):
-            ids = np.asarray(arr[start:min(start + shard, n)])
+            ids = np.asarray(store.read("object_id", slice(start, min(start + shard, n))))
             for i in np.flatnonzero(np.isin(ids, list(rest))):
                 found.setdefault(str(ids[i]), start + int(i))
             rest -= set(found)
@@ -134,10 +136,9 @@ def nearest_rows(store: EmbeddingStore, ra: float, dec: float, radius_arcsec: fl
     shift = 2 * (schema.HEALPIX_ORDER - order)
     _, shard = row_chunking(store)
     n = store.n_rows
-    arr = store.group["healpix"]
     cand: list[np.ndarray] = []
     for start in progress.bar(range(0, n, shard), total=-(-n // shard), desc="cone search", unit="chunk"):
-        hp = np.asarray(arr[start:min(start + shard, n)]) >> shift
+        hp = np.asarray(store.read("healpix", slice(start, min(start + shard, n)))) >> shift
         hit = np.flatnonzero(np.isin(hp, pix))
         if len(hit):
             cand.append(start + hit)
@@ -177,7 +178,7 @@ def query_near(store: EmbeddingStore, text: str, radius_arcsec: float = 5.0) -> 
 
 
 def _stored_vector(store: EmbeddingStore, row: int) -> np.ndarray:
-    return np.asarray(store.read("embedding", np.array([row]))[0], dtype=np.float32)
+    return np.asarray(store.read_embeddings(np.array([row]))[0], dtype=np.float32)
 
 
 def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:

@@ -1,9 +1,11 @@
 """Re-making cutouts of store rows from their tiles (search picture grids, report thumbnails, head classification).
 
-The store keeps no pixels. A row's ``tile`` is either the absolute path of a cutout-cube file
-(opened directly) or a Legacy Survey brick name, looked up in the survey roots: those given
-(``--survey ROOT``), those the store lists in its ``survey_roots`` attribute when present, and the
-default simulated survey ``runs/sky`` when it exists. Cutouts use the store's ``cutout_spec`` and
+The store keeps no pixels. A row's ``tile`` is its tile's key (docs/store.md): the resolved path of
+a cutout-cube file (opened directly), or a brick's resolved coadd folder ``ROOT/coadd/AAA/BRICK``
+(opened from that root; when the folder is gone, e.g. the data moved, the brick is looked for by
+name). Stores of format 1 hold bare brick names. Bricks are looked up by name in the survey roots:
+those given (``--survey ROOT``), those the store lists in its ``survey_roots`` attribute when
+present, and the default simulated survey ``runs/sky`` when it exists. Cutouts use the store's ``cutout_spec`` and
 the stored pixel positions ``x``, ``y``, so they are the cutouts the model saw.
 """
 
@@ -39,6 +41,24 @@ def survey_roots(store: EmbeddingStore, given: Sequence[str] | None = None) -> l
     return out
 
 
+def brick_of_key(name: str) -> tuple[str | None, str | None]:
+    """``(survey root or None, brick name or None)`` of a store tile key.
+
+    ``ROOT/coadd/AAA/BRICK`` gives both; a bare brick name (stores of format 1) or a loose brick key
+    ``FOLDER/BRICK`` gives the brick only; a cube path gives neither.
+    """
+    import re
+    from pathlib import Path
+
+    base = os.path.basename(str(name))
+    if not re.fullmatch(r"\d{4}[pm]\d{3}", base):
+        return None, None
+    p = Path(str(name))
+    if p.is_absolute() and p.parent.name == base[:3] and p.parent.parent.name == "coadd":
+        return str(p.parents[2]), base
+    return None, base
+
+
 def store_spec(store: EmbeddingStore) -> CutoutSpec:
     spec = store.attrs.get("cutout_spec")
     return CutoutSpec.from_dict(spec) if spec else CutoutSpec()
@@ -54,15 +74,29 @@ class TileOpener:
 
     def locate(self, name: str) -> tuple[str, str | None]:
         """(path, brick) to open ``name`` with :func:`galaxalign_batch.survey.open_tile`."""
+        import glob
+        import re
+        from pathlib import Path
+
         from galaxalign_batch.survey import layout
 
-        if os.path.isabs(name) or os.path.isfile(name):
+        brick = name
+        base = os.path.basename(name)
+        if os.path.isabs(name) and re.fullmatch(r"\d{4}[pm]\d{3}", base) and not os.path.isfile(name):
+            p = Path(name)  # a brick key: ROOT/coadd/AAA/BRICK, or FOLDER/BRICK for loose brick files
+            if p.is_dir() and p.parent.name == base[:3] and p.parent.parent.name == "coadd":
+                return str(p.parents[2]), base
+            loose = sorted(glob.glob(os.path.join(glob.escape(str(p.parent)), f"legacysurvey-{base}-image-*.fits*")))
+            if loose:
+                return loose[0], None
+            brick = base  # moved: look for the brick by name in the roots
+        elif os.path.isabs(name) or os.path.isfile(name):
             if not os.path.isfile(name):
                 raise TileError(name, "tile file no longer exists")
             return name, None
         for root in self.roots:
-            if layout.coadd_dir(root, name).is_dir():
-                return root, name
+            if layout.coadd_dir(root, brick).is_dir():
+                return root, brick
         where = ", ".join(self.roots) if self.roots else "none given"
         raise TileError(name, f"brick not found in the survey roots ({where}); pass --survey ROOT")
 

@@ -104,8 +104,18 @@ def fewshot_results(store: EmbeddingStore) -> dict[str, dict]:
 
 
 def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str | None = None,
-               batch_rows: int | None = None, force: bool = False) -> ApplySummary:
-    """Write the head's probabilities for every committed row of the store at ``path`` (module docstring)."""
+               batch_rows: int | None = None, force: bool = False, force_unlock: bool = False) -> ApplySummary:
+    """Write the head's probabilities for every committed row of the store at ``path`` (module docstring).
+
+    Holds the store's lock (one writer per store, docs/store.md) while it runs.
+    """
+    from galaxalign_batch.store.lock import locked
+
+    with locked(path, force_unlock):
+        return _apply_head(path, head, name, head_file=head_file, batch_rows=batch_rows, force=force)
+
+
+def _apply_head(path, head: Head, name: str, *, head_file, batch_rows, force) -> ApplySummary:
     t0 = time.perf_counter()
     name = check_name(name)
     store = open_store(path, "r+")
@@ -127,8 +137,8 @@ def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str
         log.info("%s: resuming head %r at row %d of %d", store.path, name, done, n)
     chunk, shard = row_chunking(store)
     step = max(chunk, (batch_rows or shard) // chunk * chunk)
-    emb = store.group["embedding"]
-    write_probs(part, lambda start, stop: head.predict_proba(np.asarray(emb[start:stop], dtype=np.float32)),
+    write_probs(part, lambda start, stop: head.predict_proba(
+                    np.asarray(store.read_embeddings(slice(start, stop)), dtype=np.float32)),
                 n, done, step, f"fewshot {name}")
     meta = {"classes": list(head.classes), "kind": head.kind, "head": head.digest, "head_file": head_file,
             "rows": n, "validation": head.validation, "counts": head.counts, "temperature": head.temperature,
