@@ -225,12 +225,12 @@ def test_api_labels_undo_and_state(served):
     app, c, url = served()
     status, st = c.get("/api/state")
     assert status == 200 and st["classes"] == ["ring", "not-ring"] and st["rows"] == app.store.n_rows
-    status, nxt = c.get(f"/api/next?session={S1}&n=4")
+    status, nxt = c.post("/api/next", {"session": S1, "n": 4})
     items = nxt["items"]
     assert status == 200 and len(items) == 4 and len({i["row"] for i in items}) == 4
     ids = app.store.read("object_id")
     assert all(ids[i["row"]] == i["object_id"] for i in items)
-    status, other = c.get(f"/api/next?session={S2}&n=4")
+    status, other = c.post("/api/next", {"session": S2, "n": 4})
     assert not {i["row"] for i in items} & {i["row"] for i in other["items"]}   # two tabs, different galaxies
     status, res = c.post("/api/label", {"session": S1, "object_id": items[0]["object_id"], "label": "ring"})
     assert status == 200 and res["counts"]["ring"] == 1
@@ -239,12 +239,12 @@ def test_api_labels_undo_and_state(served):
     assert con.execute("SELECT label FROM labels WHERE object_id = ?", (items[0]["object_id"],)).fetchone() == ("ring",)
     status, res = c.post("/api/label", {"session": S1, "object_id": items[1]["object_id"], "mark": "artefact"})
     assert status == 200 and res["label"]["kind"] == "artefact"
-    status, nxt2 = c.get(f"/api/next?session={S1}&n=4")
+    status, nxt2 = c.post("/api/next", {"session": S1, "n": 4})
     assert [i["row"] for i in nxt2["items"][:2]] == [items[2]["row"], items[3]["row"]]
     assert not {items[0]["row"], items[1]["row"]} & {i["row"] for i in nxt2["items"]}
     status, res = c.post("/api/undo", {"session": S1})
     assert status == 200 and res["undone"]["object_id"] == items[1]["object_id"] and res["undone"]["now"] is None
-    status, nxt3 = c.get(f"/api/next?session={S1}&n=4")
+    status, nxt3 = c.post("/api/next", {"session": S1, "n": 4})
     assert nxt3["items"][0]["row"] == items[1]["row"]                 # the undone galaxy is shown again
     status, res = c.post("/api/undo", {"session": S2})
     assert status == 200 and res["undone"] is None                     # tab 2 has nothing to undo
@@ -295,7 +295,7 @@ def test_api_rejects_bad_requests_and_writes_nothing(served):
         (c.request("PUT", "/api/undo", good), 405, "use POST"),
         (c.get("/api/nothing"), 404, "no such"),
         (c.get("/static/../db.py"), 404, "no such"),
-        (c.get(f"/api/next?session={S1}&n=1000"), 400, "out of range"),
+        (c.post("/api/next", {"session": S1, "n": 1000}), 400, "out of range"),
         (Client(c.port, host="attacker.example").get("/api/state"), 403, "not allowed"),
     ]
     for (status, body), want_status, want in bad:
@@ -322,7 +322,7 @@ def test_background_retrain_reranks_and_saves_the_head(served):
     app, c, _ = served(every=3, task="morph", classes=("a", "b"))
     ids = []
     for i in range(6):
-        item = c.get(f"/api/next?session={S1}&n=1")[1]["items"][0]
+        item = c.post("/api/next", {"session": S1, "n": 1})[1]["items"][0]
         ids.append(item["object_id"])
         t0 = time.perf_counter()
         assert c.post("/api/label", {"session": S1, "object_id": item["object_id"], "label": "ab"[i % 2]})[0] == 200
@@ -338,7 +338,7 @@ def test_background_retrain_reranks_and_saves_the_head(served):
     saved = load_head(app.trainer.head_path)
     assert saved.classes == ["a", "b"] and saved.source["task"] == "morph"
     assert app.db.last_head()["version"] == head["version"]
-    nxt = [i["object_id"] for i in c.get(f"/api/next?session={S1}&n=5")[1]["items"]]
+    nxt = [i["object_id"] for i in c.post("/api/next", {"session": S1, "n": 5})[1]["items"]]
     assert not set(nxt) & set(ids)
     ranked = {int(r) for r in app.queue.ranking}
     assert ranked and set(app.ids.row(o) for o in nxt[1:]) <= ranked   # upcoming ones follow the head's ranking

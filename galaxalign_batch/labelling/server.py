@@ -5,7 +5,7 @@ API (every answer is JSON unless named; errors are ``{"error": "..."}`` with a 4
 =========================  ====  ==============================================================
 ``/``                      GET   the page (``static/index.html``); ``/static/...`` its script and style
 ``/api/state``             GET   task, classes, counts, head status and validation, recent labels
-``/api/next``              GET   ``?session=S&n=6``: the rows this tab shows now and next (leased to it)
+``/api/next``              POST  ``{"session": S, "n": 6}``: the rows this tab shows now and next (leased to it)
 ``/api/cutout``            GET   ``?row=R``: PNG of the row's cutout re-made from its tile, north up
 ``/api/label``             POST  ``{"session", "object_id", "label": CLASS}`` or ``... "mark": "not-sure"|"artefact"``
 ``/api/undo``              POST  ``{"session"}``: cancel this tab's newest label still in force
@@ -14,9 +14,16 @@ API (every answer is JSON unless named; errors are ``{"error": "..."}`` with a 4
 =========================  ====  ==============================================================
 
 Bound to a loopback address, requests must name that host (no DNS rebinding); bound elsewhere, every
-request needs the random ``token`` (query parameter or ``X-Token`` header), else 403. POST bodies must
-be ``application/json`` (a cross-site form cannot send that without a CORS preflight, which is refused)
-and at most 16 KiB. A label is committed to SQLite before its answer is sent.
+request needs the random ``token`` (query parameter or ``X-Token`` header), else 403. Everything that
+changes state (labels, undo, and leasing rows with ``/api/next``) is a POST: a GET (an ``<img>`` tag of
+any web page) changes nothing. Every POST is checked against cross-site use: an ``Origin`` header must
+be this server's own origin and ``Sec-Fetch-Site`` (sent by browsers) must be ``same-origin`` or
+``none``, else 403; bodies must be ``application/json`` (a cross-site form cannot send that without a
+CORS preflight, which is refused), at most 16 KiB and nested at most :data:`MAX_JSON_DEPTH` deep
+(else 400). Each connection may sit idle :data:`IDLE_TIMEOUT_S` seconds and a request must arrive
+whole within :data:`REQUEST_TIMEOUT_S`; at most :data:`MAX_CONNECTIONS` are served at once, so slow or
+half-sent requests cannot hold the server's threads. A label is committed to SQLite before its answer
+is sent.
 """
 
 from __future__ import annotations
@@ -48,6 +55,14 @@ from galaxalign_batch.store import EmbeddingStore
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
+#: deepest nesting of arrays/objects a JSON body may have (the API's bodies are flat objects)
+MAX_JSON_DEPTH = 16
+#: a connection idle (no byte received) this long is closed
+IDLE_TIMEOUT_S = 10.0
+#: a request (line, headers and body) must be received within this many seconds of its first byte
+REQUEST_TIMEOUT_S = 30.0
+#: connections served at once; more are closed at once
+MAX_CONNECTIONS = 32
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
           "index.html": "text/html; charset=utf-8"}
@@ -207,6 +222,28 @@ class LabelApp:
         self._prefetch.shutdown(wait=False, cancel_futures=True)
 
 
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in raw:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:  # quote
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def _session(value) -> str:
     if not isinstance(value, str) or not SESSION_RE.match(value):
         raise HTTPError(400, "session: 8-64 letters, digits, '-' or '_' expected")
@@ -226,11 +263,42 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     app: LabelApp  # set on the subclass made by make_server
 
-    GET = {"/", "/index.html", "/api/state", "/api/next", "/api/cutout", "/api/labels", "/api/export.csv"}
-    POST = {"/api/label", "/api/undo"}
+    GET = {"/", "/index.html", "/api/state", "/api/cutout", "/api/labels", "/api/export.csv"}
+    POST = {"/api/label", "/api/undo", "/api/next"}
+    timeout = IDLE_TIMEOUT_S  # socket timeout of each connection (StreamRequestHandler.setup)
 
     def log_message(self, fmt, *args):  # requests at DEBUG, not on stderr
         log.debug("%s %s", self.address_string(), fmt % args)
+
+    def log_error(self, fmt, *args):  # timeouts of idle connections and the like: not on stderr
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def handle_one_request(self):
+        """One request, which must arrive whole within REQUEST_TIMEOUT_S (slow-drip clients are cut off)."""
+        timer = threading.Timer(REQUEST_TIMEOUT_S, self._cut_off)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+        try:
+            super().handle_one_request()
+        except (TimeoutError, ConnectionError, OSError) as e:  # the client went away or was cut off
+            log.debug("connection from %s closed: %s", self.address_string(), e)
+            self.close_connection = True
+        finally:
+            timer.cancel()
+
+    def _cut_off(self) -> None:
+        log.debug("request from %s not received within %.0f s: closing", self.address_string(), REQUEST_TIMEOUT_S)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _received(self) -> None:
+        """The whole request is in: its handling is not cut off by the request deadline."""
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
 
     # ---- dispatch ----------------------------------------------------------------------------------------------
     def do_GET(self):
@@ -259,8 +327,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             url = urlsplit(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            if (self.headers.get("Content-Length") or "0").strip() in ("", "0"):
+                self._received()  # no body to wait for: handling (a first cutout takes seconds) is not cut off
             self._check_access(query)
             path = url.path
+            if method not in ("GET", "HEAD"):
+                self._check_origin()
             if path in self.POST:
                 if method != "POST":
                     raise HTTPError(405, f"{path}: use POST", {"Allow": "POST"})
@@ -275,6 +347,9 @@ class Handler(BaseHTTPRequestHandler):
             if method not in ("GET", "HEAD"):
                 self.close_connection = True  # a body may be left unread
             self._json({"error": e.message}, e.status, e.headers)
+        except (TimeoutError, ConnectionError) as e:  # a body that never came, a client that went away
+            log.debug("%s %s: connection closed (%s)", method, self.path, e)
+            self.close_connection = True
         except Exception as e:
             log.exception("request %s %s failed", method, self.path)
             self._json({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
@@ -293,6 +368,22 @@ class Handler(BaseHTTPRequestHandler):
                 self._extra_headers["Set-Cookie"] = (f"{app.cookie_name}={app.token}; Path=/; HttpOnly; "
                                                      "SameSite=Strict")
 
+    def _check_origin(self) -> None:
+        """Refuse a state-changing request a browser sends on behalf of another site (CSRF).
+
+        Browsers send ``Sec-Fetch-Site`` and ``Origin`` with every POST; other clients (curl, scripts)
+        send neither and are judged by the host/token checks alone.
+        """
+        site = (self.headers.get("Sec-Fetch-Site") or "").strip().lower()
+        if site and site not in ("same-origin", "none"):
+            raise HTTPError(403, f"cross-site request refused (Sec-Fetch-Site: {site[:40]})")
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            host = (self.headers.get("Host") or "").lower()
+            allowed = {f"http://{h}" for h in (self.app.allowed_hosts or {host})}
+            if origin.strip().lower() not in allowed:
+                raise HTTPError(403, f"cross-origin request refused (Origin: {origin[:100]})")
+
     def _cookie(self, name: str) -> str | None:
         from http.cookies import CookieError, SimpleCookie
 
@@ -310,9 +401,6 @@ class Handler(BaseHTTPRequestHandler):
             return self._static(path[len("/static/"):], head)
         if path == "/api/state":
             return self._json(app.state(), head=head)
-        if path == "/api/next":
-            n = _int(query.get("n", "6"), "n", 1, 50)
-            return self._json(app.next_rows(_session(query.get("session")), n), head=head)
         if path == "/api/cutout":
             row = _int(query.get("row"), "row", 0, app.store.n_rows - 1)
             return self._send(200, app.cutout_png(row), "image/png", {"Cache-Control": "private, max-age=3600"}, head)
@@ -342,13 +430,26 @@ class Handler(BaseHTTPRequestHandler):
                 self.rfile.read(n)
             raise HTTPError(413, f"request body larger than {MAX_BODY} bytes")
         raw = self.rfile.read(n)
+        if len(raw) < n:
+            raise ConnectionError(f"body cut short ({len(raw)} of {n} bytes)")
+        self._received()
+        if json_depth(raw) > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HTTPError(400, f"malformed JSON ({e})") from None
+        except RecursionError:
+            raise HTTPError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "a JSON object expected")
-        out = self.app.label(body) if path == "/api/label" else self.app.undo(body)
+        if path == "/api/next":
+            n_rows = body.get("n", 6)
+            if isinstance(n_rows, bool) or not isinstance(n_rows, int):
+                raise HTTPError(400, "n: an integer expected")
+            out = self.app.next_rows(_session(body.get("session")), _int(n_rows, "n", 1, 50))
+        else:
+            out = self.app.label(body) if path == "/api/label" else self.app.undo(body)
         self._json(out)
 
     # ---- answers -----------------------------------------------------------------------------------------------
@@ -397,6 +498,29 @@ def _int(text, what: str, lo: int, hi: int) -> int:
 class LabelServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        """Serve in a thread while fewer than ``max_connections`` are being served; else close at once."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("%s: %d connections already open; closing", client_address, self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def make_server(app: LabelApp, host: str = "127.0.0.1", port: int = 0) -> tuple[LabelServer, str]:

@@ -161,7 +161,7 @@ async function loadState() {
   try { renderState(await api("/api/state")); } catch (e) { say("cannot reach the server: " + e.message, true); }
 }
 async function loadNext() {
-  const r = await api("/api/next?session=" + SESSION + "&n=" + N_AHEAD);
+  const r = await api("/api/next", { session: SESSION, n: N_AHEAD });  // POST: it leases rows
   state.items = r.items;
   renderCurrent();
 }
