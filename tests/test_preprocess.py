@@ -61,10 +61,12 @@ def test_kernel_matches_numpy_reference(stretch, angular_size, out_size, pixscal
     assert np.all(got.masked_fraction[12:16] > 0.7)  # the four corners: about 3/4 off the image
 
 
+@pytest.mark.parametrize("orientation", ["fits", "north-up"])
 @pytest.mark.parametrize("out_size", [16, 17])
 @pytest.mark.parametrize("pixscale", [0.262, 0.1, 1.0])
-def test_centre_convention_on_a_linear_ramp(out_size, pixscale):
-    """Output pixel (i, j) is centred on (x + (j - (S-1)/2) step, y + (i - (S-1)/2) step).
+def test_centre_convention_on_a_linear_ramp(out_size, pixscale, orientation):
+    """Output pixel (i, j) is centred on (x + (j - (S-1)/2) step, y + (i - (S-1)/2) step) in array
+    order ("fits"); north-up (no WCS: the Legacy Survey convention, +y = north) reverses the rows.
 
     Bilinear samples of a plane and box averages over a whole number of pixels are exactly its
     values there; for a fractional step the box average of the pixelised (staircase) plane is off
@@ -74,7 +76,7 @@ def test_centre_convention_on_a_linear_ramp(out_size, pixscale):
     yy, xx = np.mgrid[:h, :w]
     slopes = [(0.01, 0.02), (-0.003, 0.0), (0.0, 0.004)]
     img = np.stack([0.5 + ax * xx + ay * yy for ax, ay in slopes]).astype(np.float32)
-    spec = CutoutSpec(angular_size=8.0, out_size=out_size, stretch="none")
+    spec = CutoutSpec(angular_size=8.0, out_size=out_size, stretch="none", orientation=orientation)
     step = spec.step(pixscale)
     exact = step <= 1 or abs(step - round(step)) < 1e-9
     x, y = np.array([120.0, 101.37]), np.array([100.0, 87.62])
@@ -82,6 +84,8 @@ def test_centre_convention_on_a_linear_ramp(out_size, pixscale):
     offsets = (np.arange(out_size) - (out_size - 1) / 2) * step
     for n in range(2):
         cx, cy = np.meshgrid(x[n] + offsets, y[n] + offsets)  # rows follow y, columns x
+        if orientation == "north-up":
+            cx, cy = cx[::-1], cy[::-1]
         for b, (ax, ay) in enumerate(slopes):
             want = 0.5 + ax * cx + ay * cy
             tol = 2e-6 * np.abs(want).max() + (0 if exact else (abs(ax) + abs(ay)) / (8 * step))
@@ -95,7 +99,7 @@ def test_centre_convention_on_a_linear_ramp(out_size, pixscale):
 def test_source_at_a_corner_has_three_quarters_masked(pixscale):
     h, w = 300, 300
     img = np.ones((3, h, w), np.float32)
-    spec = CutoutSpec(angular_size=32.0, out_size=64, stretch="none")
+    spec = CutoutSpec(angular_size=32.0, out_size=64, stretch="none", orientation="fits")
     step = spec.step(pixscale)  # 2.0 (box) or 0.5 (bilinear)
     got = make_cutouts(img, None, [0.0, w - 1.0], [0.0, h - 1.0], pixscale, spec)
     if step > 1:  # footprint [-32 step, 32 step] around pixel 0; the image starts at -0.5
@@ -109,6 +113,10 @@ def test_source_at_a_corner_has_three_quarters_masked(pixscale):
     # the covered quadrant keeps the true value (renormalised, not diluted by the outside)
     assert np.allclose(got.pixels[0][:, 40:, 40:], 1.0, atol=1e-6)
     assert np.all(got.pixels[0][:, :20, :20] == 0.0)  # no data at all: fill
+    # north up: the image lies north (up) and west (right) of a source on its pixel (0, 0)
+    up = make_cutouts(img, None, [0.0], [0.0], pixscale, CutoutSpec(angular_size=32.0, out_size=64, stretch="none"))
+    assert up.masked_fraction[0] == got.masked_fraction[0]
+    assert np.allclose(up.pixels[0][:, :24, 40:], 1.0, atol=1e-6) and np.all(up.pixels[0][:, 44:, :20] == 0.0)
 
 
 def test_invalid_pixels_are_excluded_not_treated_as_zero_sky():
@@ -175,7 +183,7 @@ def _cube(name):
     return fits.getdata(Path(__file__).parent / "data" / "decals_cutouts" / name).astype(np.float32)
 
 
-@pytest.mark.parametrize("stretch", ["lupton", "asinh"])
+@pytest.mark.parametrize("stretch", ["lupton", "asinh", "gz-decals"])
 def test_same_galaxy_at_two_pixel_scales_gives_the_same_picture(stretch):
     """example_a (0.1"/px, DR3) and temp_small (0.262"/px, DR5) show one galaxy, centred on CRPIX.
 
@@ -226,7 +234,7 @@ def test_asinh_formula():
         assert abs(px[plane].mean() - want) < 1e-6 and np.ptp(px[plane]) == 0
 
 
-@pytest.mark.parametrize("stretch", ["lupton", "asinh"])
+@pytest.mark.parametrize("stretch", ["lupton", "asinh", "gz-decals"])
 def test_uint8_and_float16_match_float32(stretch):
     rng = np.random.default_rng(11)
     img, valid = _image(rng)
@@ -247,7 +255,11 @@ def test_spec_round_trip_through_json():
     back = CutoutSpec.from_dict(d)
     assert back == spec and hash(back) == hash(spec)
     assert d["band_planes"] == {"g": 2, "r": 1, "z": 0} and d["lupton_scales"] == {"g": 6.0, "r": 3.4, "z": 2.2}
-    assert CutoutSpec.from_dict({}) == CutoutSpec()
+    assert CutoutSpec.from_dict({"orientation": "north-up"}) == CutoutSpec() and d["orientation"] == "north-up"
+    # a record from before orientation was recorded: array order, and marked as such
+    old = CutoutSpec.from_dict({"angular_size": 32.0, "stretch": "lupton"})
+    assert old.orientation == "fits" and not old.orientation_recorded and CutoutSpec().orientation_recorded
+    assert CutoutSpec.from_dict(old.to_dict()).orientation == "fits" and old.to_dict()["orientation"] == "fits"
     assert CutoutSpec().out_pixscale == 0.5 and abs(CutoutSpec().step(0.262) - 0.5 / 0.262) < 1e-12
 
 
@@ -265,6 +277,10 @@ def test_spec_round_trip_through_json():
     ({"lupton_scales": 5}, "must map band names to numbers"),
     ({"lupton_q": 0.0}, "lupton_q must be > 0"),
     ({"asinh_max": {"r": "big"}}, "asinh_max['r'] must be a number"),
+    ({"orientation": "south-up"}, "orientation must be one of"),
+    ({"gz_scales": {"z": 0.0}}, "gz_scales['z'] must be finite and > 0"),
+    ({"gz_min": 1.0, "gz_max": 1.0}, "gz_max must be > gz_min"),
+    ({"gz_desaturate": 1}, "gz_desaturate must be true or false"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ConfigError, match=None) as e:

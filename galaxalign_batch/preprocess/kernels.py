@@ -8,6 +8,10 @@ the sum of the weights of the taps that fall outside the image or on invalid / n
 Two resampling paths give the same numbers (up to float32 rounding of the intermediate sums):
 a fast separable one (rows first, vectorised, then columns) for a source whose window is inside the
 image with every pixel valid and finite, and a general per-tap one with masking for the others.
+Orientation: the resampling grid has rows along +y and columns along +x of the input; an output
+pixel is written where a signed permutation ``M`` (one of the 8 flips / rotations by 90 degrees,
+from the WCS) sends it, which is exact because the grid is symmetric about the source. A source whose
+WCS is rotated by another angle is resampled on the rotated grid directly (``_resample_rotated``).
 See docs/preprocess.md for the conventions.
 """
 
@@ -21,6 +25,7 @@ from numba import njit, prange
 MODE_NONE = 0  # resampled nanomaggies, channel = band index
 MODE_LUPTON = 1  # Legacy Survey viewer RGB (legacypipe sdss_rgb)
 MODE_ASINH = 2  # per-band asinh
+MODE_GZ = 3  # Galaxy Zoo DECaLS (zooniverse/decals dr2_style_rgb with desaturation)
 
 
 def taps_per_axis(step: float) -> int:
@@ -227,59 +232,187 @@ def _lupton_factor(vals, present, i, j, scales, m, q, inv_sqrt_q):
     return zero
 
 
+@njit(cache=True, fastmath=False, inline="always")
+def _dest(i, j, size, m00, m01, m10, m11):
+    """Output (row, column) of grid pixel (i, j): (a, b) = M^T (dx, dy), offsets doubled to stay integers."""
+    dx = 2 * j - (size - 1)
+    dy = 2 * i - (size - 1)
+    a = m00 * dx + m10 * dy
+    b = m01 * dx + m11 * dy
+    return (b + size - 1) // 2, (a + size - 1) // 2
+
+
 @njit(cache=True, fastmath=False)
-def _stretch(out, n, vals, present, mode, planes, p1, p2, m, q, fill, to_uint8):
+def _gz_pixel(vals, present, i, j, inv_scales, lo, inv_range, desaturate, norm):
+    """Galaxy Zoo DECaLS value of each present band at (i, j) into ``norm``, before clipping.
+
+    n_b = (asinh(f_b / scale_b) - asinh(min)) / (asinh(max) - asinh(min)); with desaturation, a = mean of
+    the present n_b (1 where it is 0), w = sin((1 - min(1, max_b n_b / a / 2.5)) pi / 2) and
+    n_b <- n_b w + a (1 - w) + a (1 - w)^2 n_b: pixels dominated by one band are pulled towards grey.
+    """
+    f32 = np.float32
+    nb = vals.shape[0]
+    total = f32(0.0)
+    count = 0
+    for b in range(nb):
+        if present[b, i, j]:
+            norm[b] = (_asinh(vals[b, i, j] * inv_scales[b]) - lo) * inv_range
+            total += norm[b]
+            count += 1
+    if not desaturate or count == 0:
+        return
+    a = total / f32(count)
+    if a == f32(0.0):
+        a = f32(1.0)
+    top = f32(-np.inf)
+    for b in range(nb):
+        if present[b, i, j]:
+            top = max(top, norm[b] / a / f32(2.5))
+    wt = f32(1.0) - min(top, f32(1.0))
+    wt = f32(math.sin(wt * f32(math.pi / 2.0)))
+    rest = f32(1.0) - wt
+    for b in range(nb):
+        if present[b, i, j]:
+            norm[b] = norm[b] * wt + a * rest + a * rest * rest * norm[b]
+
+
+@njit(cache=True, fastmath=False)
+def _stretch(out, n, vals, present, mode, planes, p1, p2, m, q, fill, to_uint8, orient):
     """Stretch the resampled float32 values ``vals`` (nb, S, S) of source ``n`` into ``out``.
 
     legacypipe sdss_rgb (lupton): I = mean_b max(0, f_b s_b + m); plane_b = clip((f_b s_b + m) asinh(Q I) / sqrt(Q) / I).
     asinh: plane_b = clip(asinh(f_b / softening_b) / asinh(max_b / softening_b)); p2 holds the denominator.
-    Computed in float32, like legacypipe on float32 images.
+    gz-decals: see ``_gz_pixel``; ``m``, ``q`` hold asinh(min), 1 / (asinh(max) - asinh(min)), ``p2[0]`` > 0
+    turns desaturation on. Computed in float32, like legacypipe on float32 images. Grid pixel (i, j)
+    goes to ``_dest(i, j, S, *orient)``.
     """
     nb, size = vals.shape[0], vals.shape[1]
     f32 = np.float32
     fill32 = f32(fill)
+    m00, m01, m10, m11 = orient[0], orient[1], orient[2], orient[3]
     if mode == MODE_NONE:
         for b in range(nb):
             for i in range(size):
                 for j in range(size):
-                    _put(out, n, b, i, j, vals[b, i, j] if present[b, i, j] else fill32, to_uint8)
+                    oi, oj = _dest(i, j, size, m00, m01, m10, m11)
+                    _put(out, n, b, oi, oj, vals[b, i, j] if present[b, i, j] else fill32, to_uint8)
         return
     scales = p1.astype(np.float32)
     inv_scales = (1.0 / p1).astype(np.float32)
     inv_denom = (1.0 / p2).astype(np.float32)
     m32 = f32(m)
     q32 = f32(q)
-    inv_sqrt_q = f32(1.0 / math.sqrt(q))
+    inv_sqrt_q = f32(1.0 / math.sqrt(q)) if mode == MODE_LUPTON else f32(1.0)
+    desaturate = p2[0] > 0.0
     factor = np.empty(size, np.float32)
+    norm = np.empty(nb, np.float32)
     for i in range(size):
         if mode == MODE_LUPTON:
             for j in range(size):
                 factor[j] = _lupton_factor(vals, present, i, j, scales, m32, q32, inv_sqrt_q)
-        for b in range(nb):
-            c = planes[b]
-            for j in range(size):
+        for j in range(size):
+            oi, oj = _dest(i, j, size, m00, m01, m10, m11)
+            if mode == MODE_GZ:
+                _gz_pixel(vals, present, i, j, inv_scales, m32, q32, desaturate, norm)
+            for b in range(nb):
+                c = planes[b]
                 if not present[b, i, j]:
                     v = fill32
                 elif mode == MODE_LUPTON:
                     v = _clip01((vals[b, i, j] * scales[b] + m32) * factor[j])
+                elif mode == MODE_GZ:
+                    v = _clip01(norm[b])
                 else:
                     v = _clip01(_asinh(vals[b, i, j] * inv_scales[b]) * inv_denom[b])
-                _put(out, n, c, i, j, v, to_uint8)
+                _put(out, n, c, oi, oj, v, to_uint8)
+
+
+@njit(cache=True, fastmath=False)
+def _resample_rotated(image, valid, has_valid, b, x, y, rot, step, vals, present):
+    """Band ``b`` on a grid rotated by ``rot`` (input pixels per output pixel, 2 x 2), in output order.
+
+    Output pixel (i, j) is centred on (x, y) + rot (j - h, i - h), h = (S - 1) / 2. For step > 1 its
+    footprint (the image of the output pixel square) is sampled at ``ss`` x ``ss`` points, each taking
+    the pixel it falls in (the pixelised image, as the box filter): a Riemann sum of the same area
+    average the separable path computes exactly. For step <= 1, bilinear at the centre. Masked taps
+    are left out and the rest renormalised, as in ``_resample_general``; returns the masked weight.
+    """
+    nb, height, width = image.shape
+    size = vals.shape[1]
+    half = (size - 1) * 0.5
+    masked_sum = 0.0
+    ss = max(2, int(math.ceil(4.0 * step))) if step > 1.0 else 1
+    inv_ss = 1.0 / ss
+    wsub = inv_ss * inv_ss
+    for i in range(size):
+        for j in range(size):
+            num = 0.0
+            wvalid = 0.0
+            wmasked = 0.0
+            for su in range(ss):
+                u = j - half + ((su + 0.5) * inv_ss - 0.5 if ss > 1 else 0.0)
+                for sv in range(ss):
+                    v = i - half + ((sv + 0.5) * inv_ss - 0.5 if ss > 1 else 0.0)
+                    px = x + rot[0, 0] * u + rot[0, 1] * v
+                    py = y + rot[1, 0] * u + rot[1, 1] * v
+                    if ss > 1:
+                        col = int(math.floor(px + 0.5))
+                        row = int(math.floor(py + 0.5))
+                        if row < 0 or col < 0 or row >= height or col >= width:
+                            wmasked += wsub
+                            continue
+                        val = image[b, row, col]
+                        if (has_valid and not valid[b, row, col]) or not math.isfinite(val):
+                            wmasked += wsub
+                            continue
+                        num += wsub * val
+                        wvalid += wsub
+                    else:
+                        c0 = int(math.floor(px))
+                        r0 = int(math.floor(py))
+                        fx = px - c0
+                        fy = py - r0
+                        for dr in range(2):
+                            wy = fy if dr else 1.0 - fy
+                            for dc in range(2):
+                                w = wy * (fx if dc else 1.0 - fx)
+                                row = r0 + dr
+                                col = c0 + dc
+                                if row < 0 or col < 0 or row >= height or col >= width:
+                                    wmasked += w
+                                    continue
+                                val = image[b, row, col]
+                                if (has_valid and not valid[b, row, col]) or not math.isfinite(val):
+                                    wmasked += w
+                                    continue
+                                num += w * val
+                                wvalid += w
+            masked_sum += wmasked
+            if wvalid > 0.0:
+                vals[b, i, j] = num / wvalid
+                present[b, i, j] = True
+            else:
+                vals[b, i, j] = 0.0
+                present[b, i, j] = False
+    return masked_sum
 
 
 @njit(parallel=True, cache=True, fastmath=False)
 def cutout_kernel(image, valid, has_valid, blocks, use_blocks, xs, ys, order, step, ntaps, mode, planes, p1, p2, m, q, fill,
-                  to_uint8, out, masked):
+                  to_uint8, orient, rotated, rot, out, masked):
     """Cutouts of all sources into ``out`` (N, 3, S, S) (zeroed by the caller) and ``masked`` (N,).
 
     ``blocks`` is ``invalid_blocks(valid)`` when ``use_blocks`` (worth it when the sources' windows
     add up to more than the image), else unused and the windows are scanned. Sources are visited in
-    ``order`` (sorted by row for cache locality); results go to their own index.
+    ``order`` (sorted by row for cache locality); results go to their own index. ``orient`` (N, 4):
+    the signed permutation M (m00, m01, m10, m11) of each source; where ``rotated[n]`` the source is
+    resampled on the grid ``rot[n]`` (2 x 2, input pixels per output pixel) instead.
     """
     nb, height, width = image.shape
     size = out.shape[2]
-    reach = 0.5 * size * step + 2.0
+    reach = 0.7072 * size * step + 2.0
     inv_count = 1.0 / (nb * size * size)
+    identity = np.array([1, 0, 0, 1], np.int64)
     for t in prange(order.shape[0]):
         n = order[t]
         x = xs[n]
@@ -292,6 +425,15 @@ def cutout_kernel(image, valid, has_valid, blocks, use_blocks, xs, ys, order, st
                         _put(out, n, c, i, j, np.float32(fill), to_uint8)
             masked[n] = 1.0
             continue
+        vals = np.empty((nb, size, size), np.float32)
+        present = np.empty((nb, size, size), np.bool_)
+        masked_sum = 0.0
+        if rotated[n]:
+            for b in range(nb):
+                masked_sum += _resample_rotated(image, valid, has_valid, b, x, y, rot[n], step, vals, present)
+            _stretch(out, n, vals, present, mode, planes, p1, p2, m, q, fill, to_uint8, identity)
+            masked[n] = min(1.0, masked_sum * inv_count)
+            continue
         tx_i = np.empty((size, ntaps), np.int64)
         tx_w = np.empty((size, ntaps), np.float64)
         ty_i = np.empty((size, ntaps), np.int64)
@@ -299,13 +441,10 @@ def cutout_kernel(image, valid, has_valid, blocks, use_blocks, xs, ys, order, st
         axis_taps(x, step, size, width, tx_i, tx_w)
         axis_taps(y, step, size, height, ty_i, ty_w)
         inside = _window_inside(tx_i) and _window_inside(ty_i)
-        vals = np.empty((nb, size, size), np.float32)
-        present = np.empty((nb, size, size), np.bool_)
-        masked_sum = 0.0
         for b in range(nb):
             fast = inside and (not has_valid or _window_all_valid(
                 valid, blocks, use_blocks, b, ty_i[0, 0], ty_i[size - 1, ntaps - 1], tx_i[0, 0], tx_i[size - 1, ntaps - 1]))
             if not (fast and _resample_fast(image, b, tx_i, tx_w, ty_i, ty_w, vals, present)):
                 masked_sum += _resample_general(image, valid, has_valid, b, tx_i, tx_w, ty_i, ty_w, vals, present)
-        _stretch(out, n, vals, present, mode, planes, p1, p2, m, q, fill, to_uint8)
+        _stretch(out, n, vals, present, mode, planes, p1, p2, m, q, fill, to_uint8, orient[n])
         masked[n] = min(1.0, masked_sum * inv_count)

@@ -3,7 +3,8 @@
 Resampling is written as dense weight matrices: ``out = Wy @ (valid * img) @ Wx.T`` normalised by
 ``Wy @ valid @ Wx.T``, with the weights taken straight from their definitions (pixel-overlap box
 filter for step > 1, triangle / bilinear otherwise); the stretches are direct transcriptions of
-legacypipe ``sdss_rgb`` and of the per-band asinh.
+legacypipe ``sdss_rgb``, of the per-band asinh and of the Galaxy Zoo DECaLS ``dr2_style_rgb``
+(zooniverse/decals). Orientation: the Legacy Survey convention (north-up = rows flipped).
 """
 
 from __future__ import annotations
@@ -66,6 +67,28 @@ def sdss_rgb(imgs, bands, scales, m, Q):
     return rgb
 
 
+def gz_decals_rgb(imgs, bands, scales, mn, mx, desaturate=True):
+    """Galaxy Zoo DECaLS stretch as zooniverse/decals ``dr2_style_rgb`` with ``arcsinh=1``, whole planes.
+
+    ``scales``: {band: (plane, divisor)}. Returns (H, W, 3) in [0, 1]; planes not given stay 0 (and
+    take part in the desaturation mean, as there).
+    """
+    h, w = imgs[0].shape
+    planes = np.zeros((3, h, w), np.float32)
+    for img, band in zip(imgs, bands):
+        plane, div = scales[band]
+        planes[plane] = (np.asarray(img) / div).astype(np.float32)
+    lo, hi = np.arcsinh(mn), np.arcsinh(mx)
+    planes = (np.arcsinh(planes) - lo) / (hi - lo)
+    if desaturate:
+        mean = planes.mean(axis=0)
+        mean = np.where(mean == 0.0, 1.0, mean)
+        weight = np.minimum((planes / mean / 2.5).max(axis=0), 1.0)
+        weight = np.sin((1.0 - weight) * np.pi / 2.0)
+        planes = planes * weight + mean * (1 - weight) + mean * (1 - weight) ** 2 * planes
+    return np.clip(planes, 0.0, 1.0).transpose(1, 2, 0)
+
+
 def reference_cutouts(image, valid, x, y, pixscale, spec: CutoutSpec, bands=("g", "r", "z")):
     """(pixels (N, 3, S, S) float64 in output units before dtype conversion, masked_fraction (N,))."""
     step = spec.step(pixscale)
@@ -89,12 +112,21 @@ def reference_cutouts(image, valid, x, y, pixscale, spec: CutoutSpec, bands=("g"
                 rgb = sdss_rgb(list(vals), list(bands), scales, spec.lupton_m, spec.lupton_q)
             for b, band in enumerate(bands):
                 out[n, planes[band]] = np.where(missing[b], spec.fill, rgb[:, :, planes[band]])
+        elif spec.stretch == "gz-decals":
+            scales = {b: (planes[b], dict(spec.gz_scales)[b]) for b in bands}
+            if missing.any() or nb != 3:
+                raise NotImplementedError("the gz-decals reference takes 3 bands fully covered")
+            rgb = gz_decals_rgb(list(vals), list(bands), scales, spec.gz_min, spec.gz_max, spec.gz_desaturate)
+            for band in bands:
+                out[n, planes[band]] = rgb[:, :, planes[band]]
         else:
             soft = dict(spec.asinh_softening)
             top = dict(spec.asinh_max)
             for b, band in enumerate(bands):
                 v = np.clip(np.arcsinh(vals[b] / soft[band]) / np.arcsinh(top[band] / soft[band]), 0, 1)
                 out[n, planes[band]] = np.where(missing[b], spec.fill, v)
+    if spec.orientation == "north-up":  # Legacy Survey convention: row 0 of the array is south
+        out = out[:, :, ::-1, :].copy()
     return out, masked
 
 

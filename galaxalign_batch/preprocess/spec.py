@@ -8,7 +8,12 @@ from typing import Any, Mapping
 
 from galaxalign_batch.errors import ConfigError
 
-STRETCHES = ("lupton", "asinh", "none")
+STRETCHES = ("lupton", "asinh", "gz-decals", "none")
+# "north-up": row 0 is north, column 0 east (as the Legacy Survey viewer, Galaxy Zoo and Galaxy10
+# show them), derived from the tile's WCS; "fits": rows and columns in the tile's array order (row 0 =
+# FITS row 1, i.e. south for Legacy Survey bricks), the convention before orientation was recorded.
+ORIENTATIONS = ("north-up", "fits")
+LEGACY_ORIENTATION = "fits"  # what a recorded spec without an ``orientation`` field was cut with
 DTYPES = ("float32", "float16", "uint8")
 MAX_OUT_SIZE = 4096
 
@@ -22,6 +27,11 @@ VIEWER_Q = 20.0
 # softening = 1 / (Q * scale) and white point = sinh(sqrt(Q)) / (Q * scale), rounded to 3 digits; nanomaggies.
 ASINH_SOFTENING = {"g": 0.00833, "r": 0.0147, "z": 0.0227}
 ASINH_MAX = {"g": 0.365, "r": 0.644, "z": 0.995}
+# Galaxy Zoo DECaLS subject images (zooniverse/decals make_png_from_fits -> dr2_style_rgb): per band
+# asinh(f / scale), black at asinh(-0.5), white at asinh(300), then desaturation of single-colour pixels.
+GZ_SCALES = {"g": 0.008, "r": 0.014, "z": 0.019}
+GZ_MIN = -0.5
+GZ_MAX = 300.0
 
 BandMap = tuple[tuple[str, float], ...]
 
@@ -57,6 +67,10 @@ class CutoutSpec:
     - ``band_planes``: RGB plane of each band (0 = R, 1 = G, 2 = B); viewer: z->R, r->G, g->B.
     - ``lupton_scales`` / ``lupton_m`` / ``lupton_q``: the viewer's band multipliers, offset and Q.
     - ``asinh_softening`` / ``asinh_max``: per band, nanomaggies: v = asinh(f/soft) / asinh(max/soft).
+    - ``"gz-decals"`` stretch (Galaxy Zoo DECaLS images): ``gz_scales`` (per band divisor, nanomaggies),
+      ``gz_min`` / ``gz_max`` (black / white before the asinh) and ``gz_desaturate``.
+    - ``orientation``: ``"north-up"`` (north up, east left, from the WCS) or ``"fits"`` (array order).
+      ``from_dict`` of a record without the field gives ``"fits"``: what old stores and checkpoints used.
     - ``dtype``: ``"float32"`` / ``"float16"`` (values in [0, 1]) or ``"uint8"`` (0..255).
     - ``fill``: output value (in output units before uint8 scaling) of a pixel whose band has no
       valid data at all.
@@ -73,6 +87,11 @@ class CutoutSpec:
     asinh_max: BandMap = tuple(ASINH_MAX.items())
     dtype: str = "float32"
     fill: float = 0.0
+    gz_scales: BandMap = tuple(GZ_SCALES.items())
+    gz_min: float = GZ_MIN
+    gz_max: float = GZ_MAX
+    gz_desaturate: bool = True
+    orientation: str = "north-up"
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -96,7 +115,15 @@ class CutoutSpec:
         for band, plane in self.band_planes:
             if plane not in (0, 1, 2):
                 raise ConfigError(f"CutoutSpec.band_planes[{band!r}] must be 0 (R), 1 (G) or 2 (B), got {plane}")
-        for name in ("lupton_scales", "asinh_softening", "asinh_max"):
+        if self.orientation not in ORIENTATIONS:
+            raise ConfigError(f"CutoutSpec.orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
+        if not isinstance(self.gz_desaturate, bool):
+            raise ConfigError(f"CutoutSpec.gz_desaturate must be true or false, got {self.gz_desaturate!r}")
+        put("gz_min", _finite("gz_min", self.gz_min))
+        put("gz_max", _finite("gz_max", self.gz_max))
+        if not self.gz_max > self.gz_min:
+            raise ConfigError(f"CutoutSpec.gz_max must be > gz_min, got {self.gz_min}..{self.gz_max}")
+        for name in ("lupton_scales", "asinh_softening", "asinh_max", "gz_scales"):
             put(name, _band_map(name, getattr(self, name)))
             for band, v in getattr(self, name):
                 if not (math.isfinite(v) and v > 0):
@@ -116,7 +143,7 @@ class CutoutSpec:
         return self.out_pixscale / pixscale
 
     def band_parameters(self, bands: tuple[str, ...]) -> tuple[list[int], list[float], list[float]]:
-        """(planes, p1, p2) per band for the kernel: lupton scale or asinh softening, asinh max."""
+        """(planes, p1, p2) per band for the kernel: lupton scale, asinh softening / max or gz-decals scale."""
         bands = tuple(bands)
         if not 1 <= len(bands) <= 3:
             raise ConfigError(f"cutouts take 1 to 3 bands, got {len(bands)}: {bands}")
@@ -127,6 +154,8 @@ class CutoutSpec:
         planes_map = dict(self.band_planes)
         if self.stretch == "lupton":
             tables = {"lupton_scales": dict(self.lupton_scales)}
+        elif self.stretch == "gz-decals":
+            tables = {"gz_scales": dict(self.gz_scales)}
         else:
             tables = {"asinh_softening": dict(self.asinh_softening), "asinh_max": dict(self.asinh_max)}
         for name, table in [("band_planes", planes_map), *tables.items()]:
@@ -138,6 +167,8 @@ class CutoutSpec:
             raise ConfigError(f"CutoutSpec.band_planes maps bands {bands} onto the same RGB plane: {planes}")
         if self.stretch == "lupton":
             return planes, [tables["lupton_scales"][b] for b in bands], [1.0] * len(bands)
+        if self.stretch == "gz-decals":
+            return planes, [tables["gz_scales"][b] for b in bands], [1.0] * len(bands)
         return planes, [tables["asinh_softening"][b] for b in bands], [tables["asinh_max"][b] for b in bands]
 
     def to_dict(self) -> dict:
@@ -148,15 +179,29 @@ class CutoutSpec:
             out[f.name] = dict(v) if isinstance(v, tuple) else v
         return out
 
+    @property
+    def orientation_recorded(self) -> bool:
+        """False for a spec read by ``from_dict`` from a record that had no ``orientation`` field."""
+        return self.__dict__.get("_orientation_recorded", True)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CutoutSpec":
+        """The spec a record describes. A record without ``orientation`` (written before the field
+        existed) was cut in array order: it gets ``orientation="fits"`` and ``orientation_recorded``
+        False, so a model trained on such cutouts keeps being fed what it saw."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"CutoutSpec.from_dict needs a mapping, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown CutoutSpec field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**dict(d))
+        d = dict(d)
+        recorded = "orientation" in d
+        d.setdefault("orientation", LEGACY_ORIENTATION)
+        spec = cls(**d)
+        if not recorded:
+            object.__setattr__(spec, "_orientation_recorded", False)
+        return spec
 
 
 def _finite(name: str, value: Any) -> float:
