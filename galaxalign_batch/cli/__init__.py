@@ -16,7 +16,8 @@ from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import GalaxAlignError
 
 # In the order of the data's path; `help` of the top-level parser lists them so.
-SUBCOMMANDS = ["simulate", "info", "pretrain", "train", "evaluate", "embed", "verify", "classify", "search",
+SUBCOMMANDS = ["simulate", "info", "cutout", "pretrain", "train", "evaluate", "embed", "verify", "classify",
+               "search",
                "join", "report", "demo", "fewshot", "label", "morphology"]
 
 log = logging.getLogger("galaxalign_batch")
