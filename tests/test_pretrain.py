@@ -1,0 +1,160 @@
+"""Label-free pretraining: captions from Tractor columns, `pretrain` runs / resumes / loads in train,
+embed and classify, the compact foundation round trip, and the shipped foundation's value."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astropy.table import Table
+
+from galaxalign_batch.cli import main
+from galaxalign_batch.model import captions as C
+from galaxalign_batch.model.checkpoint import load_checkpoint, read_info
+from galaxalign_batch.vocabulary import load_vocabulary
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+FOUNDATION = Path(__file__).resolve().parent.parent / "galaxalign_batch" / "data" / "foundation-tiny.safetensors"
+
+
+def _tractor_rows() -> Table:
+    """Rows as DR9 Tractor catalogues have them (plus the simulator's truth, which captions must ignore)."""
+    return Table({
+        "type": ["DEV", "EXP", "SER", "PSF", "REX", "SER", "DUP"],
+        "flux_g": [12.589, 4.0, 2.0, 1.0, 0.5, np.nan, 1.0],
+        "flux_r": [25.1189, 6.0, 3.0, 1.2, 0.8, 2.0, 1.0],     # 25.1189 nanomaggies = r 19.0
+        "flux_z": [50.0, 8.0, 4.0, 1.5, 1.0, 2.5, 1.0],
+        "mw_transmission_r": [1.0] * 7,
+        "shape_r": [4.1, 6.0, 1.2, 0.0, 0.9, 2.5, 0.0],
+        "shape_e1": [0.0, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0],
+        "shape_e2": [0.02, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0],
+        "sersic": [4.0, 1.0, 2.6, 0.0, 1.0, 1.4, 0.0],
+        "true_class": [2, 5, 0, -1, 9, 1, -1],
+        "true_class_key": ["round_smooth", "barred_spiral", "disturbed", "star", "edge_on_with_bulge", "merging",
+                           "star"],
+    })
+
+
+def test_captions_describe_catalogue_columns_without_class_names():
+    t = _tractor_rows()
+    vocab = load_vocabulary("galaxy10")
+    from open_clip import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    rng = np.random.default_rng(0)
+    fits = lambda s: len(tok.encode(s)) <= 30  # noqa: E731
+    fitted = C.captions(t, None, fits) + [c for _ in range(20) for c in C.captions(t, rng, fits)]
+    texts = C.captions(t) + fitted
+    for text in texts:
+        low = text.lower()
+        for i in range(len(vocab)):
+            assert vocab.keys[i].replace("_", " ") not in low and vocab.labels[i].lower() not in low, text
+        for word in C.FORBIDDEN_WORDS:
+            assert word not in f" {low} ", (word, text)
+    canonical = C.captions(t)
+    # the facts: magnitude from the flux, colour, shape from e1/e2, size, profile
+    assert canonical[0] == "a red, round galaxy, r = 19.0, half-light radius 4 arcsec, de Vaucouleurs profile."
+    assert "very flattened" in canonical[1] or "elongated" in canonical[1]
+    assert "exponential profile" in canonical[1] and "half-light radius 6 arcsec" in canonical[1]
+    assert "Sersic n = 2.5" in canonical[2] and "1.2 arcsec" in canonical[2]
+    assert "point source" in canonical[3] and "r = 22.3" in canonical[3]
+    assert canonical[6].startswith("an unresolved")          # DUP reads as a point source
+    assert "r = 21.7" in canonical[5] and "red" not in canonical[5].split(",")[0]   # no g flux: colour from r-z
+    # every wording of a 32-token model fits its context (30 BPE tokens + start and end)
+    assert max(len(tok.encode(s)) for s in fitted) <= 30
+    assert len(set(C.caption(t[1], np.random.default_rng(s)) for s in range(30))) >= 2   # several wordings
+
+
+def test_captions_need_tractor_columns():
+    assert C.has_caption_columns(_tractor_rows())
+    assert not C.has_caption_columns(Table({"x": [1.0], "y": [2.0], "flux_r": [1.0]}))
+
+
+@pytest.fixture(scope="module")
+def tiny_sky(tmp_path_factory):
+    from galaxalign_batch.simulate import simulate_labelled, simulate_survey
+
+    root = tmp_path_factory.mktemp("pt")
+    simulate_survey(root / "sky", bricks=1, size=384, seed=3, density=8000, stars=100, no_coverage=0)
+    simulate_labelled(root / "sky", n_per_class=7, stamp_size=128, seed=3)
+    return root
+
+
+def test_pretrain_runs_resumes_and_loads_in_train_embed_classify(tiny_sky, tmp_path, caplog):
+    sky, out = tiny_sky / "sky", tmp_path / "foundation"
+    args = ["--no-progress", "pretrain", "--tiles", str(sky), "--out", str(out), "--batch-size", "8",
+            "--epochs", "2", "--checkpoint-every", "2", "--threads", "1"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    first = json.loads((out / "pretrain_summary.json").read_text())
+    assert first["global_step"] == 2 and first["sources"] > 16
+    assert (out / "checkpoints" / "step_0000002").is_dir()
+    # a rerun with a larger budget resumes at step 2 with the same schedule instead of starting again
+    caplog.set_level("INFO", logger="galaxalign_batch")
+    assert main(args + ["--max-steps", "4"]) == 0
+    assert "resuming pretraining from" in caplog.text and "step 2)" in caplog.text
+    second = json.loads((out / "pretrain_summary.json").read_text())
+    assert second["global_step"] == 4 and second["total_steps"] == first["total_steps"]
+    info = read_info(out / "model.safetensors")
+    assert info["mode"] == "image-text" and info["pretraining"]["global_step"] == 4
+    assert "true_class" not in json.dumps(info["pretraining"])
+    # another run's checkpoint is refused rather than mixed in
+    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.model.pretrain import PretrainConfig, pretrain
+
+    with pytest.raises(ConfigError, match="different pretraining"):
+        pretrain(PretrainConfig(tiles=[str(sky)], out=str(out), batch_size=16, epochs=2, max_steps=6))
+
+    # the foundation in train (--model DIR/model.safetensors), embed and classify
+    model_dir = tmp_path / "tuned"
+    assert main(["--no-progress", "train", "--data", str(sky), "--out", str(model_dir), "--model",
+                 str(out / "model.safetensors"), "--mode", "trimodal", "--epochs-stage1", "1", "--epochs-stage2", "1",
+                 "--batch-size", "8", "--max-steps-per-epoch", "1", "--threads", "1", "--symbol-bank", "2"]) == 0
+    tuned = read_info(model_dir / "model.safetensors")
+    assert tuned["open_clip"]["initialised_from"] == str((out / "model.safetensors").resolve())
+    a = load_checkpoint(out / "model.safetensors").clip.visual.conv1.weight
+    b = load_checkpoint(model_dir / "model.safetensors").clip.visual.conv1.weight
+    assert 0 < (a - b).abs().max().item() < 0.05                 # started from the foundation, then moved
+
+    store = tmp_path / "sky.zarr"
+    env = dict(os.environ, GALAXALIGN_PROGRESS="0", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "galaxalign_batch", "--log-level", "WARNING", "embed", "--tiles",
+                           str(sky), "--model", str(out / "model.safetensors"), "--out", str(store)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["--no-progress", "classify", "--store", str(store), "--model", str(out / "model.safetensors")]) == 0
+    import zarr
+
+    g = zarr.open_group(store, mode="r")
+    assert g["embedding"].shape[0] == g["label"].shape[0] > 0
+
+
+def test_compact_foundation_round_trip(tiny_sky, tmp_path):
+    from galaxalign_batch.model.pretrain import PretrainConfig, expand_foundation, export_foundation, pretrain
+
+    s = pretrain(PretrainConfig(tiles=[str(tiny_sky / "sky")], out=str(tmp_path / "f"), batch_size=8, epochs=1,
+                                max_steps=2, threads=1))
+    d = export_foundation(s["model"], tmp_path / "compact.safetensors")
+    assert d["bytes"] < 5e6 and 10 < d["token_rows"] < 2000      # only the caption words' rows travel
+    full = expand_foundation(tmp_path / "compact.safetensors", tmp_path / "x" / "model.safetensors")
+    a, b = load_checkpoint(s["model"]).state_dict(), load_checkpoint(full).state_dict()
+    assert a.keys() == b.keys()
+    assert torch.equal(a["clip.token_embedding.weight"], b["clip.token_embedding.weight"])
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 2e-3   # float16 of the rest
+
+
+@pytest.mark.skipif(not FOUNDATION.is_file(), reason="the shipped foundation is not in this checkout")
+def test_shipped_foundation_expands():
+    import tempfile
+
+    from galaxalign_batch.model.pretrain import expand_foundation
+
+    with tempfile.TemporaryDirectory() as d:
+        m = load_checkpoint(expand_foundation(FOUNDATION, Path(d) / "model.safetensors"))
+    assert m.info["pretraining"]["global_step"] > 0 and FOUNDATION.stat().st_size < 5e6
