@@ -67,7 +67,8 @@ def register(sub) -> None:
     g.add_argument("--limit-per-class", type=int, default=None, help="use at most this many images per class and split")
     g.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec (simulated / survey data)")
     g.add_argument("--cutout-size", type=int, default=None, help="cutout side in pixels (default: model input size)")
-    g.add_argument("--stretch", default="lupton", choices=["lupton", "asinh"], help="cutout stretch")
+    g.add_argument("--stretch", default="lupton", choices=["lupton", "asinh", "gz-decals"],
+                   help="cutout stretch: lupton (Legacy Survey viewer, Galaxy10 DECaLS), gz-decals (Galaxy Zoo DECaLS), asinh")
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="trimodal", choices=["trimodal", "image-text", "image-only"])
     g.add_argument("--model", default="galaxalign-tiny",

@@ -22,8 +22,8 @@ import numpy as np
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import Classification, classification_of, open_readable, row_chunking
-from galaxalign_batch.downstream.tiles import (TileOpener, brick_of_key, cutouts_for_rows, png_base64, survey_roots,
-                                               to_rgb8)
+from galaxalign_batch.downstream.tiles import (TileOpener, brick_of_key, cutouts_for_rows, png_base64, store_spec,
+                                               survey_roots, to_rgb8)
 from galaxalign_batch.store import EmbeddingStore, schema
 
 log = logging.getLogger(__name__)
@@ -390,6 +390,7 @@ def _examples_section(store: EmbeddingStore, cls: Classification, per_class: int
     top = top_rows_per_class(store, len(cls.classes), per_class)
     wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r in top.values()]))
     cut = cutouts_for_rows(store, wanted, opener=TileOpener(roots, keep=4))
+    orientation = store_spec(store).orientation
     missing = sum(v is None for v in cut.values())
     ids = dict(zip(wanted.tolist(), store.read("object_id", wanted).astype(object))) if len(wanted) else {}
     conf = dict(zip(wanted.tolist(), store.read("confidence", wanted).tolist())) if len(wanted) else {}
@@ -404,7 +405,8 @@ def _examples_section(store: EmbeddingStore, cls: Classification, per_class: int
         cells = []
         for r in rows.tolist():
             pix = cut.get(r)
-            img = (f'<img src="{png_base64(to_rgb8(pix))}">' if pix is not None else '<div class="missing">no tile</div>')
+            img = (f'<img src="{png_base64(to_rgb8(pix, orientation))}">' if pix is not None
+                   else '<div class="missing">no tile</div>')
             cells.append(f'<div class="thumb">{img}<br>{html.escape(str(ids[r]))}<br>p={conf[r]:.2f}</div>')
         html_parts.append('<div class="thumbs">' + "".join(cells) + "</div>")
     if missing:

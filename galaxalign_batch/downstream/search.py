@@ -186,8 +186,8 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
 
     FITS files (a cutout cube, or a Legacy Survey coadd file) go through the store's preprocessing
     with a cutout at the image centre. Pictures (PNG, JPEG, ...) are taken as already-stretched RGB
-    shown north up: they are resized to the cutout size and flipped vertically, because cutouts
-    keep the tile's pixel rows (row 0 is south for Legacy Survey images).
+    shown north up: they are resized to the cutout size, and flipped vertically for a store whose
+    cutouts keep the tile's pixel rows (``spec.orientation == "fits"``: row 0 south for the Legacy Survey).
     """
     from galaxalign_batch.preprocess import make_cutouts
 
@@ -200,7 +200,7 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
         tile = open_tile(path)
         h, w = tile.shape
         batch = make_cutouts(tile.image, tile.valid, np.array([(w - 1) / 2.0]), np.array([(h - 1) / 2.0]),
-                             tile.pixscale, spec, bands=tile.bands)
+                             tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs)
         p = batch.pixels[0]
         return p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
     from PIL import Image, UnidentifiedImageError
@@ -213,7 +213,8 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(rgb[::-1])).permute(2, 0, 1)[None].float() / 255.0
+    rows = rgb[::-1] if spec.orientation == "fits" else rgb
+    x = torch.from_numpy(np.ascontiguousarray(rows)).permute(2, 0, 1)[None].float() / 255.0
     s = spec.out_size
     if x.shape[-2:] != (s, s):
         x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
@@ -293,7 +294,7 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from galaxalign_batch.downstream.tiles import cutouts_for_rows, to_rgb8
+    from galaxalign_batch.downstream.tiles import cutouts_for_rows, store_spec, to_rgb8
 
     wanted = list(result.rows)
     if result.query.row is not None:
@@ -321,7 +322,7 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
         if pix is None:
             ax.text(0.5, 0.5, "tile not found", ha="center", va="center", fontsize=8)
         else:
-            ax.imshow(to_rgb8(pix), interpolation="nearest")
+            ax.imshow(to_rgb8(pix, store_spec(store).orientation), interpolation="nearest")
         ax.set_title(title, fontsize=8)
     path = os.fspath(path)
     tmp = path + ".tmp.png"

@@ -139,23 +139,26 @@ def cutouts_for_rows(store: EmbeddingStore, rows: Iterable[int], spec: CutoutSpe
             log.warning("no cutouts for %d row(s): %s", len(sel), e)
             out.update({int(rows[i]): None for i in sel})
             continue
-        batch = make_cutouts(tile.image, tile.valid, xs[sel], ys[sel], tile.pixscale, spec, bands=tile.bands)
+        batch = make_cutouts(tile.image, tile.valid, xs[sel], ys[sel], tile.pixscale, spec, bands=tile.bands,
+                             wcs=tile.wcs)
         for j, i in enumerate(sel):
             out[int(rows[i])] = batch.pixels[j]
     return out
 
 
-def to_rgb8(pixels: np.ndarray) -> np.ndarray:
+def to_rgb8(pixels: np.ndarray, orientation: str = "north-up") -> np.ndarray:
     """A cutout ``(3, S, S)`` (float in [0, 1] or uint8) as an ``(S, S, 3)`` uint8 picture, north up.
 
-    Row 0 of a cutout is the tile's first pixel row (south for Legacy Survey WCS), so the picture is
-    flipped vertically, as the viewer shows it.
+    ``orientation``: the cutout's (``CutoutSpec.orientation`` of the store). North-up cutouts are shown
+    as they are; ``"fits"`` ones (stores written before orientation was recorded: row 0 is the tile's
+    first pixel row, south for Legacy Survey WCS) are flipped vertically, as the viewer shows them.
     """
     p = np.asarray(pixels)
     if p.dtype != np.uint8:
         p = np.clip(np.nan_to_num(p.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5
         p = p.astype(np.uint8)
-    return np.ascontiguousarray(np.transpose(p, (1, 2, 0))[::-1])
+    p = np.transpose(p, (1, 2, 0))
+    return np.ascontiguousarray(p[::-1] if orientation == "fits" else p)
 
 
 def png_base64(rgb: np.ndarray, scale: int = 1) -> str:

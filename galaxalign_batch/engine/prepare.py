@@ -51,7 +51,7 @@ def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> Pr
     x = np.asarray(sources["x"], dtype=np.float64)
     y = np.asarray(sources["y"], dtype=np.float64)
     if n:
-        batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
+        batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs)
         pixels, masked = batch.pixels, np.asarray(batch.masked_fraction, dtype=np.float32)
     else:
         pixels = np.zeros((0, 3, spec.out_size, spec.out_size), dtype=spec.dtype)

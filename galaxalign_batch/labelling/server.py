@@ -116,7 +116,8 @@ class LabelApp:
             from galaxalign_batch.downstream.tiles import cutouts_for_rows, to_rgb8
 
             pix = cutouts_for_rows(self.store, [row], self.spec, opener=self.opener).get(row)
-            img = Image.fromarray(to_rgb8(pix)) if pix is not None else _no_tile_picture(self.spec.out_size)
+            img = (Image.fromarray(to_rgb8(pix, self.spec.orientation)) if pix is not None
+                   else _no_tile_picture(self.spec.out_size))
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             data = buf.getvalue()
