@@ -360,3 +360,44 @@ def test_cutouts_leave_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _sky_picture(pxscale, size=256):
+    """uint8 (size, size, 3) picture of one sky (an elliptical galaxy, a ring of 12" radius, a marker
+    8" north) drawn at ``pxscale`` arcsec/px, north up, as Galaxy10 DECaLS images are."""
+    c = (size - 1) / 2
+    yy, xx = (np.mgrid[:size, :size] - c) * pxscale  # arcsec; row 0 north -> yy < 0 is north
+    galaxy = np.exp(-0.5 * ((xx / 4.0) ** 2 + (yy / 2.5) ** 2))
+    ring = np.exp(-0.5 * ((np.hypot(xx, yy) - 12.0) / 1.0) ** 2)
+    marker = np.exp(-0.5 * (xx ** 2 + (yy + 8.0) ** 2) / 0.8 ** 2)
+    rgb = np.stack([galaxy, 0.6 * ring + 0.3 * galaxy, marker], axis=-1)
+    return np.clip(rgb * 250.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_galaxy10_hdf5_with_mixed_pxscale_is_cut_at_one_angular_size(tmp_path):
+    """Galaxy10 DECaLS keeps a per-image ``pxscale``: images of the same sky at 0.262, 0.5 and 0.131
+    arcsec/px load as the same 32" picture (measured against the 0.262 one: at most 8 / 2 grey levels
+    apart, mean 0.16 / 0.06); resized without it they disagree (67" / 128" / 34" fields: 161-219 levels)."""
+    h5py = pytest.importorskip("h5py")
+    from galaxalign_batch.model.data import load_dataset
+    from galaxalign_batch.vocabulary import load_vocabulary
+
+    scales = np.array([0.262, 0.5, 0.131] * 10)
+    with h5py.File(tmp_path / "g10.h5", "w") as f:
+        f["images"] = np.stack([_sky_picture(s) for s in scales])
+        f["ans"] = np.repeat(np.arange(3), 10).astype(np.uint8)
+        f["pxscale"] = scales
+    spec = CutoutSpec(angular_size=32.0, out_size=64)
+    ds = load_dataset(tmp_path / "g10.h5", load_vocabulary("galaxy10"), spec=spec)
+    assert "pxscale (0.131-0.5 arcsec/px)" in ds.description["image_scale"]
+    images = ds.split("all").images.astype(np.int16)  # the splits shuffle the rows: compare all with all
+    diff = np.abs(images[:, None] - images[None, :])
+    assert diff.max() <= 12 and diff.mean() < 1.0, (diff.max(), diff.mean())
+    # north stays up: the marker (blue plane) is 8" = 16 px above the centre
+    row, col = np.unravel_index(np.argmax(images[:, 2].mean(axis=0)), (64, 64))
+    assert abs(row - (31.5 - 16)) <= 1 and abs(col - 31.5) <= 1
+    with h5py.File(tmp_path / "no_scale.h5", "w") as f:
+        f["images"] = np.stack([_sky_picture(s) for s in scales])
+        f["ans"] = np.repeat(np.arange(3), 10).astype(np.uint8)
+    old = load_dataset(tmp_path / "no_scale.h5", load_vocabulary("galaxy10"), spec=spec).split("all").images
+    assert np.abs(old[1].astype(np.int16) - old[0]).max() > 100

@@ -107,13 +107,16 @@ def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec
         splits, extra = _load_simulated(path, vocab, spec, limit_per_class, seed)
         desc.update(extra)
         return Dataset(splits, desc)
-    if kind == "folders":
-        images, labels = _load_folders(path, vocab, spec.out_size)
-    elif kind == "csv":
-        images, labels = _load_csv(path, vocab, spec.out_size)
+    if kind in ("folders", "csv"):
+        load = _load_folders if kind == "folders" else _load_csv
+        images, labels = load(path, vocab, spec.out_size)
+        desc["image_scale"] = "as in the source files (RGB, resized to the model input; not re-cut at a fixed angular size)"
     else:
-        images, labels = _load_hdf5(path, vocab, spec.out_size)
-    desc["image_scale"] = "as in the source files (RGB, resized to the model input; not re-cut at a fixed angular size)"
+        images, labels, pxscale = _load_hdf5(path, vocab, spec.out_size, angular_size=spec.angular_size)
+        desc["image_scale"] = (f"{spec.angular_size} arcsec per image from the per-image pxscale "
+                               f"({pxscale.min():.4g}-{pxscale.max():.4g} arcsec/px), resampled to the model input"
+                               if pxscale is not None else
+                               "as in the source file (no pxscale: RGB resized to the model input, not re-cut)")
     parts = stratified_split(labels, seed, val_fraction, test_fraction)
     splits = {}
     for name, idx in parts.items():
@@ -302,7 +305,21 @@ def _load_csv(path: Path, vocab: Vocabulary, size: int):
     return _load_files(entries, size, str(path))
 
 
-def _load_hdf5(path: Path, vocab: Vocabulary, size: int, chunk: int = 256):
+def rgb_at_angular_size(image: np.ndarray, pxscale: float, angular_size: float, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) picture of ``pxscale`` arcsec/px -> uint8 (3, size, size) of ``angular_size`` arcsec
+    around its centre: the preprocessing's exact box / bilinear resampling of each plane (no stretch,
+    array order kept: the picture is already north up); what lies outside the picture is black."""
+    spec = CutoutSpec(angular_size=angular_size, out_size=size, stretch="none", orientation="fits")
+    planes = np.ascontiguousarray(np.transpose(image, (2, 0, 1)), dtype=np.float32)
+    h, w = planes.shape[1:]
+    out = make_cutouts(planes, None, [(w - 1) / 2.0], [(h - 1) / 2.0], float(pxscale), spec,
+                       bands=("p0", "p1", "p2")).pixels[0]
+    return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def _load_hdf5(path: Path, vocab: Vocabulary, size: int, chunk: int = 256, angular_size: float | None = None):
+    """(images, labels, pxscale or None). With a ``pxscale`` dataset (Galaxy10 DECaLS: arcsec/px of each
+    image) and ``angular_size``, every image is cut to ``angular_size`` arcsec at its own scale."""
     try:
         import h5py
     except ImportError:
@@ -319,8 +336,19 @@ def _load_hdf5(path: Path, vocab: Vocabulary, size: int, chunk: int = 256):
         if ds.ndim != 4 or ds.shape[-1] != 3 or ds.shape[0] != len(labels):
             raise ConfigError(f"{path}: 'images' must be (N, H, W, 3) with N = len(ans), got {ds.shape} and {len(labels)}")
         _check_labels(labels, len(vocab), path)
+        pxscale = None
+        if "pxscale" in f and angular_size is not None:
+            pxscale = np.asarray(f["pxscale"], np.float64).reshape(-1)
+            if len(pxscale) != len(labels) or not np.all(np.isfinite(pxscale) & (pxscale > 0)):
+                raise ConfigError(f"{path}: 'pxscale' must hold one finite arcsec/px > 0 per image "
+                                  f"({len(labels)}), got {len(pxscale)} values")
         images = np.empty((len(labels), 3, size, size), np.uint8)
         for i in bar(range(0, len(labels), chunk), desc="hdf5", unit="chunk"):
             block = np.asarray(ds[i:i + chunk])
-            images[i:i + chunk] = resize_rgb(block.astype(np.uint8) if block.dtype != np.uint8 else block, size)
-    return images, labels
+            block = block.astype(np.uint8) if block.dtype != np.uint8 else block
+            if pxscale is None:
+                images[i:i + chunk] = resize_rgb(block, size)
+            else:
+                for k in range(len(block)):
+                    images[i + k] = rgb_at_angular_size(block[k], pxscale[i + k], angular_size, size)
+    return images, labels, pxscale
