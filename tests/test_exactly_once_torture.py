@@ -1,10 +1,12 @@
 """Torture: a process commits tiles in a loop and is killed with SIGKILL at random moments, 50 times.
 
 Each run takes the store's lock (the killed run's lease is stale), resumes, and commits 2 tiles at a
-time with zarr's default write concurrency until it is killed 0-250 ms after it is ready. After every
-kill the store must hold whole tiles only, each tile's rows exactly as it was made, no id twice; the
-last run finishes the job and the store must then hold every tile exactly once. Bounded: at most
-:data:`DEADLINE_S` seconds. Set ``GALAXALIGN_TORTURE_REPORT=FILE`` to get the figures as JSON.
+time with zarr's default write concurrency. The parent lets it finish 0-2 commits, then kills it at a
+random moment of the next one (uniform over the commit's measured duration, so kills land anywhere
+from its first write to its commit point and just after). After every kill the store must hold
+whole tiles only, each tile's rows exactly as it was made, no id twice; the last run finishes the
+job and the store must then hold every tile exactly once. Bounded: at most :data:`DEADLINE_S`
+seconds. Set ``GALAXALIGN_TORTURE_REPORT=FILE`` to get the figures as JSON.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def test_fifty_sigkills_of_a_committing_process_lose_and_duplicate_nothing(tmp_p
     rng = random.Random(11)
     t0 = time.monotonic()
     kills = runs = in_commit = duplicates = bad_tiles = 0
+    durations: list[float] = []  # seconds from "commit" to "committed", as the parent sees them
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     while kills < KILLS:
         assert time.monotonic() - t0 < DEADLINE_S, f"only {kills} kills in {DEADLINE_S} s"
@@ -104,17 +107,30 @@ def test_fifty_sigkills_of_a_committing_process_lose_and_duplicate_nothing(tmp_p
         first = p.stdout.readline()
         assert first.startswith("ready"), (first, p.stderr.read())
         assert int(first.split()[1]) > 0, "the writer finished every tile before 50 kills: raise N_TILES"
-        time.sleep(rng.uniform(0.0, 0.25))
+        to_finish, started = rng.randint(0, 2), None
+        while True:  # let it finish `to_finish` commits, then catch the start of the next one
+            line = p.stdout.readline().strip()
+            assert line, p.stderr.read()[-2000:]
+            if line.startswith("commit "):
+                started = time.monotonic()
+                if to_finish == 0:
+                    break
+            elif line.startswith("committed "):
+                durations.append(time.monotonic() - started)
+                to_finish -= 1
+        typical = float(np.median(durations)) if durations else 0.3
+        time.sleep(rng.uniform(0.0, 1.1 * typical))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        out = p.stdout.read().split("\n")
-        last = [line for line in out if line][-1:] or [first.strip()]
+        out = [line for line in p.stdout.read().split("\n") if line]
         kills += 1
-        in_commit += last[0].startswith("commit ")  # killed between announcing a commit and finishing it
+        in_commit += not out  # nothing printed after "commit k": killed before that commit finished
         c = check(path)
         duplicates += c["duplicates"]
         bad_tiles += c["bad_tiles"]
         assert c["duplicates"] == 0 and c["bad_tiles"] == 0, (kills, c)
+    before_final = c["tiles"]
+    assert before_final > 0, "no commit completed between the kills"
     final = subprocess.run([sys.executable, "-c", WRITER, str(path), str(N_TILES), "200"], capture_output=True,
                            text=True, env=env, timeout=300)
     runs += 1
@@ -126,6 +142,8 @@ def test_fifty_sigkills_of_a_committing_process_lose_and_duplicate_nothing(tmp_p
     assert c["rows"] == sum(expected_rows(f"t{i:05d}")[0] for i in range(N_TILES))
     assert in_commit >= KILLS // 4, f"only {in_commit} kills landed inside a commit"
     figures = {"kills": kills, "kills_inside_a_commit": in_commit, "runs": runs, "reruns": runs - 1,
+               "tiles_committed_between_kills": before_final,
+               "median_commit_seconds": round(float(np.median(durations)), 3) if durations else None,
                "duplicates_found": duplicates, "tiles_with_missing_or_wrong_rows": bad_tiles,
                "final_rows": c["rows"], "final_tiles": c["tiles"], "seconds": round(time.monotonic() - t0, 1)}
     print("torture figures:", json.dumps(figures))
