@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         vocabulary=args.vocabulary, symbols=args.symbols, epochs_stage1=args.epochs_stage1,
         epochs_stage2=args.epochs_stage2, epochs=args.epochs, batch_size=args.batch_size,
         accum_steps=args.accum_steps, negatives=args.negatives, lr=args.lr,
-        lr_stage2=args.lr_stage2, weight_decay=args.weight_decay, warmup=args.warmup, weights=args.weights,
+        lr_stage2=args.lr_stage2, align_epochs=args.align_epochs, align_lr=args.align_lr, weight_decay=args.weight_decay, warmup=args.warmup, weights=args.weights,
         stage1_weights=args.stage1_weights, temperature=args.temperature, learn_temperature=not args.fixed_temperature,
         train_layers=args.train_layers, loss=args.loss, workers=args.workers, device=args.device, amp=not args.no_amp,
         seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -95,6 +95,10 @@ def register(sub) -> None:
                    help="AdamW peak learning rate (warmup + cosine); default 1e-3 from random weights (no "
                         "--pretrained), 1e-4 when fine-tuning pretrained weights or one of our checkpoints")
     g.add_argument("--lr-stage2", type=float, default=None, help="stage 2 learning rate (default: --lr)")
+    g.add_argument("--align-epochs", type=int, default=0,
+                   help="epochs of a first stage (every mode) that trains only the final norms and projections (and "
+                        "the linear head): prompts and symbols meet a foundation's features before those move")
+    g.add_argument("--align-lr", type=float, default=1e-2, help="learning rate of the align stage")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of each stage's steps")
     g.add_argument("--weights", type=_weights, default=(1.0, 1.0, 1.0),

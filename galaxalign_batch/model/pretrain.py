@@ -459,6 +459,12 @@ def export_foundation(model_path: str | Path, dest: str | Path) -> dict:
     seed = int(pre["config"]["seed"])
     init = seeded_token_embedding(tuple(emb.shape), seed)
     rows = torch.nonzero((emb != init).any(1)).flatten()
+    if len(rows) > len(emb) // 2:
+        # not started from the seeded init (e.g. continued from an older run): keep the rows that received a
+        # gradient (Adam's second moment > 0 in the run's last training checkpoint); the others never
+        # influenced any loss, and are re-drawn from the seeded init
+        rows = _rows_with_gradient(Path(model_path), tuple(emb.shape))
+        log.info("token embedding not from the seeded init: keeping the %d rows that received gradients", len(rows))
     out = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     out[_ROWS] = rows.to(torch.int64)
     out[_VALUES] = emb[rows].float().contiguous()           # the trained rows stay float32 (few)
@@ -470,6 +476,20 @@ def export_foundation(model_path: str | Path, dest: str | Path) -> dict:
     save_file(out, str(dest), metadata={"galaxalign_compact": json.dumps(meta)})
     return {"file": str(dest), "bytes": dest.stat().st_size, "token_rows": int(len(rows)),
             "source": str(model_path)}
+
+
+def _rows_with_gradient(model_path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    root = (model_path if model_path.is_dir() else model_path.parent) / "checkpoints"
+    last = ckpt.find_latest(root)
+    if last is None:
+        raise ConfigError(f"{model_path}: its token embedding is not the seeded one and there is no training "
+                          f"checkpoint under {root} to tell which rows were trained")
+    state, _ = ckpt.load_training_state(last)
+    found = [v["exp_avg_sq"] for v in state["optimizer"]["state"].values()
+             if "exp_avg_sq" in v and tuple(v["exp_avg_sq"].shape) == shape]
+    if len(found) != 1:
+        raise ConfigError(f"{last}: cannot find the token embedding's optimizer state")
+    return torch.nonzero(found[0].sum(1) > 0).flatten()
 
 
 def expand_foundation(compact: str | Path, dest: str | Path) -> Path:

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_scale", "val_acc_text", "val_acc_symbol",
                  "val_acc_combined", "val_acc_head", "epoch_seconds", "elapsed_seconds"]
 # Settings that must agree between a run and the checkpoint it resumes from.
-RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "epochs_stage1", "epochs_stage2", "epochs",
+RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "align_epochs", "epochs_stage1", "epochs_stage2", "epochs",
                "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class")
 PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols")  # compared as resolved paths on resume
 
@@ -76,6 +76,8 @@ class TrainConfig:
     negatives: str = "global"              # global: every worker's items; local: the worker's own batch only
     lr: float | None = None                # default: 1e-3 from random weights, 1e-4 when fine-tuning weights
     lr_stage2: float | None = None         # default: lr
+    align_epochs: int = 0                  # first stage: only final norms + projections (+ head) train
+    align_lr: float = 1e-2
     weight_decay: float = 0.1
     warmup: float = 0.05                   # fraction of each stage's steps
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)        # stage 2: (w_it, w_is, w_st)
@@ -116,6 +118,8 @@ class TrainConfig:
         for name in ("epochs_stage1", "epochs_stage2", "batch_size", "symbol_bank"):
             if int(getattr(self, name)) < (0 if name.startswith("epochs") else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.align_epochs < 0 or self.align_lr <= 0:
+            raise ConfigError(f"--align-epochs must be >= 0 and --align-lr > 0, got {self.align_epochs}, {self.align_lr}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if (self.lr is not None and self.lr <= 0) or (self.lr_stage2 is not None and self.lr_stage2 <= 0):
@@ -164,19 +168,24 @@ class Stage:
     epochs: int
     weights: tuple[float, float, float] | None  # None: cross-entropy (image-only)
     lr: float
+    layers: str | None = None                   # --train-layers of this stage; None: the run's
 
 
 def plan_stages(cfg: TrainConfig) -> list[Stage]:
     """The stages of a run; the baselines get the same number of epochs as tri-modal's two stages."""
     total = cfg.epochs if cfg.epochs is not None else cfg.epochs_stage1 + cfg.epochs_stage2
     lr = cfg.effective_lr
+    # --align-epochs: a first stage in every mode that trains only the final norms and projections (and the
+    # linear head): the new class prompts / symbols meet a foundation's features before those features move.
+    first = cfg.stage1_weights if cfg.mode == "trimodal" else (1.0, 0.0, 0.0) if cfg.mode == "image-text" else None
+    align = [Stage("align", cfg.align_epochs, first, cfg.align_lr, "proj")] if cfg.align_epochs else []
     if cfg.mode == "trimodal":
         stages = [Stage("stage1", cfg.epochs_stage1, cfg.stage1_weights, lr),
                   Stage("stage2", cfg.epochs_stage2, cfg.weights, cfg.lr_stage2 or lr)]
-        return [s for s in stages if s.epochs > 0]
+        return align + [s for s in stages if s.epochs > 0]
     if cfg.mode == "image-text":
-        return [Stage("image-text", total, (1.0, 0.0, 0.0), lr)]
-    return [Stage("image-only", total, None, lr)]
+        return align + [Stage("image-text", total, (1.0, 0.0, 0.0), lr)]
+    return align + [Stage("image-only", total, None, lr)]
 
 
 @dataclass
@@ -391,7 +400,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
             model.init_symbol_encoder()
             model.to(device)
         model.info["stage"] = stage.name
-        n_trainable = model.set_trainable(cfg.train_layers, text=stage.weights is not None,
+        n_trainable = model.set_trainable(stage.layers or cfg.train_layers, text=stage.weights is not None,
                                           temperature=cfg.learn_temperature and stage.weights is not None)
         steps = _steps_per_epoch(len(train), cfg, ctx)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=stage.lr, betas=(0.9, 0.98), eps=1e-6)
