@@ -62,7 +62,7 @@ def assert_same(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def clean(cubes, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "clean.zarr"
-    summary = embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64)
+    summary = embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64, cpu_threads=2)
     assert summary.ok and summary.tiles_done == 4
     return content(out)
 
@@ -72,7 +72,7 @@ def clean(cubes, tmp_path_factory):
 def test_two_concurrent_resumes_one_proceeds_the_other_refuses_with_the_lock(cubes, clean, tmp_path):
     out = tmp_path / "s.zarr"
     first = resolve_tiles([str(cubes)])[:2]
-    assert embed_tiles(first, "tiny", out, batch_size=64).tiles_done == 2  # a partial store
+    assert embed_tiles(first, "tiny", out, batch_size=64, cpu_threads=2).tiles_done == 2  # a partial store
     cmd = CLI + ["embed", "--tiles", str(cubes), "--out", str(out), "--model", "tiny", "--cpu-workers", "2",
                  "--batch-size", "64"]
     procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,13 +111,13 @@ def test_a_driver_crash_at_a_commit_point_then_rerun_equals_a_clean_run(cubes, c
 
     monkeypatch.setattr(store_io, "before_write", hook)
     with pytest.raises(Crash):
-        embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64, commit_rows=1)
+        embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64, commit_rows=1, cpu_threads=2)
     monkeypatch.setattr(store_io, "before_write", lambda store, key: None)
     if where == "creation-rename":
         assert not os.path.exists(out)
     else:
         assert len(open_store(out).completed_tiles()) == {"first-commit-point": 0, "third-commit-point": 2}[where]
-    again = embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64, commit_rows=1)
+    again = embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64, commit_rows=1, cpu_threads=2)
     assert again.ok
     assert_same(content(out), clean)
     assert verify_store(out).ok
@@ -138,7 +138,7 @@ def test_same_named_cubes_in_two_folders_symlinks_and_spellings(cutouts_dir, tmp
     assert keys == sorted({os.path.realpath(tmp_path / "north" / "cutout.fits"),
                            os.path.realpath(tmp_path / "south" / "cutout.fits")})
     out = tmp_path / "s.zarr"
-    summary = embed_tiles(tiles, "tiny", out, batch_size=64)
+    summary = embed_tiles(tiles, "tiny", out, batch_size=64, cpu_threads=2)
     assert summary.ok and summary.tiles_done == 2
     s = open_store(out)
     ids, tile = _strings(s.read("object_id")), _strings(s.read("tile"))
@@ -147,7 +147,7 @@ def test_same_named_cubes_in_two_folders_symlinks_and_spellings(cutouts_dir, tmp
         mine = ids[tile == key]
         assert len(mine) > 0 and all(i.startswith(key + "/det") for i in mine)
     # the symlink and the other spelling are the same tiles: a re-run with them does nothing
-    again = embed_tiles(resolve_tiles([str(tmp_path / "links"), spelled]), "tiny", out, batch_size=64)
+    again = embed_tiles(resolve_tiles([str(tmp_path / "links"), spelled]), "tiny", out, batch_size=64, cpu_threads=2)
     assert again.tiles_skipped == 2 and again.tiles_done == 0 and open_store(out).n_rows == s.n_rows
 
 
@@ -179,7 +179,7 @@ def test_one_brick_name_under_north_and_south_roots_is_two_tiles(north_south, tm
     tiles = resolve_tiles([str(n), str(s_)])
     assert [t.name for t in tiles] == [str(layout.coadd_dir(os.path.realpath(r), BRICK)) for r in (n, s_)]
     out = tmp_path / "s.zarr"
-    summary = embed_tiles(tiles, "tiny", out, batch_size=64)
+    summary = embed_tiles(tiles, "tiny", out, batch_size=64, cpu_threads=2)
     assert summary.ok and summary.tiles_done == 2
     store = open_store(out)
     expected = sum(len(read_tractor(layout.tractor_path(r, BRICK))) for r in (n, s_))
@@ -189,7 +189,7 @@ def test_one_brick_name_under_north_and_south_roots_is_two_tiles(north_south, tm
     # a mirror of the south root (the same catalog again) is a clear failure, not duplicates or a silent drop
     mirror = tmp_path / "mirror"
     shutil.copytree(s_, mirror)
-    again = embed_tiles(resolve_tiles([str(n), str(s_), str(mirror)]), "tiny", out, batch_size=64)
+    again = embed_tiles(resolve_tiles([str(n), str(s_), str(mirror)]), "tiny", out, batch_size=64, cpu_threads=2)
     (name, reason), = again.tiles_failed.items()
     assert name == str(layout.coadd_dir(os.path.realpath(mirror), BRICK))
     assert "already taken by tile" in reason and str(os.path.realpath(s_)) in reason
@@ -199,7 +199,7 @@ def test_one_brick_name_under_north_and_south_roots_is_two_tiles(north_south, tm
 def test_catalog_detect_works(north_south, tmp_path):
     out = tmp_path / "s.zarr"
     tiles = resolve_tiles([str(north_south / "north")])
-    summary = embed_tiles(tiles, "tiny", out, batch_size=64, catalog="detect")
+    summary = embed_tiles(tiles, "tiny", out, batch_size=64, catalog="detect", cpu_threads=2)
     assert summary.ok and summary.tiles_done == 1 and summary.sources > 0
     ids = _strings(open_store(out).read("object_id"))
     assert all(i.startswith(tiles[0].name + "/det") for i in ids)
@@ -291,7 +291,7 @@ def test_the_image_size_limit_is_configurable_in_embed(cubes, tmp_path):
     from galaxalign_batch.engine.pipeline import _prepare_remote
 
     tiles = resolve_tiles([str(cubes / "temp_small.fits")])
-    summary = embed_tiles(tiles, "tiny", tmp_path / "s.zarr", batch_size=64, max_image_pixels=1000)
+    summary = embed_tiles(tiles, "tiny", tmp_path / "s.zarr", batch_size=64, max_image_pixels=1000, cpu_threads=2)
     (name, reason), = summary.tiles_failed.items()
     assert "more than the limit of 1,000" in reason
     # the task body, as a Ray worker runs it for one run and then another: the limit is per run
