@@ -466,3 +466,20 @@ def test_bad_tractor(tmp_path, cutouts_dir):
     path = tmp_path / "tractor-x.fits"
     fitsio.write(str(path), np.zeros(3, dtype=[("ra", "f8"), ("dec", "f8")]))
     _raises("tractor-x.fits", "missing column(s) release, brickname, objid", read_tractor, path)
+
+
+def test_gzip_cube_reads_like_the_plain_one(cutouts_dir, tmp_path):
+    """A whole-file gzip cube (.fits.gz, which tile resolution accepts) reads to the same pixels, and a
+    truncated one is a one-line TileError, not a traceback from the decompressor."""
+    import gzip
+
+    plain = tmp_path / "example_a.fits"
+    plain.write_bytes((cutouts_dir / "example_a.fits").read_bytes())
+    gz = tmp_path / "example_a.fits.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = open_tile(plain), open_tile(gz)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.valid, b.valid)
+    cut = tmp_path / "cut.fits.gz"
+    cut.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    with pytest.raises(TileError, match="gzip"):
+        open_tile(cut)

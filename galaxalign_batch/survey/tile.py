@@ -7,6 +7,7 @@ truncation), turning a FITS header into a celestial WCS, and the coverage rule t
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import re
@@ -33,6 +34,7 @@ HEADER_KEYS = ("BRICKNAME", "BRICKNAM", "BRICK", "BRICKID", "RELEASE", "SURVEY",
                "LEGPIPEV", "IMAGETYP", "BANDS", "RA", "DEC", "RA_CENTER", "DEC_CENTER", "BUNIT", "MAGZERO")
 
 FITS_BLOCK = 2880
+GZIP_MAGIC = b"\x1f\x8b"
 
 #: The most pixels (all planes together) an image HDU may declare before it is read: 2**28
 #: (268 million pixels, 1 GiB as float32; a full Legacy Survey brick band is 13 million). Checked
@@ -135,9 +137,32 @@ def check_fits_file(path: str | os.PathLike) -> Path:
         raise TileError(p, "empty file (0 bytes)")
     with open(p, "rb") as fh:
         head = fh.read(30)
+    if head.startswith(GZIP_MAGIC):  # a whole-file gzip (.fits.gz): the signature is inside
+        try:
+            with gzip.open(p, "rb") as fh:
+                head = fh.read(30)
+        except (OSError, EOFError) as e:
+            raise TileError(p, f"cannot read gzip file ({_first_line(e)})") from None
     if not head.startswith(b"SIMPLE  =") or head[29:30] != b"T":
         raise TileError(p, "not a FITS file (no 'SIMPLE = T' card at the start)")
     return p
+
+
+def _fits_size(p: Path) -> int:
+    """Bytes of FITS data in ``p``: the file size, or the decompressed size of a gzip file (a truncated
+    gzip stream is a TileError)."""
+    with open(p, "rb") as fh:
+        gz = fh.read(2) == GZIP_MAGIC
+    if not gz:
+        return p.stat().st_size
+    size = 0
+    try:
+        with gzip.open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                size += len(block)
+    except (OSError, EOFError) as e:
+        raise TileError(p, f"truncated or corrupt gzip file ({_first_line(e)})") from None
+    return size
 
 
 def open_fits(path: str | os.PathLike):
@@ -149,7 +174,7 @@ def open_fits(path: str | os.PathLike):
     import fitsio
 
     p = check_fits_file(path)
-    size = p.stat().st_size
+    size = _fits_size(p)
     try:
         f = fitsio.FITS(str(p))
     except OSError as e:
