@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if not (sky / "labelled" / "manifest.json").exists():
         _step("simulate a Legacy-Survey-like sky and a labelled set",
               ["simulate", "--out", str(sky), "--bricks", str(s["bricks"]), "--size", str(s["size"]),
-               "--seed", str(args.seed), "--labelled", "--n-per-class", str(s["n_per_class"])], timings)
+               "--seed", str(args.seed), "--labelled", "--n-per-class", str(s["n_per_class"]),
+               "--neighbours", "survey"], timings)
     else:
         print(f"\n== simulated sky already in {sky}")
     start = "galaxalign-tiny"

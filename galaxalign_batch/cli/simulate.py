@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     result["survey"] = survey
     if args.labelled:
         result["labelled"] = simulate_labelled(args.out, n_per_class=args.n_per_class, stamp_size=args.stamp_size,
-                                               seed=args.seed, workers=args.workers, overwrite=args.overwrite)
+                                               seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+                                               neighbours=args.neighbours)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -72,6 +73,9 @@ def register(sub) -> None:
                    help="also write the labelled cutout set DIR/labelled/{train,val,test}.npz")
     p.add_argument("--n-per-class", type=int, default=120, metavar="N", help="labelled images per class")
     p.add_argument("--stamp-size", type=int, default=152, metavar="PX", help="labelled cutout side in pixels")
+    p.add_argument("--neighbours", default="0", metavar="N|survey",
+                   help="galaxies (and proportionally stars) drawn around each labelled one, mean per stamp; 'survey': "
+                        "the survey default's density (3.6 galaxies + 0.5 stars per 152-px stamp); 0: isolated")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel processes (results identical)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into DIR even if it holds a simulation with other parameters")

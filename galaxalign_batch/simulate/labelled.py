@@ -4,6 +4,12 @@ Each image is one galaxy of a Galaxy10 class, centred (within half a pixel), dra
 seeing (FWHM x 0.90-1.15) and depth (+-0.15 mag) and sky noise at that depth, in float32
 nanomaggies, (bands, S, S) in g, r, z order at 0.262"/px. Image ``i`` of class ``c`` comes from
 seed ``(seed, c, i)``, so the set does not depend on ``workers``. Splits are stratified by class.
+
+``neighbours`` (mean per stamp, Poisson) adds other galaxies (random classes, r from the survey's
+dN/dm) and stars around the labelled one, at least ``NEIGHBOUR_MIN_SEP`` from its centre, as the
+survey's cutouts have them: ``neighbours="survey"`` is the simulated survey's default density (2000
+galaxies and 300 stars per full brick: 3.6 galaxies and 0.5 stars in a 152-px stamp). They come
+from their own seed ``(seed, 6, c, i)``, so the labelled galaxy itself is the same with or without them.
 """
 
 from __future__ import annotations
@@ -27,21 +33,64 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DEFAULT_N_PER_CLASS = 120
 DEFAULT_STAMP = 152
+NEIGHBOUR_MIN_SEP = 10.0   # arcsec: the survey's minimum separation at its default density
+SURVEY_GALAXIES, SURVEY_STARS, FULL_BRICK_PX = 2000, 300, 3600
+
+
+def _neighbour_rate(neighbours, stamp: int) -> tuple[float, float]:
+    """(galaxies, stars) per stamp: ``"survey"`` = the survey default's density, a number = galaxies."""
+    if neighbours in (None, 0, 0.0, "0", "none"):
+        return 0.0, 0.0
+    frac = (stamp / FULL_BRICK_PX) ** 2
+    if neighbours == "survey":
+        return SURVEY_GALAXIES * frac, SURVEY_STARS * frac
+    g = float(neighbours)
+    if not 0 <= g <= 50:
+        raise ConfigError(f"neighbours must be 'survey' or a number of galaxies per stamp in 0..50, got {neighbours!r}")
+    return g, g * SURVEY_STARS / SURVEY_GALAXIES
+
+
+def _add_neighbours(img: np.ndarray, rng: np.random.Generator, rates, stamp: int, cond, bands, pixscale: float) -> int:
+    from galaxalign_batch.simulate.galaxies import MAG_RANGE, draw_star, star_magnitude
+    from galaxalign_batch.simulate.survey import MAG_SLOPE
+
+    keys = class_keys()
+    n_gal, n_star = int(rng.poisson(rates[0])), int(rng.poisson(rates[1]))
+    half = stamp / 2.0
+    r_min = NEIGHBOUR_MIN_SEP / pixscale
+    for k in range(n_gal + n_star):
+        while True:
+            dx, dy = rng.uniform(-half, half, 2)
+            if dx * dx + dy * dy >= r_min * r_min:
+                break
+        if k < n_gal:
+            key = keys[int(rng.integers(len(keys)))]
+            mag = star_magnitude(rng, *MAG_RANGE, slope=MAG_SLOPE)
+            nb, _ = draw_galaxy(key, rng, stamp_size=stamp, psf=cond, bands=bands, mag_r=mag, offset=(dx, dy))
+        else:
+            nb, _ = draw_star(rng, psf=cond, bands=bands, stamp_size=stamp, offset=(dx, dy))
+        img += nb
+    return n_gal + n_star
 
 
 def _one_class(args) -> dict[str, np.ndarray]:
-    cls, n, stamp, seed, bands = args
+    cls, n, stamp, seed, bands, neighbours = args
+    rates = _neighbour_rate(neighbours, stamp)
     key = class_keys()[cls]
     nb = len(bands)
     out = dict(flux=np.empty((n, nb, stamp, stamp), dtype=np.float32), sersic_n=np.empty(n, np.float32),
                r_half=np.empty(n, np.float32), mag_r=np.empty(n, np.float32),
-               psf_fwhm=np.empty((n, nb), np.float32), depth=np.empty((n, nb), np.float32))
+               psf_fwhm=np.empty((n, nb), np.float32), depth=np.empty((n, nb), np.float32),
+               neighbours=np.zeros(n, np.int16))
     with bar(total=n, desc=f"labelled {key}", unit="img") as pbar:
         for i in range(n):
             rng = np.random.default_rng(np.random.SeedSequence([seed, 3, cls, i]))
             cond = Conditions.random(rng, bands)
             img, truth = draw_galaxy(key, rng, stamp_size=stamp, psf=cond, bands=bands,
                                      offset=tuple(rng.uniform(-0.5, 0.5, 2)))
+            if rates[0] or rates[1]:
+                nrng = np.random.default_rng(np.random.SeedSequence([seed, 6, cls, i]))
+                out["neighbours"][i] = _add_neighbours(img, nrng, rates, stamp, cond, bands, PIXSCALE)
             img += rng.standard_normal(img.shape, dtype=np.float32) * cond.sigmas().astype(np.float32)[:, None, None]
             out["flux"][i] = img
             out["sersic_n"][i], out["r_half"][i], out["mag_r"][i] = truth["sersic_n"], truth["r_half"], truth["mag_r"]
@@ -62,12 +111,12 @@ def split_counts(n: int, fractions) -> list[int]:
 
 def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size: int = DEFAULT_STAMP,
                       seed: int = 0, splits=(0.7, 0.15, 0.15), bands=("g", "r", "z"), workers: int = 1,
-                      overwrite: bool = False) -> dict:
+                      overwrite: bool = False, neighbours: float | str = 0) -> dict:
     """Write ``out/labelled/{train,val,test}.npz`` and ``manifest.json``; return the manifest.
 
     Arrays: ``flux`` (N, bands, S, S) float32 nanomaggies with sky noise, ``label`` int64 (index in the
     galaxy10 vocabulary), truth ``sersic_n``, ``r_half`` (arcsec), ``mag_r``, and the per-image
-    ``psf_fwhm`` (arcsec) and 5-sigma ``depth`` (AB) per band.
+    ``psf_fwhm`` (arcsec) and 5-sigma ``depth`` (AB) per band, and ``neighbours`` (sources added around it).
     """
     from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -86,6 +135,9 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
     keys = class_keys()
     params = dict(n_per_class=int(n_per_class), stamp_size=int(stamp_size), seed=int(seed), splits=list(splits),
                   bands=list(bands), generator_version=GENERATOR_VERSION)
+    _neighbour_rate(neighbours, int(stamp_size))   # validates
+    if neighbours not in (0, 0.0, None, "0", "none"):
+        params["neighbours"] = neighbours
     odir = Path(out) / "labelled"
     mpath = odir / "manifest.json"
     if mpath.exists() and not overwrite:
@@ -96,7 +148,7 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
                               "use another --out or --overwrite")
     odir.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(c, int(n_per_class), int(stamp_size), int(seed), bands) for c in range(len(keys))]
+    jobs = [(c, int(n_per_class), int(stamp_size), int(seed), bands, neighbours) for c in range(len(keys))]
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -119,7 +171,7 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
         items = [items[k] for k in order]
         arrays = {"label": np.array([c for c, _ in items], dtype=np.int64),
                   "index": np.array([i for _, i in items], dtype=np.int64)}
-        for name in ("flux", "sersic_n", "r_half", "mag_r", "psf_fwhm", "depth"):
+        for name in ("flux", "sersic_n", "r_half", "mag_r", "psf_fwhm", "depth", "neighbours"):
             ref = per_class[0][name]
             arrays[name] = (np.stack([per_class[c][name][i] for c, i in items]) if items
                             else np.empty((0,) + ref.shape[1:], ref.dtype))
@@ -139,7 +191,8 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
                 "index": "int64 image index within its class (seed (seed, class, index))",
                 "sersic_n": "float32 Sersic index of the main body", "r_half": "float32 half-light radius, arcsec",
                 "mag_r": "float32 total r-band AB magnitude", "psf_fwhm": "(N, bands) float32 arcsec",
-                "depth": "(N, bands) float32 5-sigma point-source depth, AB"},
+                "depth": "(N, bands) float32 5-sigma point-source depth, AB",
+                "neighbours": "int16 galaxies and stars drawn around the labelled one"},
         seconds=round(time.perf_counter() - t0, 2),
     )
     mpath.write_text(json.dumps(manifest, indent=2) + "\n")
