@@ -158,3 +158,31 @@ def test_shipped_foundation_expands():
     with tempfile.TemporaryDirectory() as d:
         m = load_checkpoint(expand_foundation(FOUNDATION, Path(d) / "model.safetensors"))
     assert m.info["pretraining"]["global_step"] > 0 and FOUNDATION.stat().st_size < 5e6
+
+
+@pytest.mark.skipif(not FOUNDATION.is_file(), reason="the shipped foundation is not in this checkout")
+def test_fine_tuning_from_the_foundation_beats_random_weights(tmp_path):
+    """Regression guard: the same short image-text run (align 2 epochs + 4 epochs, batch 16, seed 0, on
+    200 simulated labelled images with survey-density neighbours) from the shipped foundation and from
+    random weights. Measured when written (AMD EPYC, 1 thread, 77 s with the expansion): test accuracy 0.60 from the
+    foundation against 0.20 from random weights (30 test images, text prototypes); the guard asks for a
+    lead of at least 0.15."""
+    from galaxalign_batch.model.evaluate import quick_accuracy
+    from galaxalign_batch.model.pretrain import expand_foundation
+    from galaxalign_batch.model.train import TrainConfig, train
+    from galaxalign_batch.model.data import load_dataset
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.simulate import simulate_labelled
+
+    simulate_labelled(tmp_path / "sim", n_per_class=20, stamp_size=128, seed=11, neighbours="survey")
+    start = expand_foundation(FOUNDATION, tmp_path / "foundation" / "model.safetensors")
+    acc = {}
+    for name, model in (("foundation", str(start)), ("random", "galaxalign-tiny")):
+        cfg = TrainConfig(data=str(tmp_path / "sim"), out=str(tmp_path / name), mode="image-text", model=model,
+                          align_epochs=2, epochs=4, batch_size=16, lr=3e-4, seed=0, threads=1)
+        train(cfg)
+        m = load_checkpoint(tmp_path / name / "model.safetensors")
+        test = load_dataset(tmp_path / "sim", m.vocabulary, spec=CutoutSpec.from_dict(m.info["cutout_spec"])).split("test")
+        acc[name] = quick_accuracy(m, test.images, test.labels)["text"]
+    print(acc)
+    assert acc["foundation"] >= acc["random"] + 0.15, acc
