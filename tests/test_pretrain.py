@@ -186,3 +186,18 @@ def test_fine_tuning_from_the_foundation_beats_random_weights(tmp_path):
         acc[name] = quick_accuracy(m, test.images, test.labels)["text"]
     print(acc)
     assert acc["foundation"] >= acc["random"] + 0.15, acc
+
+
+def test_align_stage_comes_first_in_every_mode_and_trains_only_projections():
+    from galaxalign_batch.model.train import TrainConfig, build_model, plan_stages
+
+    for mode, first in (("trimodal", (1.0, 0.0, 1.0)), ("image-text", (1.0, 0.0, 0.0)), ("image-only", None)):
+        cfg = TrainConfig(data="unused", out="unused", mode=mode, align_epochs=2, epochs_stage1=3, epochs_stage2=3)
+        stages = plan_stages(cfg)
+        assert (stages[0].name, stages[0].epochs, stages[0].layers, stages[0].lr, stages[0].weights) == \
+            ("align", 2, "proj", 1e-2, first)
+        assert sum(s.epochs for s in stages) == 8                  # the same budget in every mode
+        assert plan_stages(TrainConfig(data="u", out="u", mode=mode))[0].name != "align"
+    model = build_model(TrainConfig(data="unused", out="unused", mode="image-text"))
+    n_proj, n_all = model.set_trainable("proj"), model.set_trainable("all")
+    assert 0 < n_proj < 0.02 * n_all
