@@ -354,6 +354,24 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
     assert "effective global batch 16 = 2 worker(s) x 8 per worker (2 accumulation step(s) of 4), global negatives" in text
 
 
+def test_restart_skips_a_checkpoint_torn_while_being_copied(labelled, tmp_path):
+    from galaxalign_batch.model import checkpoint as ckpt
+    from galaxalign_batch.model.distributed import newest_complete_checkpoint
+
+    model = build_model(_cfg(labelled, tmp_path, mode="image-text"))
+    root = tmp_path / "checkpoints" / "ray" / "train"
+    for epoch in (1, 2, 3):
+        ckpt.save_training_checkpoint(root / f"epoch_{epoch:04d}", model, {"stage": "image-text"},
+                                      {"epoch": epoch, "global_step": epoch})
+    assert newest_complete_checkpoint(tmp_path / "checkpoints") == root / "epoch_0003"
+    for epoch, name in ((3, ckpt.STATE_FILE), (2, ckpt.MODEL_FILE)):  # a copy cut short by a killed worker
+        f = root / f"epoch_{epoch:04d}" / name
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert find_latest(tmp_path / "checkpoints") == root / "epoch_0003"  # present is not complete
+    assert newest_complete_checkpoint(tmp_path / "checkpoints") == root / "epoch_0001"
+    assert newest_complete_checkpoint(tmp_path / "nowhere") is None
+
+
 def test_learning_rate_default_depends_on_the_starting_weights():
     assert TrainConfig(data="d", out="o").effective_lr == 1e-3                       # random weights
     assert TrainConfig(data="d", out="o", model="ViT-B-16", pretrained="w.bin").effective_lr == 1e-4

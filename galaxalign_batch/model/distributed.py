@@ -301,11 +301,45 @@ def launch_local(fn: Callable, world_size: int, *args, threads: int | None = 1, 
 
 # ---------------------------------------------------------------------------------------------- Ray Train
 
+def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest training checkpoint under ``root`` (ours or Ray's) whose files all read back.
+
+    Ray copies a reported checkpoint into its storage file by file, so a worker killed during the
+    copy leaves a directory with every file present and one of them torn; such directories are
+    skipped (with a warning) in favour of the next newest.
+    """
+    import json
+
+    from galaxalign_batch.model import checkpoint as ckpt
+
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = []
+    for progress in root.rglob(ckpt.PROGRESS_FILE):
+        d = progress.parent
+        if d.name.endswith(".partial") or not (d / ckpt.MODEL_FILE).is_file() or not (d / ckpt.STATE_FILE).is_file():
+            continue
+        try:
+            p = json.loads(progress.read_text())
+            found.append(((int(p["epoch"]), int(p.get("global_step", 0)), progress.stat().st_mtime), d))
+        except (OSError, ValueError, KeyError):
+            log.warning("skipping the torn checkpoint %s (unreadable %s)", d, ckpt.PROGRESS_FILE)
+    for _, d in sorted(found, key=lambda kd: kd[0], reverse=True):
+        try:
+            ckpt.load_training_state(d)
+            ckpt.read_info(d)  # safetensors refuses a file shorter than its header says
+        except ConfigError as e:
+            log.warning("skipping the torn checkpoint %s: %s", d, e)
+            continue
+        return d
+    return None
+
+
 def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from galaxalign_batch.model import checkpoint as ckpt
     from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
     cfg = TrainConfig.from_dict(config["cfg"])
@@ -317,11 +351,11 @@ def _worker_loop(config: dict) -> None:
     logging.basicConfig(level=config.get("log_level", logging.INFO), format="%(levelname)s %(name)s: %(message)s")
     # Where to start: after a worker failure, the newest complete checkpoint of this run. Ray's own record
     # (get_checkpoint) misses a checkpoint that was written but not yet collected from every worker when
-    # one died, so rank 0 also looks in the run's checkpoint folder (the driver emptied it for --no-resume)
-    # and tells the others, so that all workers start from the same one.
+    # one died, so rank 0 also looks in the run's checkpoint folder (the driver emptied it for --no-resume;
+    # a copy torn by the failure is skipped) and tells the others, so that all workers start from the same one.
     choice = [None]
     if rank == 0:
-        found = ckpt.find_latest(Path(cfg.out) / "checkpoints")
+        found = newest_complete_checkpoint(Path(cfg.out) / "checkpoints")
         restored = ray.train.get_checkpoint()
         choice = [str(found) if found is not None else restored.path if restored is not None else config.get("resume_dir")]
     if size > 1:
@@ -364,8 +398,6 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from galaxalign_batch.model import checkpoint as ckpt
-
     if cfg.workers < 1:
         raise ConfigError("train_distributed needs --workers >= 1")
     if use_gpu is None:
@@ -383,7 +415,7 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
                      include_dashboard=False)
     resume_dir = None
     if cfg.resume != "no":
-        resume_dir = ckpt.find_latest(out / "checkpoints")
+        resume_dir = newest_complete_checkpoint(out / "checkpoints")
         if resume_dir is None and cfg.resume == "yes":
             raise ConfigError(f"--resume: no training checkpoint under {out / 'checkpoints'}")
         if resume_dir is not None:
