@@ -52,6 +52,21 @@ __device__ __forceinline__ float group16_sum(float v) {
   return v;
 }
 
+// *out += the sum of v over the block's THREADS threads (one atomicAdd per block). Every thread of the
+// block must call it.
+__device__ __forceinline__ void block_sum_add(float v, float* out) {
+  __shared__ float partial[THREADS / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
+    atomicAdd(out, total);
+  }
+}
+
 // dst[k][r] = src[r0 + r][k0 + k] for a BM x BK slab of a row-major (rows x d) matrix, 0 outside.
 template <typename T>
 __device__ __forceinline__ void load_slab(const T* __restrict__ src, int64_t rows, int64_t d, int64_t r0, int64_t k0,
@@ -217,18 +232,7 @@ __global__ void __launch_bounds__(THREADS) grad_rows_kernel(const T* __restrict_
     }
     __syncthreads();  // Gs is rewritten by the next tile
   }
-  if (grad_scale != nullptr) {
-    __shared__ float partial[THREADS / 32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ds += __shfl_xor_sync(0xffffffffu, ds, o);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ds;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float total = 0.0f;
-      for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
-      atomicAdd(grad_scale, total);
-    }
-  }
+  if (grad_scale != nullptr) block_sum_add(ds, grad_scale);
 }
 
 // Running top-k per query (sorted by score desc, index asc; empty slots (-inf, -1)) updated with the
@@ -485,16 +489,7 @@ __global__ void __launch_bounds__(THREADS) tile_grad_kernel(const float* __restr
       ds = fmaf(gv, raw, ds);
     }
   }
-  __shared__ float partial[THREADS / 32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ds += __shfl_xor_sync(0xffffffffu, ds, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ds;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < THREADS / 32; ++w) total += partial[w];
-    atomicAdd(grad_scale, total);
-  }
+  block_sum_add(ds, grad_scale);
 }
 
 // ---------------------------------------------------------------------------------------------
