@@ -249,37 +249,12 @@ def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32) * TOKEN_INIT_STD
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's rule (no decay on 1-D tensors, norms, biases, temperature) plus none on the token
-    embedding, whose rows of words never seen must not shrink to zero."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "token_embedding" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _schedule(optimizer, total_steps: int, warmup: float):
-    warm = max(1, int(round(total_steps * warmup)))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``."""
     from galaxalign_batch.engine.tiles import resolve_tiles
-    from galaxalign_batch.model.train import resolve_device
+    from galaxalign_batch.model.train import _param_groups, _schedule, resolve_device
     from galaxalign_batch.ops import trimodal_contrastive_loss
 
     out = Path(cfg.out)
@@ -324,7 +299,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         [sum(counts[i] for i in ch) for ch in plan_chunks(refs, counts, cfg.buffer, np.arange(len(refs)))]))
     steps_per_epoch = max(1, steps_per_epoch)
     total = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # no decay on the token embedding either: rows of words never seen must not shrink to zero
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, also_no_decay=("token_embedding",)),
+                                  lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = _schedule(optimizer, total, cfg.warmup)
     if state:
         optimizer.load_state_dict(state["optimizer"])

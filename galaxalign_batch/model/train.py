@@ -240,13 +240,15 @@ def build_model(cfg: TrainConfig) -> GalaxAlignModel:
     return model
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's rule: no weight decay for 1-D tensors, norms, biases and logit_scale."""
+def _param_groups(model: torch.nn.Module, weight_decay: float, also_no_decay: tuple[str, ...] = ()) -> list[dict]:
+    """open_clip's rule: no weight decay for 1-D tensors, norms, biases and logit_scale (and for
+    parameters whose names contain any of ``also_no_decay``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
+        if (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+                or any(key in name for key in also_no_decay)):
             no_decay.append(p)
         else:
             decay.append(p)
