@@ -66,7 +66,8 @@ def _now() -> str:
 
 def train_checkpoint(work: Path) -> tuple[Path, dict]:
     """Simulate the training set (seed 0) and train the tiny GalaxAlign as the project's shared run does."""
-    from galaxalign_batch.model.train import TrainConfig, train
+    from galaxalign_batch.model.launch import train
+    from galaxalign_batch.model.train import TrainConfig
     from galaxalign_batch.simulate import simulate_labelled
 
     t0 = time.perf_counter()

@@ -169,7 +169,8 @@ def test_fine_tuning_from_the_foundation_beats_random_weights(tmp_path):
     lead of at least 0.15."""
     from galaxalign_batch.model.evaluate import quick_accuracy
     from galaxalign_batch.model.pretrain import expand_foundation
-    from galaxalign_batch.model.train import TrainConfig, train
+    from galaxalign_batch.model.launch import train
+    from galaxalign_batch.model.train import TrainConfig
     from galaxalign_batch.model.data import load_dataset
     from galaxalign_batch.preprocess import CutoutSpec
     from galaxalign_batch.simulate import simulate_labelled

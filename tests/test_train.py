@@ -24,7 +24,8 @@ from galaxalign_batch.model import train as train_mod
 from galaxalign_batch.model.checkpoint import find_latest, load_checkpoint, read_info
 from galaxalign_batch.model.data import load_dataset, stratified_split
 from galaxalign_batch.model.symbols import SymbolSettings, draw_symbol
-from galaxalign_batch.model.train import TrainConfig, build_model, run_training, train
+from galaxalign_batch.model.launch import train
+from galaxalign_batch.model.train import TrainConfig, build_model, run_training
 from galaxalign_batch.preprocess import CutoutSpec
 from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -356,7 +357,7 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
 
 def test_restart_skips_a_checkpoint_torn_while_being_copied(labelled, tmp_path):
     from galaxalign_batch.model import checkpoint as ckpt
-    from galaxalign_batch.model.distributed import newest_complete_checkpoint
+    from galaxalign_batch.model.launch import newest_complete_checkpoint
 
     model = build_model(_cfg(labelled, tmp_path, mode="image-text"))
     root = tmp_path / "checkpoints" / "ray" / "train"

@@ -21,7 +21,8 @@ def _weights(text: str) -> tuple[float, float, float]:
 
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.errors import ConfigError
-    from galaxalign_batch.model.train import TrainConfig, train
+    from galaxalign_batch.model.launch import train
+    from galaxalign_batch.model.train import TrainConfig
 
     if not args.data or not args.out:
         raise ConfigError("train needs --data DIR|CSV|H5 and --out DIR")
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         epochs_stage2=args.epochs_stage2, epochs=args.epochs, batch_size=args.batch_size,
         accum_steps=args.accum_steps, negatives=args.negatives, lr=args.lr,
         lr_stage2=args.lr_stage2, align_epochs=args.align_epochs, align_lr=args.align_lr, weight_decay=args.weight_decay, warmup=args.warmup, weights=args.weights,
+        schedule=args.schedule, withhold_classes=tuple(k for k in (args.withhold_classes or "").split(",") if k),
         stage1_weights=args.stage1_weights, temperature=args.temperature, learn_temperature=not args.fixed_temperature,
         train_layers=args.train_layers, loss=args.loss, workers=args.workers, device=args.device, amp=not args.no_amp,
         seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -65,6 +67,9 @@ def register(sub) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation share when the source has no splits")
     g.add_argument("--test-fraction", type=float, default=0.1, help="test share when the source has no splits")
     g.add_argument("--limit-per-class", type=int, default=None, help="use at most this many images per class and split")
+    g.add_argument("--withhold-classes", default=None, metavar="KEY,KEY",
+                   help="class keys whose images are dropped from the train split (zero-shot to unseen classes); "
+                        "tri-modal still trains their text and symbols (a symbol-text term over every class)")
     g.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec (simulated / survey data)")
     g.add_argument("--cutout-size", type=int, default=None, help="cutout side in pixels (default: model input size)")
     g.add_argument("--stretch", default="lupton", choices=["lupton", "asinh", "gz-decals"],
@@ -101,6 +106,9 @@ def register(sub) -> None:
     g.add_argument("--align-lr", type=float, default=1e-2, help="learning rate of the align stage")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of each stage's steps")
+    g.add_argument("--schedule", default="stage", choices=["stage", "run"],
+                   help="stage: warmup + cosine restarted in each stage; run: one warmup + cosine across tri-modal's "
+                        "stage 1 and stage 2 (stage 2 keeps stage 1's AdamW moments); the align stage keeps its own")
     g.add_argument("--weights", type=_weights, default=(1.0, 1.0, 1.0),
                    help="stage 2 loss weights w_it,w_is,w_st (image-text, image-symbol, symbol-text)")
     g.add_argument("--stage1-weights", type=_weights, default=(1.0, 0.0, 1.0), help="stage 1 loss weights w_it,w_is,w_st")

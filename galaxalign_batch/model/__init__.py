@@ -4,7 +4,7 @@ Public API (imported lazily, so ``import galaxalign_batch.model`` stays light):
 
 - :func:`load_checkpoint` (path) -> :class:`GalaxAlignModel` with ``encode_images``,
   ``encode_text``, ``encode_symbols``, ``class_prototypes`` and ``classify``; :func:`read_info`.
-- :class:`TrainConfig` (``galaxalign_batch.model.train.train(cfg)`` runs it, locally or with Ray Train),
+- :class:`TrainConfig` (``galaxalign_batch.model.launch.train(cfg)`` runs it, locally or with Ray Train),
   :func:`evaluate_checkpoints`.
 - :class:`SymbolSet`, :func:`draw_symbol`; :func:`load_dataset`.
 

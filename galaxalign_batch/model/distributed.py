@@ -21,7 +21,7 @@ workers of a ``torch.distributed`` group (gloo on CPU, NCCL on GPU):
   the caller steps its optimiser. Parameters start equal on every worker
   (:func:`broadcast_parameters` from rank 0 at the start of each stage).
 
-**Ray Train** (:func:`train_distributed`, ``--workers N``): each worker runs
+**Ray Train** (:func:`galaxalign_batch.model.launch.train_distributed`, ``--workers N``): each worker runs
 :func:`galaxalign_batch.model.train.run_training` on its shard of every epoch (the same seeded
 permutation, rows ``rank::N``). Rank 0 validates, writes ``metrics.csv`` and reports a checkpoint
 each epoch; Ray persists it under ``<out>/checkpoints/ray/train/epoch_NNNN``. A worker failure
@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -49,12 +48,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from galaxalign_batch.errors import ConfigError, GalaxAlignError
+from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.loss import contrastive_loss, world
 
 log = logging.getLogger(__name__)
 
-RAY_RUN_NAME = "train"
 FEATURES = ("image", "text", "symbol")
 
 
@@ -297,155 +295,3 @@ def launch_local(fn: Callable, world_size: int, *args, threads: int | None = 1, 
                 if p.is_alive():
                     p.terminate()
                     p.join(5)
-
-
-# ---------------------------------------------------------------------------------------------- Ray Train
-
-def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest training checkpoint under ``root`` (ours or Ray's) whose files all read back.
-
-    Ray copies a reported checkpoint into its storage file by file, so a worker killed during the
-    copy leaves a directory with every file present and one of them torn; such directories are
-    skipped (with a warning) in favour of the next newest.
-    """
-    import json
-
-    from galaxalign_batch.model import checkpoint as ckpt
-
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    found = []
-    for progress in root.rglob(ckpt.PROGRESS_FILE):
-        d = progress.parent
-        if d.name.endswith(".partial") or not (d / ckpt.MODEL_FILE).is_file() or not (d / ckpt.STATE_FILE).is_file():
-            continue
-        try:
-            p = json.loads(progress.read_text())
-            found.append(((int(p["epoch"]), int(p.get("global_step", 0)), progress.stat().st_mtime), d))
-        except (OSError, ValueError, KeyError):
-            log.warning("skipping the torn checkpoint %s (unreadable %s)", d, ckpt.PROGRESS_FILE)
-    for _, d in sorted(found, key=lambda kd: kd[0], reverse=True):
-        try:
-            ckpt.load_training_state(d)
-            ckpt.read_info(d)  # safetensors refuses a file shorter than its header says
-        except ConfigError as e:
-            log.warning("skipping the torn checkpoint %s: %s", d, e)
-            continue
-        return d
-    return None
-
-
-def _worker_loop(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
-
-    cfg = TrainConfig.from_dict(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    logging.basicConfig(level=config.get("log_level", logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    # Where to start: after a worker failure, the newest complete checkpoint of this run. Ray's own record
-    # (get_checkpoint) misses a checkpoint that was written but not yet collected from every worker when
-    # one died, so rank 0 also looks in the run's checkpoint folder (the driver emptied it for --no-resume;
-    # a copy torn by the failure is skipped) and tells the others, so that all workers start from the same one.
-    choice = [None]
-    if rank == 0:
-        found = newest_complete_checkpoint(Path(cfg.out) / "checkpoints")
-        restored = ray.train.get_checkpoint()
-        choice = [str(found) if found is not None else restored.path if restored is not None else config.get("resume_dir")]
-    if size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    resume_dir = Path(choice[0]) if choice[0] else None
-    with tempfile.TemporaryDirectory(prefix="galaxalign-ckpt-") as tmp:
-        def report(metrics: dict, ckpt_dir: Path | None) -> None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"epoch_{int(metrics['epoch']):04d}")
-            if ckpt_dir is not None:  # Ray has copied it to storage (synchronous upload)
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
-
-        run_training(cfg, RunContext(rank=rank, world_size=size, device=device, resume_dir=resume_dir,
-                                     checkpoint_root=Path(tmp), report=report))
-
-
-def absolute_paths(cfg_dict: dict) -> dict:
-    """The configuration with its paths (data, out, symbols, vocabulary / checkpoint / weights files)
-    made absolute against this process's working directory, for workers that run elsewhere."""
-    d = dict(cfg_dict)
-    d["data"] = str(Path(d["data"]).resolve())
-    d["out"] = str(Path(d["out"]).resolve())
-    if d.get("symbols"):
-        d["symbols"] = str(Path(d["symbols"]).resolve())
-    for key in ("vocabulary", "pretrained"):
-        if d.get(key) and Path(d[key]).is_file():
-            d[key] = str(Path(d[key]).resolve())
-    model = d.get("model")
-    if model and (model.endswith(".safetensors") or Path(model).is_dir()):
-        d["model"] = str(Path(model).resolve())
-    return d
-
-
-def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: float = 1.0) -> dict:
-    """Run ``cfg`` (a TrainConfig) on ``cfg.workers`` Ray Train workers (starting a local Ray instance if none is running)."""
-    import json
-
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    if cfg.workers < 1:
-        raise ConfigError("train_distributed needs --workers >= 1")
-    if use_gpu is None:
-        use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-    worker_cfg = absolute_paths(cfg.to_dict())
-    out = Path(worker_cfg["out"])
-    if cfg.resume == "no" and (out / "checkpoints").exists():  # workers resume from what they find there
-        shutil.rmtree(out / "checkpoints")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:  # a cluster the user points at
-            ray.init(address=address)
-        else:  # a private local instance, never someone else's cluster found on this machine
-            ray.init(address="local", num_cpus=max(int(cfg.workers * cpus_per_worker), os.cpu_count() or 1),
-                     include_dashboard=False)
-    resume_dir = None
-    if cfg.resume != "no":
-        resume_dir = newest_complete_checkpoint(out / "checkpoints")
-        if resume_dir is None and cfg.resume == "yes":
-            raise ConfigError(f"--resume: no training checkpoint under {out / 'checkpoints'}")
-        if resume_dir is not None:
-            log.info("resuming from %s", resume_dir)
-    storage = out / "checkpoints" / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"cfg": {**worker_cfg, "resume": "no"},
-                           "resume_dir": str(resume_dir) if resume_dir else None,
-                           "log_level": logging.getLogger("galaxalign_batch").getEffectiveLevel() or logging.INFO},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
-    try:
-        result = trainer.fit()
-    except GalaxAlignError:
-        raise
-    except Exception as e:  # Ray wraps worker errors; surface ours as one line
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, GalaxAlignError):
-            raise cause from None
-        raise ConfigError(f"Ray Train run failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}") from None
-    summary_path = out / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
-    return summary

@@ -53,7 +53,9 @@ METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_sca
                  "val_acc_combined", "val_acc_head", "epoch_seconds", "elapsed_seconds"]
 # Settings that must agree between a run and the checkpoint it resumes from.
 RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "align_epochs", "epochs_stage1", "epochs_stage2", "epochs",
-               "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class")
+               "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class", "schedule",
+               "withhold_classes")
+SCHEDULES = ("stage", "run")
 PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols")  # compared as resolved paths on resume
 
 
@@ -80,6 +82,8 @@ class TrainConfig:
     align_lr: float = 1e-2
     weight_decay: float = 0.1
     warmup: float = 0.05                   # fraction of each stage's steps
+    schedule: str = "stage"                # stage: warmup + cosine per stage; run: one across stage 1 + stage 2
+    withhold_classes: tuple[str, ...] = ()  # class keys whose *images* are dropped from the train split
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)        # stage 2: (w_it, w_is, w_st)
     stage1_weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
     temperature: float | None = None       # initial temperature; None keeps the model's (0.07 when random)
@@ -106,6 +110,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.weights = tuple(float(w) for w in self.weights)
         self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
+        self.withhold_classes = tuple(str(k) for k in (self.withhold_classes or ()))
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("weights", "stage1_weights"):
             w = getattr(self, name)
             if len(w) != 3 or min(w) < 0 or max(w) == 0:
@@ -255,10 +262,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float, also_no_decay: tu
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float,
+              offset: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` of ``total_steps``, then cosine to 0; the scheduler's step 0 is step
+    ``offset`` of that curve (``--schedule run``: stage 2 continues stage 1's curve)."""
     warm = max(1, int(round(total_steps * warmup)))
 
     def factor(step: int) -> float:
+        step += offset
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
@@ -374,6 +385,12 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                         test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class)
     model.info["data"] = data.description
     train, val = data.split("train"), data.split("val")
+    withheld = withheld_ids(cfg, model.vocabulary)
+    if withheld:  # zero-shot to unseen classes: their images never train; their text and symbols still do
+        train = train.subset(np.flatnonzero(~np.isin(train.labels, withheld)))
+        model.info["withheld_classes"] = list(cfg.withhold_classes)
+        if ctx.is_main:
+            log.info("withholding the images of %s: %d train images left", ", ".join(cfg.withhold_classes), len(train))
     from galaxalign_batch.ops.backends import resolve_impl
 
     if cfg.mode != "image-only":
@@ -393,6 +410,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     epoch_base = 0
     last_val: dict = {}
     total_epochs = sum(s.epochs for s in plan_stages(cfg))
+    main_epochs = sum(s.epochs for s in plan_stages(cfg) if s.name != "align")  # --schedule run spans these
+    previous_optimizer = None
     epochs_bar = bar(total=total_epochs, desc=cfg.mode, unit="epoch", initial=done) if ctx.is_main else None
     for stage in plan_stages(cfg):
         if done >= epoch_base + stage.epochs:
@@ -406,7 +425,19 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                                           temperature=cfg.learn_temperature and stage.weights is not None)
         steps = _steps_per_epoch(len(train), cfg, ctx)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=stage.lr, betas=(0.9, 0.98), eps=1e-6)
-        scheduler = _schedule(optimizer, steps * stage.epochs, cfg.warmup)
+        if cfg.schedule == "run" and stage.name != "align":
+            # one warmup + cosine over stage 1 and stage 2 together; stage 2 keeps stage 1's AdamW moments for
+            # the weights the two share (the new symbol encoder's start at zero)
+            mains = [s for s in plan_stages(cfg) if s.name != "align"]
+            before = sum(s.epochs for s in mains[:[s.name for s in mains].index(stage.name)])
+            scheduler = _schedule(optimizer, steps * main_epochs, cfg.warmup, offset=steps * before)
+            if previous_optimizer is not None:
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p in previous_optimizer.state:
+                            optimizer.state[p] = previous_optimizer.state[p]
+        else:
+            scheduler = _schedule(optimizer, steps * stage.epochs, cfg.warmup)
         if state.get("stage") == stage.name and done > epoch_base:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -441,6 +472,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
         if stage.name == "stage1" and ctx.is_main and cfg.epochs_stage2 > 0:
             ckpt.save_model(model, out / "model_stage1.safetensors")
         epoch_base += stage.epochs
+        previous_optimizer = optimizer if stage.name != "align" else None
     summary = {}
     if ctx.is_main:
         model.info["stage"] = plan_stages(cfg)[-1].name
@@ -457,6 +489,18 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
         writer.close()
         epochs_bar.close()
     return summary
+
+
+def withheld_ids(cfg: TrainConfig, vocabulary) -> list[int]:
+    """Class indices of ``cfg.withhold_classes`` (keys of the vocabulary); an unknown key is an error."""
+    ids = []
+    for key in cfg.withhold_classes:
+        if key not in vocabulary.keys:
+            raise ConfigError(f"--withhold-classes: {key!r} is not a class of the vocabulary ({', '.join(vocabulary.keys)})")
+        ids.append(vocabulary.keys.index(key))
+    if ids and len(ids) >= len(vocabulary.keys):
+        raise ConfigError("--withhold-classes: at least one class must keep its images")
+    return ids
 
 
 def _steps_per_epoch(n_train: int, cfg: TrainConfig, ctx: RunContext) -> int:
@@ -478,6 +522,11 @@ def _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train: Im
     if stage.weights is not None and (stage.weights[1] or stage.weights[2]):
         bank_seed = int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank, 1]).generate_state(1)[0])
         bank = _SymbolBank(model.symbols, cfg.symbol_bank, seed=bank_seed)
+    # --withhold-classes: the batches hold no image (so no symbol or prompt) of a withheld class; a symbol-text
+    # term over EXTRA_PER_CLASS symbols and prompts of every class keeps their text and symbols in training
+    extra_labels = None
+    if cfg.withhold_classes and bank is not None and stage.weights[2]:
+        extra_labels = np.repeat(np.arange(len(model.vocabulary)), EXTRA_PER_CLASS)
     model.train()
     total, count = 0.0, 0
     pbar = bar(range(steps), total=steps, desc=f"{stage.name} epoch {epoch + 1}", unit="step", leave=False) \
@@ -496,13 +545,17 @@ def _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train: Im
                 mb.tokens, mb.inverse = tokens.to(device), inverse.to(device)
             micro.append(mb)
         optimizer.zero_grad(set_to_none=True)
+        extra = 0.0
+        if extra_labels is not None:  # its gradients join the step's (step_gradients accumulates, then averages)
+            extra = _symbol_text_gradients(cfg, model, bank, prompts, extra_labels, stage.weights[2], rng, scaler,
+                                           device)
         loss = step_gradients(model, micro, weights=stage.weights, impl=cfg.loss, negatives=cfg.negatives,
                               scaler=scaler, autocast=lambda: _autocast(device, cfg.amp))
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         model.clamp_logit_scale()
-        value = loss.item()
+        value = loss.item() + extra
         if not math.isfinite(value):
             raise ConfigError(f"training diverged (loss {value}) at epoch {epoch + 1} step {step + 1}; lower --lr")
         total += value
@@ -510,6 +563,27 @@ def _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train: Im
         if ctx.is_main and hasattr(pbar, "set_postfix"):
             pbar.set_postfix(loss=f"{total / count:.3f}")
     return total / max(count, 1)
+
+
+EXTRA_PER_CLASS = 2
+
+
+def _symbol_text_gradients(cfg, model, bank, prompts, labels: np.ndarray, weight: float, rng, scaler, device) -> float:
+    """Backward of ``weight * L(symbol, text)`` over one symbol and prompt per entry of ``labels`` (every class,
+    withheld ones included); returns the loss value. Symbols go through the symbol encoder (stage 2) or the
+    shared image encoder (align, stage 1), as in the main term."""
+    from galaxalign_batch.ops import trimodal_contrastive_loss
+
+    symbols = model.prepare_images(bank.sample(labels, rng))
+    tokens, inverse = prompts.sample(labels, rng)
+    with _autocast(device, cfg.amp):
+        out = model(symbols=symbols, tokens=tokens.to(device))
+        text = out["text"].float()[inverse.to(device)]
+        loss = trimodal_contrastive_loss(None, text, out["symbol"].float(), model.logit_scale.float(),
+                                         class_ids=torch.from_numpy(labels).to(device), weights=(0.0, 0.0, weight),
+                                         impl=cfg.loss)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return float(loss.detach())
 
 
 def _save_epoch(ctx: RunContext, out: Path, model, optimizer, scheduler, stage: Stage, cfg: TrainConfig, epoch: int,
@@ -560,19 +634,3 @@ class _MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def train(cfg: TrainConfig) -> dict:
-    """Run a training per ``cfg``: in this process, or with Ray Train when ``cfg.workers >= 1``."""
-    out = Path(cfg.out)
-    if cfg.resume == "no" and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps({**cfg.to_dict(), "batch": cfg.batch_layout()}, indent=1))
-    if cfg.workers >= 1:
-        from galaxalign_batch.model.distributed import train_distributed
-
-        return train_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return run_training(cfg)

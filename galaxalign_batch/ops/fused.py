@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from galaxalign_batch.ops import backends, blocked
 from galaxalign_batch.ops.reference import PAIRS
-from galaxalign_batch.ops.topk import _matrix_shape
+from galaxalign_batch.ops.rows import host_or_device_rows, matrix_shape, numpy_rows
 
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -185,37 +185,18 @@ def fused_trimodal_loss(image, text, symbol, logit_scale, class_ids, weights) ->
 # Top-k and prototypes
 
 
-def _numpy_rows(rows: Any) -> np.ndarray:
-    """A chunk of matrix rows as a C-contiguous float32 or float16 numpy array."""
-    if isinstance(rows, torch.Tensor):
-        rows = rows.detach()
-        if rows.dtype not in (torch.float32, torch.float16):
-            rows = rows.float()
-        return rows.cpu().contiguous().numpy()
-    arr = np.asarray(rows)
-    if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4) or not arr.dtype.isnative:
-        arr = arr.astype(np.float32)
-    return np.ascontiguousarray(arr)
-
-
-def _host_or_device_rows(rows: Any) -> torch.Tensor:
-    """A chunk as a tensor (read on the loader thread; moved to the GPU on the caller's stream)."""
-    t = rows.detach() if isinstance(rows, torch.Tensor) else torch.from_numpy(_numpy_rows(rows))
-    return t if t.dtype in (torch.float32, torch.float16) else t.float()
-
-
 def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused path of :func:`galaxalign_batch.ops.similarity_topk` (arguments validated there).
 
     The next chunk is read on a helper thread while the kernel (which releases the GIL) scores
     the current one, so a matrix read from disk (zarr, memmap) overlaps I/O with compute.
     """
-    m, _ = _matrix_shape(matrix)
+    m, _ = matrix_shape(matrix)
     n = queries.shape[0]
     device = queries.device
     starts = list(range(0, m, chunk_rows))
     if device.type == "cpu":
-        load = lambda s: _numpy_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
+        load = lambda s: numpy_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
         q = queries.detach().float().contiguous().numpy()
         best_s = np.full((n, k), -np.inf, dtype=np.float32)
         best_i = np.full((n, k), -1, dtype=np.int64)
@@ -223,7 +204,7 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         update = lambda s, rows: core.topk_update(q, rows, s, best_s, best_i, backends.cpu_threads())  # noqa: E731
         result = lambda: (torch.from_numpy(best_s), torch.from_numpy(best_i))  # noqa: E731
     else:
-        load = lambda s: _host_or_device_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
+        load = lambda s: host_or_device_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
         q = queries.detach().float().contiguous()
         best_s = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)

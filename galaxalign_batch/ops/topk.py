@@ -7,51 +7,22 @@ larger than memory. Ties are ordered by the lower row index.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.ops import reference
 from galaxalign_batch.ops.backends import resolve_impl
+from galaxalign_batch.ops.rows import iter_row_chunks, matrix_shape
 
 DEFAULT_CHUNK_ROWS = 65536
-
-
-def _matrix_shape(matrix: Any) -> tuple[int, int]:
-    shape = getattr(matrix, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ConfigError(f"similarity_topk: matrix must be 2-D (M, D) with .shape and row slicing, got {type(matrix).__name__} with shape {shape}")
-    return int(shape[0]), int(shape[1])
-
-
-def _to_tensor(rows: Any, device: torch.device) -> torch.Tensor:
-    """A chunk of rows as a float32/float16 tensor on ``device`` (other dtypes become float32)."""
-    if isinstance(rows, torch.Tensor):
-        t = rows
-    else:
-        arr = np.asarray(rows)
-        if arr.dtype.kind != "f" or arr.dtype.itemsize not in (2, 4) or not arr.dtype.isnative or not arr.flags.writeable:
-            half = arr.dtype.kind == "f" and arr.dtype.itemsize == 2
-            arr = arr.astype(np.float16 if half else np.float32)  # a native, writable copy torch may own
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.dtype not in (torch.float16, torch.float32):
-        t = t.float()
-    return t.to(device, non_blocking=True).contiguous()
-
-
-def iter_row_chunks(matrix: Any, chunk_rows: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first_row, rows)`` for consecutive chunks of ``matrix`` as contiguous tensors on ``device``."""
-    m, _ = _matrix_shape(matrix)
-    for start in range(0, m, chunk_rows):
-        yield start, _to_tensor(matrix[start:min(start + chunk_rows, m)], device)
 
 
 def _check_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[int, int]:
     if not isinstance(queries, torch.Tensor) or queries.dim() != 2:
         raise ConfigError(f"similarity_topk: queries must be a 2-D (N, D) tensor, got {getattr(queries, 'shape', type(queries))}")
-    m, d = _matrix_shape(matrix)
+    m, d = matrix_shape(matrix)
     if queries.shape[1] != d:
         raise ConfigError(f"similarity_topk: queries have D={queries.shape[1]} but the matrix rows have D={d}")
     if not isinstance(k, int) or k < 1:
