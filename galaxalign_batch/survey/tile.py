@@ -250,6 +250,20 @@ def read_hdu(path: str | os.PathLike, f, ext: int) -> tuple[np.ndarray, fits.Hea
         raise TileError(path, f"cannot read HDU {ext} ({_first_line(e)})") from None
     if data is None:
         raise TileError(path, f"HDU {ext} has no image data")
+    return np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False), _clean_header(raw)
+
+
+def read_header(path: str | os.PathLike, f, ext: int) -> fits.Header:
+    """The clean astropy header of HDU ``ext`` of an open fitsio file, without reading its pixels."""
+    try:
+        raw = f[ext].read_header()
+    except (OSError, ValueError) as e:
+        raise TileError(path, f"cannot read HDU {ext} ({_first_line(e)})") from None
+    return _clean_header(raw)
+
+
+def _clean_header(raw) -> fits.Header:
+    """A fitsio header as an astropy header, without structural / tile-compression keywords."""
     raw.clean()  # drop structural / tile-compression keywords (BINTABLE, ZNAXIS, ...)
     header = fits.Header()
     with warnings.catch_warnings():
@@ -262,7 +276,7 @@ def read_hdu(path: str | os.PathLike, f, ext: int) -> tuple[np.ndarray, fits.Hea
                 header[name] = (rec.get("value"), rec.get("comment") or "")
             except (ValueError, TypeError):
                 pass  # a card astropy will not take; not needed for the WCS
-    return np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False), header
+    return header
 
 
 def image_hdu_index(path: str | os.PathLike, f) -> int:
