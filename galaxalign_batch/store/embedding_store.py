@@ -103,6 +103,9 @@ class EmbeddingStore:
             raise StoreError(f"{path}: store format version {version}, this software reads "
                              f"{', '.join(map(str, schema.READABLE_VERSIONS))} (upgrade galaxalign-batch)")
         self.format_version = int(version)
+        #: optional per-row columns this store keeps besides the standard ones (``--keep-columns``, ``target_id``)
+        self.extra_columns: tuple[schema.Column, ...] = tuple(
+            schema.Column(c["name"], c["dtype"], c.get("doc", "")) for c in attrs.get("extra_columns", []))
         self._rows = int(attrs.get("rows_committed", 0))
         self._tiles = int(attrs.get("tiles_committed", 0))
         self._serial = int(attrs.get("commit_serial", 0))
@@ -113,8 +116,12 @@ class EmbeddingStore:
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, *, dtype: str = "float16",
                attrs: Mapping[str, Any] | None = None, rows_per_chunk: int | None = None,
-               durable: bool = True) -> "EmbeddingStore":
+               durable: bool = True, extra_columns: Iterable[schema.Column] = ()) -> "EmbeddingStore":
         """Create a new, empty store for ``dim``-dimensional embeddings (fails if ``path`` exists).
+
+        ``extra_columns``: optional per-row columns besides :data:`schema.ROW_COLUMNS` (catalogue
+        columns kept with ``--keep-columns``, ``target_id``), listed in the ``extra_columns`` attribute;
+        every commit must then give them too.
 
         The store is built under ``.NAME.creating-PID-XXXX`` beside ``path`` and renamed into place
         when complete, so a creation killed at any moment leaves no store (and the next creation
@@ -126,6 +133,7 @@ class EmbeddingStore:
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"embedding dtype must be float16 or float32, not {dtype!r}")
         store_lock.check_writable(final)
+        extra_columns = schema.check_extra_columns(extra_columns)
         chunk, shard = schema.row_chunks(dim, dtype)
         if rows_per_chunk:
             chunk, shard = rows_per_chunk, rows_per_chunk * 32
@@ -142,15 +150,17 @@ class EmbeddingStore:
             "healpix_order": schema.HEALPIX_ORDER, "healpix_scheme": "nested",
             "embedding_dim": int(dim), "rows_committed": 0, "tiles_committed": 0, "commit_serial": 0,
             "complete": False, **dict(attrs or {}),
+            "extra_columns": [{"name": c.name, "dtype": c.dtype, "doc": c.doc} for c in extra_columns],
         }
         writer = store_io.WriteStore(tmp, durable=durable)
         try:
             group = zarr.open_group(store=writer, mode="w-", attributes=meta)
             group.create_array("embedding", shape=(0, dim), chunks=(chunk, dim), shards=(shard, dim), dtype=dtype,
                                fill_value=0, dimension_names=("row", "feature"))
-            for col in schema.ROW_COLUMNS:
+            for col in schema.ROW_COLUMNS + extra_columns:
                 group.create_array(col.name, shape=(0,), chunks=(chunk,), shards=(shard,),
                                    dtype=schema.zarr_dtype(col.dtype), dimension_names=("row",),
+                                   fill_value=schema.fill_value(col.dtype) if col in extra_columns else None,
                                    attributes={"description": col.doc})
             tiles = group.create_group("tiles")
             for col in schema.TILE_COLUMNS:
@@ -457,7 +467,7 @@ class EmbeddingStore:
             out["flags"] = ((mf > 0) * schema.FLAG_MASKED + (mf >= 0.5) * schema.FLAG_MOSTLY_MASKED).astype(np.uint16)
         if "tile" not in out:
             out["tile"] = np.full(n, name)
-        expected = {c.name for c in schema.ROW_COLUMNS} | {"embedding"}
+        expected = {c.name for c in schema.ROW_COLUMNS + self.extra_columns} | {"embedding"}
         if set(out) != expected:
             raise StoreError(f"tile {name}: columns {sorted(set(out) ^ expected)} missing or unexpected")
         if out["embedding"].shape != (n, self.dim):
@@ -479,7 +489,12 @@ class EmbeddingStore:
             if arr.shape[0] < stop:
                 arr.resize((self._capacity(stop, arr),) + arr.shape[1:])
             arr = _all_chunks(self.group[name])
-            arr[start:stop] = values if name in ("object_id", "tile") else values.astype(arr.dtype)
+            if name in ("object_id", "tile"):
+                arr[start:stop] = values
+            elif any(c.name == name and c.dtype == "str" for c in self.extra_columns):
+                arr[start:stop] = as_str(values)
+            else:
+                arr[start:stop] = values.astype(arr.dtype)
 
     @staticmethod
     def _capacity(needed: int, arr: zarr.Array) -> int:
@@ -499,7 +514,7 @@ class EmbeddingStore:
     def finalize(self, **attrs: Any) -> None:
         """Trim arrays to the committed rows and mark the store complete (readers then need no attrs)."""
         self._check_can_write()
-        for name in ["embedding"] + [c.name for c in schema.ROW_COLUMNS]:
+        for name in ["embedding"] + [c.name for c in schema.ROW_COLUMNS + self.extra_columns]:
             arr = self.group[name]
             if arr.shape[0] != self._rows:
                 arr.resize((self._rows,) + arr.shape[1:])

@@ -54,6 +54,35 @@ TILE_COLUMNS: tuple[Column, ...] = (
 STATUS_DONE = 1
 STATUS_FAILED = 2
 
+#: optional per-row column types (``--keep-columns``, ``target_id``): numbers and UTF-8 strings
+EXTRA_DTYPES = ("str", "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                "float32", "float64")
+
+
+def fill_value(dtype: str):
+    """What an optional column holds for a row whose source lacks it: NaN, 0 (integers, False) or ''."""
+    if dtype == "str":
+        return ""
+    kind = np.dtype(dtype).kind
+    return float("nan") if kind == "f" else (False if kind == "b" else 0)
+
+
+def check_extra_columns(columns) -> tuple[Column, ...]:
+    """Optional columns as a tuple of :class:`Column`, checked: known dtypes, names not taken."""
+    from galaxalign_batch.errors import ConfigError
+
+    taken = {c.name for c in ROW_COLUMNS} | {"embedding", "tiles"}
+    out: list[Column] = []
+    for c in columns:
+        if c.dtype not in EXTRA_DTYPES:
+            raise ConfigError(f"column {c.name!r}: type {c.dtype} cannot be kept (numbers and strings only)")
+        if c.name in taken or not c.name or "/" in c.name or c.name.startswith("."):
+            raise ConfigError(f"column {c.name!r} cannot be kept under that name (taken by the store, or not a "
+                              "plain name)")
+        taken.add(c.name)
+        out.append(c)
+    return tuple(out)
+
 
 def zarr_dtype(dtype: str):
     return str if dtype == "str" else np.dtype(dtype)
