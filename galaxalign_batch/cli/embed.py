@@ -15,6 +15,7 @@ DEFAULT_STORE = "runs/sky-embeddings.zarr"
 
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.engine import embed_tiles, resolve_tiles
+    from galaxalign_batch.errors import ConfigError
 
     tiles_args = args.tiles
     if not tiles_args:
@@ -26,18 +27,26 @@ def run(args: argparse.Namespace) -> int:
             log.info("no --tiles given: simulating the default survey into %s", DEFAULT_SURVEY)
             simulate_survey(DEFAULT_SURVEY)
         tiles_args = [DEFAULT_SURVEY]
+        model = args.model or "tiny"  # the embedded default's smoke run: random weights, warned in the summary
+    elif args.model is None:
+        raise ConfigError("embed: --model is required with --tiles (a checkpoint from 'galaxalign-batch train', "
+                          "e.g. runs/train/model.safetensors, or an open_clip NAME:/path/to/weights); "
+                          "'--model tiny' embeds with RANDOM weights, for smoke tests only")
+    else:
+        model = args.model
     bricks = list(args.bricks or [])
     if args.bricks_file:
         bricks += [b.strip() for b in Path(args.bricks_file).read_text().split() if b.strip()]
     tiles = resolve_tiles(tiles_args, bricks or None)
     out = args.out or DEFAULT_STORE
-    log.info("embedding %d tile(s) with %s into %s", len(tiles), args.model, out)
-    summary = embed_tiles(tiles, args.model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
+    log.info("embedding %d tile(s) with %s into %s", len(tiles), model, out)
+    summary = embed_tiles(tiles, model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
                           catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
-                          force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels)
+                          force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
+                          log_every=args.log_every)
     for line in summary.lines():
         print(line)
     return 0 if summary.ok else 3
@@ -56,10 +65,11 @@ def register(sub) -> None:
                         f"default: the simulated survey in {DEFAULT_SURVEY} (made on first use)")
     p.add_argument("--bricks", nargs="*", metavar="NAME", help="only these bricks of a survey root")
     p.add_argument("--bricks-file", metavar="FILE", help="file of brick names (whitespace separated)")
-    p.add_argument("--model", default="tiny",
+    p.add_argument("--model", default=None,
                    help="a checkpoint of ours (.pt/.safetensors), an open_clip spec NAME:TAG or NAME:/path/weights, "
-                        "or 'tiny' (the registered tiny test config with RANDOM weights: smoke tests only) "
-                        "(default: tiny)")
+                        "or 'tiny' (the registered tiny test config with RANDOM weights: smoke tests only, warned in "
+                        "the summary and recorded in the store). Required with --tiles; without --tiles (the "
+                        "embedded default, a simulated survey) it is tiny")
     p.add_argument("--out", metavar="STORE.zarr", help=f"the store (default: {DEFAULT_STORE})")
     p.add_argument("--catalog", default="auto",
                    help="'auto' (Tractor catalog when the tile has one, else detection), 'detect' (always detect "
@@ -88,4 +98,7 @@ def register(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse (as a failed tile) an image whose FITS header declares more than N pixels, before "
                         "reading it (default 268435456 = 2**28, or GALAXALIGN_MAX_IMAGE_PIXELS)")
+    p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a batch job's log), log progress (tiles, sources/s, ETA) "
+                        "every this many seconds (default 30; 0: never)")
     p.set_defaults(func=run)

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.preprocess import CutoutSpec
@@ -43,18 +43,22 @@ class Encoder:
         return {"identity": self.identity, "cutout_spec": self.spec.to_dict(), "dim": self.dim,
                 "vocabulary": self.vocabulary}
 
-    @torch.no_grad()
     def encode(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        if torch.device(self.device).type == "cuda":
-            return self._encode_cuda(pixels, batch_size)
-        out = []
-        for i in range(0, len(pixels), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            out.append(self._encode(x.to(self.device)).float().cpu().numpy())
+        import torch
+
+        with torch.no_grad():
+            if torch.device(self.device).type == "cuda":
+                return self._encode_cuda(pixels, batch_size)
+            out = []
+            for i in range(0, len(pixels), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
+                x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+                out.append(self._encode(x.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def _encode_cuda(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        import torch
+
         """GPU: each batch crosses PCIe as it is stored (uint8 cutouts: a quarter of the float bytes), from
         pinned memory on a side stream while the previous batch runs, and the model runs under bf16 autocast
         (``GALAXALIGN_GPU_PRECISION=fp32`` turns that off); one synchronisation at the end. Measured on an
@@ -106,6 +110,26 @@ def _parse_model(model: str) -> tuple[str, str, str | None]:
         raise ConfigError(f"--model {model!r}: expected a checkpoint file, 'tiny', or an open_clip NAME:TAG / "
                           "NAME:/path/to/weights")
     return "open_clip", name, weights
+
+
+def model_identity(model: str) -> dict | None:
+    """The ``identity`` of :func:`describe_model` read without importing torch or open_clip (a
+    checkpoint's safetensors header is parsed by hand), or None when that is not possible. Lets a
+    re-run with nothing left to do finish in a second or two."""
+    kind, name, weights = _parse_model(model)
+    if kind != "checkpoint":
+        return _open_clip_identity(name, weights, kind)
+    path = os.path.join(model, "model.safetensors") if os.path.isdir(model) else model
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if not 0 < n < (1 << 28):
+                return None
+            header = json.loads(fh.read(n))
+        info = json.loads(header["__metadata__"]["galaxalign"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    return _checkpoint_identity(model, info) if isinstance(info, dict) else None
 
 
 def describe_model(model: str) -> dict:
@@ -171,6 +195,9 @@ def _from_checkpoint(path: str, device: str) -> Encoder:
 
 
 def _from_open_clip(name: str, weights: str | None, device: str, kind: str) -> Encoder:
+    import torch
+    import torch.nn.functional as F
+
     from galaxalign_batch.model.config import create_clip
 
     if kind == "tiny":

@@ -28,7 +28,7 @@ import numpy as np
 
 from galaxalign_batch import progress
 from galaxalign_batch.engine import preflight
-from galaxalign_batch.engine.encoder import describe_model
+from galaxalign_batch.engine.encoder import describe_model, model_identity
 from galaxalign_batch.engine.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.store import EmbeddingStore, lock as store_lock
@@ -49,6 +49,8 @@ class EmbedSummary:
     seconds: float = 0.0
     startup_seconds: float = 0.0  # Ray connection + model replicas loaded (included in seconds)
     timings: dict[str, float] = field(default_factory=dict)  # summed task seconds per stage
+    warnings: list[str] = field(default_factory=list)  # shown first in the summary (random weights, a stretch...)
+    ray_started: bool = True  # False when every tile was already done (no Ray, no model)
 
     @property
     def ok(self) -> bool:
@@ -56,11 +58,12 @@ class EmbedSummary:
 
     def lines(self) -> list[str]:
         rate = self.sources / self.seconds if self.seconds else 0.0
-        out = [f"store: {self.store}",
+        out = [f"WARNING: {w}" for w in self.warnings]
+        out += [f"store: {self.store}",
                f"tiles: {self.tiles_done} embedded, {self.tiles_skipped} already done, "
                f"{len(self.tiles_failed)} failed, {len(self.tiles_lost)} lost (of {self.tiles_total})",
                f"sources: {self.sources} in {self.seconds:.1f} s ({rate:.1f} sources/s; "
-               f"start-up {self.startup_seconds:.1f} s)"]
+               + (f"start-up {self.startup_seconds:.1f} s)" if self.ray_started else "nothing to do: Ray not started)")]
         if self.timings:
             out.append("task time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         out += [f"FAILED {name}: {reason}" for name, reason in sorted(self.tiles_failed.items())]
@@ -146,38 +149,81 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
-                max_image_pixels: int | None = None) -> EmbedSummary:
+                max_image_pixels: int | None = None, log_every: float = 30.0) -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
 
     Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
     taken (:class:`~galaxalign_batch.store.LockError` when another run writes it; ``force_unlock``
-    takes it anyway). The lock is held until the function returns.
+    takes it anyway). The lock is held until the function returns. A re-run with nothing left to do
+    returns before Ray is started or the model is loaded. ``log_every``: seconds between progress log
+    lines when stderr is not a terminal (0: none).
     """
     t_start = time.perf_counter()
-    info = describe_model(model)  # the spec and the store's attributes; ConfigError for a bad --model
+    # The model's identity without torch (a re-run with nothing to do needs no more); the full description
+    # (spec, dimension; imports torch and open_clip) when there is work. ConfigError for a bad --model.
+    identity = model_identity(model)
+    info = describe_model(model) if identity is None else None
+    identity = identity or info["identity"]
+    warnings = [RANDOM_WEIGHTS_WARNING] if identity.get("kind") == "tiny" else []
     catalog = preflight.check_catalog(catalog)
     out = preflight.check_output(out)
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
         raise ConfigError(f"--max-image-pixels must be a positive number of pixels, got {max_image_pixels!r}")
     lock = store_lock.acquire(out, force=force_unlock)
     try:
-        store = preflight.open_for_resume(out, info, embedding_dtype)
+        store = preflight.open_for_resume(out, info, embedding_dtype, identity=identity)
         if store is not None:
             log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
             if n := store.remove_leftovers():
                 log.info("%s: removed %d temporary file(s) of writes a killed run left", out, n)
-        return _embed(tiles, model, out, info, store, t_start, batch_size=batch_size, cpu_workers=cpu_workers,
-                      cpu_threads=cpu_threads, gpu_workers=gpu_workers, device=device, address=address,
-                      catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
-                      commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
-                      stall_seconds=stall_seconds, max_image_pixels=max_image_pixels)
+            if (summary := _nothing_to_do(tiles, out, store, retry_failed, t_start)) is not None:
+                summary.warnings = warnings
+                return summary
+        if info is None:
+            info = describe_model(model)
+            if store is not None:
+                store = preflight.open_for_resume(out, info, embedding_dtype)
+        summary = _embed(tiles, model, out, info, store, t_start, batch_size=batch_size, cpu_workers=cpu_workers,
+                         cpu_threads=cpu_threads, gpu_workers=gpu_workers, device=device, address=address,
+                         catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
+                         commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
+                         stall_seconds=stall_seconds, max_image_pixels=max_image_pixels, log_every=log_every,
+                         warnings=warnings)
+        summary.warnings = warnings + summary.warnings
+        return summary
     finally:
         store_lock.release(lock)
 
 
+RANDOM_WEIGHTS_WARNING = ("--model tiny has RANDOM weights: these embeddings are meaningless beyond smoke tests "
+                          "(train a model with 'galaxalign-batch train' and pass its checkpoint)")
+
+
+def _todo(tiles: list[TileRef], store: EmbeddingStore | None, retry_failed: bool) -> list[TileRef]:
+    """The tiles a run still has to do: not done in the store, and (with ``retry_failed``) failed ones again."""
+    done = store.completed_tiles() if store else set()
+    earlier_failed = store.failed_tiles() if store else {}
+    return [t for t in tiles if t.name not in done and (retry_failed or t.name not in earlier_failed)]
+
+
+def _nothing_to_do(tiles: list[TileRef], out: str, store: EmbeddingStore, retry_failed: bool,
+                   t_start: float) -> EmbedSummary | None:
+    """The summary of a re-run that finds every tile done (finishing the store if a crash left it open),
+    without starting Ray or loading the model; None when there is work."""
+    if _todo(tiles, store, retry_failed):
+        return None
+    if not store.attrs.get("complete"):
+        store.finalize()
+    log.info("%s: all %d tile(s) already done; nothing to embed", out, len(tiles))
+    summary = EmbedSummary(out, len(tiles), len(tiles), 0, ray_started=False)
+    summary.seconds = time.perf_counter() - t_start
+    return summary
+
+
 def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
            batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
-           commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels) -> EmbedSummary:
+           commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels, log_every=30.0,
+           warnings=()) -> EmbedSummary:
     import ray
 
     _init_ray(address, cpu_workers)
@@ -204,9 +250,7 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                   .remote(model, "cpu", batch_size, threads) for _ in range(replicas)]
         log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
     replicas_ready = [a.describe.remote() for a in actors]
-    done = store.completed_tiles() if store else set()
-    earlier_failed = store.failed_tiles() if store else {}
-    todo = [t for t in tiles if t.name not in done and (retry_failed or t.name not in earlier_failed)]
+    todo = _todo(tiles, store, retry_failed)
     summary = EmbedSummary(out, len(tiles), len(tiles) - len(todo), 0)
     timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
     prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
@@ -229,7 +273,7 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                               f"{info['identity']} / {info['cutout_spec']})")
         startup = time.perf_counter() - t_start
         if store is None:
-            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype, attrs=_store_attrs(info))
+            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype, attrs=_store_attrs(info, warnings))
         roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
@@ -242,6 +286,11 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
     pending_rows, last_commit = 0, time.perf_counter()
     ids_of_run: dict[str, tuple[str, ...]] = {}  # id brick -> tiles of this run whose ids name it
     bar = progress.bar(total=len(todo), desc="tiles", unit="tile")
+    ticker = progress.RateLog(len(todo), log_every, logger=log)  # log lines when stderr is not a terminal
+    last_event = time.perf_counter()
+
+    def finished() -> int:
+        return summary.tiles_done + len(summary.tiles_failed) + len(summary.tiles_lost)
 
     def flush(force: bool = False) -> None:
         nonlocal pending, pending_rows, last_commit
@@ -259,11 +308,16 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                 ref = queue.pop()
                 meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels)
                 preparing[meta_ref] = (ref, pix_ref)
-            ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1, timeout=stall_seconds)
+            ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1,
+                                timeout=min(stall_seconds, ticker.every) if ticker.active else stall_seconds)
+            ticker.update(finished(), summary.sources)
             if not ready:
-                log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources free: %s",
-                            stall_seconds, len(preparing), len(embedding), ray.available_resources())
+                if time.perf_counter() - last_event >= stall_seconds:
+                    log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources "
+                                "free: %s", stall_seconds, len(preparing), len(embedding), ray.available_resources())
+                    last_event = time.perf_counter()
                 continue
+            last_event = time.perf_counter()
             r = ready[0]
             if r in preparing:
                 ref, pix_ref = preparing.pop(r)
@@ -342,9 +396,11 @@ def _root_cause(e: BaseException) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def _store_attrs(info: dict) -> dict:
+def _store_attrs(info: dict, warnings=()) -> dict:
+    """The attributes of a new store. ``random_weights`` is true for ``--model tiny`` (its embeddings mean
+    nothing); ``warnings`` keeps the run's warnings (the same lines as the summary's)."""
     return {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
-            "normalised": True}
+            "normalised": True, "random_weights": info["identity"].get("kind") == "tiny", "warnings": list(warnings)}
 
 
 def _id_bricks(ids: np.ndarray) -> set[str]:

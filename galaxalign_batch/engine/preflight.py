@@ -66,8 +66,12 @@ def check_output(out: str | os.PathLike) -> str:
     return out
 
 
-def open_for_resume(out: str, info: dict, embedding_dtype: str | None = None) -> EmbeddingStore | None:
-    """The store at ``out`` opened for writing when it exists (checked against the model), else None."""
+def open_for_resume(out: str, info: dict | None, embedding_dtype: str | None = None, *,
+                    identity: dict | None = None) -> EmbeddingStore | None:
+    """The store at ``out`` opened for writing when it exists (checked against the model), else None.
+
+    ``info`` is :func:`~galaxalign_batch.engine.encoder.describe_model`'s; with ``info`` None only the
+    model's ``identity`` is checked (the dimension then when the model is described)."""
     if not store_exists(out):
         return None
     store = EmbeddingStore.open(out, "r+")
@@ -76,9 +80,12 @@ def open_for_resume(out: str, info: dict, embedding_dtype: str | None = None) ->
                          f"paths); this version cannot resume it without embedding tiles twice: use a new --out "
                          "(the old store stays readable)")
     have = store.attrs.get("model", {})
-    if have.get("id") != info["identity"]["id"]:
+    identity = info["identity"] if info is not None else identity
+    if have.get("id") != identity["id"]:
         raise StoreError(f"{out}: written by model {have.get('name')} ({have.get('id')}), not by "
-                         f"{info['identity']['name']} ({info['identity']['id']}); use another --out")
+                         f"{identity['name']} ({identity['id']}); use another --out")
+    if info is None:
+        return store
     if store.dim != info["dim"]:
         raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
     have_dtype = str(store.array("embedding").dtype)
