@@ -22,7 +22,7 @@ def test_cutout_of_a_galaxy_is_its_galaxy_zoo_picture(cutouts_dir, tmp_path, cap
     ra, dec = _centre(cutouts_dir / "example_a.fits")
     out = tmp_path / "pics" / "a.png"
     rc = main(["cutout", "--tiles", str(cutouts_dir / "temp_small.fits"), str(cutouts_dir / "example_a.fits"),
-               "--ra", str(ra), "--dec", str(dec), "--size", "42.4", "--pixels", "424", "--stretch", "gz-decals",
+               "--ra", str(ra), "--dec", str(dec), "--angular-size", "42.4", "--pixels", "424", "--stretch", "gz-decals",
                "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -57,6 +57,6 @@ def test_targets_file_writes_one_picture_per_target_and_reports_misses(cutouts_d
 def test_cutout_argument_errors(cutouts_dir, tmp_path):
     tile = str(cutouts_dir / "example_a.fits")
     assert main(["cutout", "--tiles", tile, "--ra", "1", "--dec", "2", "--out", str(tmp_path / "x.jpg")]) == 1
-    assert main(["cutout", "--tiles", tile, "--ra", "1", "--out", str(tmp_path / "x.png")]) == 1
+    assert main(["cutout", "--tiles", tile, "--ra", "1", "--out", str(tmp_path / "x.png")]) == 2  # usage: no --dec
     assert main(["cutout", "--tiles", tile, "--ra", "1", "--dec", "2", "--out", str(tmp_path / "x.png")]) == 1
     assert not (tmp_path / "x.png").exists()

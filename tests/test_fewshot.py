@@ -284,7 +284,7 @@ def test_apply_resumes_after_a_kill(store_path, tmp_path, monkeypatch):
         np.testing.assert_array_equal(a.read(f"{GROUP}/h/{name}"), b.read(f"{GROUP}/h/{name}"))
     # another model's head is refused
     other = fit_head(X, np.array(store.attrs["truth"][:60]), ["a", "b", "c"], source={"model": {"id": "0ther"}})
-    from galaxalign_batch.downstream.common import ModelMismatchError
+    from galaxalign_batch.store import ModelMismatchError
 
     with pytest.raises(ModelMismatchError, match="another model"):
         apply_head(path, other, "o")
@@ -350,9 +350,10 @@ def test_cli_refuses_bad_stores_and_options(store_path, tmp_path, caplog):
         (["--store", str(empty.path), "--labels", str(labels), "--out", str(out)], "no rows"),
         (["--store", str(no_emb), "--labels", str(labels), "--out", str(out)], "no embedding"),
     ]
+    usage = ("needs --out", "either --labels", "do not apply")  # options that do not go together: exit 2
     for argv, match in cases:
         caplog.clear()
-        assert main(["--no-progress", "fewshot"] + argv) == 1, argv
+        assert main(["--no-progress", "fewshot"] + argv) == (2 if match in usage else 1), argv
         errors = _errors(caplog)
         assert len(errors) == 1 and match in errors[0], (argv, errors)
         assert not out.exists()

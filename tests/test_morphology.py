@@ -122,11 +122,13 @@ def test_cli_bad_input(tmp_path, tiny_survey, caplog):
     from galaxalign_batch.cli import main
 
     assert main(["morphology", "--tiles", str(tiny_survey), "--out", str(tmp_path / "m.txt")]) == 1
-    assert main(["morphology", "--out", str(tmp_path / "m.csv")]) == 1
-    assert main(["morphology", "--tiles", str(tiny_survey), "--out", str(tmp_path / "m.csv"), "--limit", "0"]) == 1
+    with pytest.raises(SystemExit) as e:  # neither --store nor --tiles: argparse's usage error
+        main(["morphology", "--out", str(tmp_path / "m.csv")])
+    assert e.value.code == 2
+    assert main(["morphology", "--tiles", str(tiny_survey), "--out", str(tmp_path / "m.csv"), "--limit", "0"]) == 2
     assert main(["morphology", "--store", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "m.csv")]) == 1
     err = caplog.text
-    assert "unknown table format" in err and "exactly one of --store" in err and "--limit must be" in err
+    assert "unknown table format" in err and "--limit must be" in err
     assert "no such store" in err
     with pytest.raises(ConfigError, match="no such morphology table"):
         read_table(tmp_path / "nothing.parquet")

@@ -350,4 +350,6 @@ def test_cli_simulate(tmp_path, capsys):
     assert "wrote 1 brick(s) of 64x64 px" in out and "labelled set" in out
     assert layout.is_survey_root(tmp_path / "o") and (tmp_path / "o" / "labelled" / "train.npz").exists()
     assert main(["simulate", "--out", str(tmp_path / "o2"), "--size", "0"]) == 1
-    assert main(["simulate"]) == 1   # --out is required (checked in run, so the parser accepts no arguments)
+    with pytest.raises(SystemExit) as e:  # --out is required: argparse's usage error
+        main(["simulate"])
+    assert e.value.code == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch classify --store runs/sky-embeddings.zarr --model runs/train/model.safetensors
@@ -15,7 +17,7 @@ examples:
 
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.downstream.classify import classify_store, missing_model_error, scorer_from_checkpoint
-    from galaxalign_batch.downstream.common import open_readable
+    from galaxalign_batch.store import open_readable
     from galaxalign_batch.store.lock import locked
 
     store = open_readable(args.store)
@@ -37,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "classify", help="classify every source of an embedding store (zero-shot or the linear head)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Classify every row of an embedding store and write `probs` (N x K), `label` and `confidence`
             into it. Zero-shot methods score the stored embeddings against the checkpoint's text and/or
@@ -47,18 +48,15 @@ def register(sub) -> None:
             previous classification stays visible until the new one is complete. The store keeps no
             weights: pass the checkpoint it was embedded with; any other is refused."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     p.add_argument("--model", metavar="CKPT",
                    help="the GalaxAlign checkpoint (model.safetensors or its folder) the store was embedded with")
     p.add_argument("--method", default="auto", choices=["auto", "combined", "text", "symbol", "head"],
                    help="prototypes to score against, or the linear head; auto: combined (tri-modal), text "
                         "(image-text), head (image-only) (default: auto)")
-    p.add_argument("--survey", action="append", metavar="ROOT",
-                   help="survey root(s) holding the store's brick tiles (only --method head reads tiles)")
-    p.add_argument("--batch-rows", type=int, default=None,
-                   help="rows per batch and progress commit (default: one shard of the store)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the scoring runs")
-    p.add_argument("--force", action="store_true", help="classify again even if the store is up to date")
-    p.add_argument("--force-unlock", action="store_true",
-                   help="take the store's lock even though another writer seems to hold it (only when you know it is gone)")
+    opt.add_survey(p, help="survey root(s) holding the store's tiles (only --method head reads tiles)")
+    opt.add_batch_rows(p)
+    opt.add_device(p)
+    opt.add_force(p)
+    opt.add_force_unlock(p)
     p.set_defaults(func=run)

@@ -14,12 +14,10 @@ import math
 import re
 from pathlib import Path
 
+from galaxalign_batch.cli import _options as opt
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 
 log = logging.getLogger(__name__)
-
-PICTURE_STRETCHES = ("lupton", "asinh", "gz-decals")
-
 
 def _targets(path: Path) -> list[tuple[str, float, float]]:
     """(name, ra, dec) rows of a CSV (columns ra, dec and optionally name / object_id / id) or of a
@@ -126,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
 
     from galaxalign_batch.preprocess import CutoutSpec
 
-    spec = CutoutSpec(angular_size=args.size, out_size=args.pixels, stretch=args.stretch, dtype="uint8",
+    spec = CutoutSpec(angular_size=args.angular_size, out_size=args.pixels, stretch=args.stretch, dtype="uint8",
                       orientation=args.orientation)
     if args.targets is not None:
         if args.ra is not None or args.dec is not None:
-            raise ConfigError("give either --ra/--dec or --targets, not both")
+            raise opt.UsageError("give either --ra/--dec or --targets, not both")
         targets = _targets(Path(args.targets))
         out_dir = Path(args.out)
         if out_dir.suffix.lower() == ".png":
@@ -145,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             jobs.append((name, ra, dec, out_dir / f"{unique}.png"))
     else:
         if args.ra is None or args.dec is None:
-            raise ConfigError("give --ra and --dec (degrees), or --targets FILE")
+            raise opt.UsageError("give --ra and --dec (degrees), or --targets FILE")
         out = Path(args.out)
         if out.suffix.lower() != ".png":
             raise ConfigError(f"--out must name a .png file, got {out}")
@@ -177,19 +175,18 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("cutout", help="a picture of the sky at RA, Dec from tiles (north up, east left)",
-                       description="Cut a picture of --size arcsec around RA, Dec from the tile that holds it "
+                       description="Cut a picture of --angular-size arcsec around RA, Dec from the tile that holds it "
                                    "(least masked, if several), resampled to --pixels and stretched as the "
                                    "model sees it; north up, east left from the tile's WCS.")
-    p.add_argument("--tiles", nargs="+", required=True,
-                   help="cutout cubes, brick files, folders, globs, @list.txt or Legacy Survey roots (as embed)")
+    opt.add_tiles(p, required=True)
     p.add_argument("--ra", type=float, help="degrees")
     p.add_argument("--dec", type=float, help="degrees")
     p.add_argument("--targets", help="CSV (columns ra, dec, optional name / object_id / id) or FITS table: "
                                      "one picture per row into the folder --out")
-    p.add_argument("--size", type=float, default=32.0, help="side of the picture, arcsec (default 32)")
+    opt.add_angular_size(p, help="side of the picture, arcsec")
+    opt.add_deprecated_alias(p, "--size", "--angular-size", "angular_size", type=float)
     p.add_argument("--pixels", type=int, default=256, help="side of the picture, pixels (default 256)")
-    p.add_argument("--stretch", default="lupton", choices=PICTURE_STRETCHES,
-                   help="lupton: Legacy Survey viewer (Galaxy10 DECaLS); gz-decals: Galaxy Zoo DECaLS; asinh: per band")
+    opt.add_stretch(p)
     p.add_argument("--orientation", default="north-up", choices=["north-up", "fits"],
                    help="north-up (east left, from the WCS; default) or fits (array order: the file's first row at the top)")
     p.add_argument("--out", required=True, help="picture.png, or a folder with --targets")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxalign_batch.cli import _options as opt
+
 log = logging.getLogger("galaxalign_batch")
 
 # (bricks, brick size px, labelled images per class, align epochs, epochs per stage, max steps per epoch)
@@ -200,13 +202,13 @@ def _truth_catalog(sky: Path, path: Path) -> Path:
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="simulate, train, embed, classify, search, join and report on the embedded default",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running reuses "
                                                       "the simulated sky and the trained model found there")
     p.add_argument("--size", default="default", choices=list(SETTINGS),
                    help="default: 4 bricks of 1024 px, 1,200 labelled images, 4+4 epochs (a few minutes on 2 cores); "
                         "small; smallest (CI smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    opt.add_seed(p)
     p.add_argument("--from-scratch", action="store_true",
                    help="fine-tune from random weights instead of the shipped foundation (the collapse of issue 13)")
     p.set_defaults(func=run)

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 
+from galaxalign_batch.cli import _options as opt
+
 log = logging.getLogger("galaxalign_batch")
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.cli._options import UsageError
     from galaxalign_batch.model.evaluate import evaluate_checkpoints
     from galaxalign_batch.model.train import resolve_device
 
-    if not args.checkpoints or not args.data or not args.out:
-        raise ConfigError("evaluate needs --checkpoints A [B ...], --data DIR|CSV|H5 and --out DIR")
     if args.names and len(args.names) != len(args.checkpoints):
-        raise ConfigError(f"--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints")
+        raise UsageError(f"--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints")
     result = evaluate_checkpoints(args.checkpoints, args.data, args.out, split=args.split, ks=tuple(args.k),
                                   batch_size=args.batch_size, device=str(resolve_device(args.device)), names=args.names)
     print(result["table_md"], end="")
@@ -32,13 +32,13 @@ def register(sub) -> None:
                     "per-class recall and confusion matrices; same-class retrieval precision@k and mAP@k. Writes "
                     "OUT/table.md, OUT/table.json, OUT/metrics.json and OUT/confusion_*.png. Each checkpoint's own "
                     "preprocessing (CutoutSpec) is applied to the data. See docs/model.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", help="model files (.safetensors) or checkpoint directories")
+)
+    p.add_argument("--checkpoints", nargs="+", required=True, help="model files (.safetensors) or checkpoint directories")
     p.add_argument("--names", nargs="+", default=None, help="row names in the table (default: file names)")
-    p.add_argument("--data", help="labelled data, as for train (the split settings come from the first checkpoint)")
-    p.add_argument("--out", help="output directory")
+    p.add_argument("--data", required=True, help="labelled data, as for train (the split settings come from the first checkpoint)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="which split to evaluate")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="k of precision@k and mAP@k")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    opt.add_device(p)
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch fewshot --store sky.zarr --labels rings.csv --out rings.head.safetensors
@@ -32,16 +34,15 @@ def validation_line(head) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.downstream.common import open_readable
-    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.store import open_readable
     from galaxalign_batch.fewshot import apply as ap
 
     if bool(args.labels) == bool(args.head):
-        raise ConfigError("fewshot needs either --labels CSV (with --out HEAD) to fit a head, or --head HEAD to apply one")
+        raise opt.UsageError("fewshot needs either --labels CSV (with --out HEAD) to fit a head, or --head HEAD to apply one")
     if args.labels and not args.out:
-        raise ConfigError("fewshot --labels needs --out HEAD (the head file to write)")
+        raise opt.UsageError("fewshot --labels needs --out HEAD (the head file to write)")
     if args.head and (args.out or args.classes or args.kind_given):
-        raise ConfigError("--head applies an existing head: --out, --classes and --kind do not apply")
+        raise opt.UsageError("--head applies an existing head: --out, --classes and --kind do not apply")
     name = ap.check_name(args.name) if args.name else None
     store = open_readable(args.store)
     if args.apply or args.head:  # a writer: one per store, refused before any work (docs/store.md)
@@ -97,7 +98,6 @@ class _KindAction(argparse.Action):
 def register(sub) -> None:
     p = sub.add_parser(
         "fewshot", help="fit a few-shot head (linear probe / small MLP) on a store's embeddings from a label file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Fit a calibrated few-shot head on the frozen embeddings of the labelled objects of a store
             (labels.csv: header with object_id,label; other columns ignored; any class set, e.g. ring / not
@@ -105,7 +105,7 @@ def register(sub) -> None:
             With --apply, also writes the head's probabilities for every row into the store
             (fewshot/NAME/{probs,label,confidence}; resumable, beside classify's arrays). See docs/fewshot.md."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     p.add_argument("--labels", metavar="CSV", help="label file with columns object_id,label")
     p.add_argument("--out", metavar="HEAD", help="head file to write (safetensors + JSON metadata)")
     p.add_argument("--head", metavar="HEAD", help="apply this existing head file instead of fitting one")
@@ -113,11 +113,10 @@ def register(sub) -> None:
                    help="linear probe (L2 logistic regression) or one-hidden-layer MLP (default: linear)")
     p.add_argument("--classes", metavar="A,B,...",
                    help="the classes, in this order (default: every label, sorted); rows with other labels are ignored")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and the MLP")
+    opt.add_seed(p, help="seed of the cross-validation folds and the MLP")
     p.add_argument("--apply", action="store_true", help="write the head's probabilities for every row into the store")
     p.add_argument("--name", help="name of the head in the store (default: the head file's name without suffix)")
-    p.add_argument("--batch-rows", type=int, default=None, help="rows per batch and progress commit (default: a shard)")
-    p.add_argument("--force", action="store_true", help="apply again even if the store is up to date")
-    p.add_argument("--force-unlock", action="store_true",
-                   help="with --apply: take the store's lock even though another writer seems to hold it")
+    opt.add_batch_rows(p)
+    opt.add_force(p, help="apply again even if the store is up to date")
+    opt.add_force_unlock(p)
     p.set_defaults(func=run, kind_given=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch join --store sky.zarr --catalog my_targets.csv --out matched.parquet --radius 1arcsec
@@ -20,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     radius = None if args.on is not None else parse_angle_arcsec(args.radius or "1arcsec", "--radius")
     summary = join_catalog(args.store, args.catalog, args.out, radius=radius, on=args.on, ra_col=args.ra_col,
                            dec_col=args.dec_col, catalog_format=args.format, with_embedding=args.with_embedding,
-                           inner=args.inner, workers=args.workers)
+                           inner=args.inner, workers=args.threads)
     for line in summary.lines():
         print(line)
     return 0
@@ -29,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "join", help="cross-match a catalog with an embedding store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Join your catalog (FITS table, CSV or Parquet) with the store and write a Parquet file: every
             catalog row, plus the matched source's object_id, store_ra/store_dec, separation_arcsec and,
@@ -41,7 +42,7 @@ def register(sub) -> None:
             by name (ra, RA, RAJ2000, ra_deg, ...) or given with --ra-col/--dec-col. Unmatched rows are kept
             with nulls unless --inner."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     p.add_argument("--catalog", required=True, metavar="CAT", help="FITS table, CSV (.csv/.tsv) or Parquet file")
     p.add_argument("--out", required=True, metavar="OUT.parquet", help="the output (written atomically)")
     how = p.add_mutually_exclusive_group()
@@ -53,5 +54,6 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["fits", "csv", "parquet"], help="catalog format (default: from the suffix)")
     p.add_argument("--with-embedding", action="store_true", help="add the embedding of the matched source")
     p.add_argument("--inner", action="store_true", help="keep only catalog rows with a match")
-    p.add_argument("--workers", type=int, default=None, help="threads for the cross-match (default: all cores)")
+    opt.add_threads(p, help="threads of the cross-match (default: all cores)")
+    opt.add_deprecated_alias(p, "--workers", "--threads", "threads", type=int)
     p.set_defaults(func=run)

@@ -8,6 +8,8 @@ import signal
 import sys
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 log = logging.getLogger("galaxalign_batch")
 
 EXAMPLES = """\
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     token = None if is_loopback(args.host) else new_token()
     app = build_app(args.store, args.task, classes, db=args.db, roots=args.survey, token=token,
-                    retrain_every=args.retrain_every, head_kind=args.head, min_per_class=args.min_per_class,
+                    retrain_every=args.retrain_every, head_kind=args.kind, min_per_class=args.min_per_class,
                     lease_s=60.0 * args.lease_minutes, n_clusters=args.clusters, seed=args.seed)
     server, url = make_server(app, args.host, args.port)
     app.warm_up()
@@ -71,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "label", help="human-in-the-loop labelling in the browser",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Serve a local web page to label the galaxies of an embedding store for a task of your own
             (e.g. ring / not-ring). It shows first a spread of the store (k-means clusters of the
@@ -82,7 +83,7 @@ def register(sub) -> None:
             address, a random token is required (it is in the printed URL). --export writes
             object_id,label for 'galaxalign-batch fewshot --labels' and exits."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     p.add_argument("--task", required=True, metavar="NAME", help="the labelling task (one database per task)")
     p.add_argument("--classes", metavar="A,B,...",
                    help="the task's classes, comma separated (a new task; default: the store's vocabulary; an "
@@ -92,14 +93,15 @@ def register(sub) -> None:
     p.add_argument("--db", metavar="PATH.sqlite", help="the label database (default STORE.labels/TASK.sqlite)")
     p.add_argument("--export", metavar="LABELS.csv", help="write object_id,label of the task's class labels and exit")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
-    p.add_argument("--survey", action="append", metavar="ROOT", help="survey root(s) of the store's brick tiles")
+    opt.add_survey(p)
     p.add_argument("--retrain-every", type=int, default=5, metavar="N",
                    help="retrain the head after N new labels, marks or undos (default 5)")
-    p.add_argument("--head", default="linear", choices=["linear", "mlp"], help="few-shot head kind (default linear)")
+    p.add_argument("--kind", default="linear", choices=["linear", "mlp"], help="few-shot head kind, as fewshot --kind (default linear)")
+    opt.add_deprecated_alias(p, "--head", "--kind", "kind", choices=["linear", "mlp"])
     p.add_argument("--min-per-class", type=int, default=2, metavar="N",
                    help="labels a class needs before the head uses it (default 2; the first head needs two classes)")
     p.add_argument("--lease-minutes", type=float, default=10.0,
                    help="how long the galaxies a tab shows are kept from other tabs (default 10)")
     p.add_argument("--clusters", type=int, metavar="K", help="k-means clusters of the first round (default ~sqrt(N)/2, 2-100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the clustering and the head (default 0)")
+    opt.add_seed(p, help="seed of the clustering and the head")
     p.set_defaults(func=run)

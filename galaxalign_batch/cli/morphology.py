@@ -6,6 +6,8 @@ import argparse
 import os
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch morphology --store runs/sky-embeddings.zarr --out morph.parquet
@@ -30,21 +32,20 @@ def _psf(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.errors import ConfigError
     from galaxalign_batch.morphology import MorphologyConfig, measure_store, measure_tiles
 
-    if bool(args.store) == bool(args.tiles):
-        raise ConfigError("morphology needs exactly one of --store STORE or --tiles PATH ...")
+    if args.bricks and not args.tiles:
+        raise opt.UsageError("--bricks selects bricks of a --tiles survey root")
     if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+        raise opt.UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+        raise opt.UsageError(f"--workers must be at least 1, got {args.workers}")
     cfg = MorphologyConfig(band=args.band, stamp_px=args.stamp, max_stamp_px=args.max_stamp)
     if args.store:
         summary = measure_store(args.store, args.out, roots=args.survey, limit=args.limit, workers=args.workers,
                                 cfg=cfg, psf_fwhm=args.psf_fwhm)
     else:
-        summary = measure_tiles(args.tiles, args.out, bricks=args.bricks, catalog=args.catalog, limit=args.limit,
+        summary = measure_tiles(args.tiles, args.out, bricks=args.bricks, catalog=args.sources, limit=args.limit,
                                 workers=args.workers, cfg=cfg, psf_fwhm=args.psf_fwhm)
     for line in summary.lines():
         print(line)
@@ -54,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "morphology", help="non-parametric morphology (C, A, S, Gini, M20, Petrosian radius, Sersic) per source",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Measure concentration, asymmetry, smoothness, Gini, M20, Petrosian and half-light radii and a
             PSF-convolved Sersic fit (index, half-light radius) of every source with statmorph, on a stamp of
@@ -65,15 +65,12 @@ def register(sub) -> None:
             statmorph's flag (0 good, 1 suspect, 2 bad, 4 catastrophic) and flag_sersic; a source that cannot
             be measured gets flag 4 and its reason in `error` instead of stopping the run. Radii in arcsec."""),
         epilog=EXAMPLES)
-    src = p.add_argument_group("sources (one of)")
-    src.add_argument("--store", metavar="STORE.zarr", help="measure the rows of this embedding store")
-    src.add_argument("--tiles", nargs="+", metavar="PATH",
-                     help="survey roots, brick files, cutout cubes, folders, globs or @lists (as embed)")
-    p.add_argument("--survey", action="append", metavar="ROOT", help="survey root(s) holding the store's bricks")
-    p.add_argument("--bricks", nargs="+", metavar="BRICK", help="with --tiles ROOT: only these bricks")
-    p.add_argument("--catalog", default="auto",
-                   help="with --tiles: 'auto' (Tractor catalog if the tree has one, else detect), 'detect', or a "
-                        "catalog path (default: auto)")
+    src = p.add_mutually_exclusive_group(required=True)  # what to measure: one of
+    opt.add_store(src, required=False, help="measure the rows of this embedding store")
+    opt.add_tiles(src, help="measure the sources of these tiles (files, folders, globs, @lists, survey roots; as embed)")
+    opt.add_survey(p)
+    opt.add_bricks(p)
+    opt.add_sources(p)
     p.add_argument("--out", required=True, metavar="TABLE", help="output table: .parquet, .fits or .csv/.ecsv")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="measure only the first N sources")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

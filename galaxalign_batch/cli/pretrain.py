@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from galaxalign_batch.cli import _options as opt
+
 log = logging.getLogger("galaxalign_batch")
 
 
@@ -21,19 +23,16 @@ def _pair(text: str) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.errors import ConfigError
-    from galaxalign_batch.model.pretrain import PretrainConfig, pretrain
-
-    from galaxalign_batch.model.pretrain import expand_foundation, export_foundation
+    from galaxalign_batch.model.pretrain import PretrainConfig, expand_foundation, export_foundation, pretrain
 
     if args.expand:
-        if not args.out:
-            raise ConfigError("pretrain --expand FILE needs --out DIR")
+        if args.tiles:
+            raise opt.UsageError("--expand FILE turns a compact foundation into a checkpoint: --tiles does not apply")
         path = expand_foundation(args.expand, Path(args.out) / "model.safetensors")
         print(f"foundation {args.expand} -> {path}")
         return 0
-    if not args.tiles or not args.out:
-        raise ConfigError("pretrain needs --tiles PATH... and --out DIR")
+    if not args.tiles:
+        raise opt.UsageError("pretrain needs --tiles PATH ... (or --expand FILE)")
     cfg = PretrainConfig(
         tiles=args.tiles, out=args.out, model=args.model, pretrained=args.pretrained, bricks=args.bricks,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -56,12 +55,10 @@ def register(sub) -> None:
                     "'embed' reads them: two augmented views of each source (image-image contrastive) and a caption "
                     "generated from its Tractor catalogue columns (image-caption contrastive). Writes "
                     "OUT/model.safetensors, which 'train --model', 'embed --model' and 'classify' accept, and "
-                    "checkpoints under OUT/checkpoints (a rerun resumes). See docs/model.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--tiles", nargs="*", metavar="PATH",
-                   help="tiles as for embed: FITS files, directories, globs, @list.txt, Legacy Survey roots")
-    p.add_argument("--bricks", nargs="*", metavar="NAME", help="only these bricks of a survey root")
-    p.add_argument("--out", help="output directory")
+                    "checkpoints under OUT/checkpoints (a rerun resumes). See docs/model.md.")
+    opt.add_tiles(p, help="tiles as for embed: files, folders, globs, @list.txt, Legacy Survey roots")
+    opt.add_bricks(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--model", default="galaxalign-tiny",
                    help="open_clip model name, or one of our checkpoints (.safetensors) to continue from")
     p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs its cache) or a local weights file")
@@ -75,21 +72,19 @@ def register(sub) -> None:
     p.add_argument("--weights", type=_pair, default=(1.0, 1.0),
                    help="loss weights w_ii,w_ic (image-image views, image-caption per view)")
     p.add_argument("--temperature", type=float, default=0.1, help="initial temperature (learned)")
-    p.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec the model sees")
-    p.add_argument("--stretch", default="lupton", choices=["lupton", "asinh"], help="cutout stretch")
+    opt.add_angular_size(p)
+    opt.add_stretch(p)
     p.add_argument("--buffer", type=int, default=20000, help="sources held in memory at once (whole tiles, shuffled)")
     p.add_argument("--galaxies-only", action="store_true", help="skip catalogue rows of type PSF/DUP (stars)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")
-    p.add_argument("--seed", type=int, default=0, help="seed of order, views and initialisation")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    opt.add_seed(p, help="seed of order, views and initialisation")
+    opt.add_threads(p, help="torch CPU threads (1 is fastest on a busy machine)")
+    opt.add_device(p)
     p.add_argument("--export", metavar="FILE",
                    help="also write the result as a compact foundation file (float16, only the token-embedding rows "
                         "pretraining changed; ~3.5 MB for galaxalign-tiny)")
     p.add_argument("--expand", metavar="FILE",
                    help="do not train: turn a compact foundation FILE into OUT/model.safetensors (a checkpoint that "
                         "train --model accepts)")
-    r = p.add_mutually_exclusive_group()
-    r.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints")
-    r.add_argument("--no-resume", action="store_true", help="start afresh, deleting OUT/checkpoints")
+    opt.add_resume(p)
     p.set_defaults(func=run)

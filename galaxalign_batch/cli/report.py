@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch report --store runs/sky-embeddings.zarr --out report.html
@@ -25,7 +27,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "report", help="HTML report of an embedding store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Write one self-contained HTML file (figures and thumbnails inlined as PNG) about a store: counts,
             failed tiles, quality flags, the class histogram, a sky map and an embedding map coloured by
@@ -33,10 +34,9 @@ def register(sub) -> None:
             confusion matrix where the truth is known (simulated surveys: the Tractor catalogs'
             true_class_key, joined by object_id; otherwise skipped with a note)."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     p.add_argument("--out", required=True, metavar="REPORT.html", help="the HTML file to write")
-    p.add_argument("--survey", action="append", metavar="ROOT",
-                   help="survey root(s) of the store's brick tiles (thumbnails and truth; default: the store's "
+    opt.add_survey(p, help="survey root(s) holding the store's tiles (thumbnails and truth; default: the store's "
                         "survey_roots attribute, then runs/sky)")
     p.add_argument("--examples", type=int, default=6, help="example thumbnails per class (default 6; 0: none)")
     p.add_argument("--truth", default="auto", choices=["auto", "none"],

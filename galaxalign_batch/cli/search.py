@@ -6,6 +6,8 @@ import argparse
 import os
 import textwrap
 
+from galaxalign_batch.cli import _options as opt
+
 EXAMPLES = """\
 examples:
   galaxalign-batch search --store sky.zarr --object 10000/1501p022/17 -k 12 --plot similar.png
@@ -16,7 +18,8 @@ examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.downstream.common import open_readable, parse_angle_arcsec
+    from galaxalign_batch.downstream.common import parse_angle_arcsec
+    from galaxalign_batch.store import open_readable
     from galaxalign_batch.downstream.search import plot_grid, run_query, search_store
 
     store = open_readable(args.store)
@@ -40,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "search", help="similarity search in an embedding store",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Find the k stored galaxies most similar (cosine of the embeddings) to a query: a stored object
             (--object), the stored source nearest a sky position (--near), or an image file (--image: a
@@ -50,12 +52,12 @@ def register(sub) -> None:
             and its recall@k against exact search is reported. Prints a table (id, ra, dec, score, label);
             --plot draws the query and its neighbours from cutouts re-made from the tiles."""),
         epilog=EXAMPLES)
-    p.add_argument("--store", required=True, metavar="STORE.zarr", help="the embedding store")
+    opt.add_store(p)
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--object", metavar="ID", help="a stored object id (e.g. 10000/1501p022/17)")
     q.add_argument("--near", metavar="RA,DEC", help="ICRS degrees; the nearest stored source within --radius is the query")
     q.add_argument("--image", metavar="FILE", help="a PNG/JPEG picture or a FITS cutout")
-    p.add_argument("-k", type=int, default=10, help="number of results, the query itself included (default 10)")
+    p.add_argument("-k", "--k", type=int, default=10, help="number of results, the query itself included (default 10)")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
                    help="exact search, or an approximate faiss index; auto: exact below 10^7 rows, else ivf "
                         "(default: auto)")
@@ -65,6 +67,6 @@ def register(sub) -> None:
     p.add_argument("--radius", default="5arcsec", help="search radius of --near (default 5arcsec)")
     p.add_argument("--model", metavar="CKPT", help="the store's model, to encode --image (checkpoint, 'tiny', NAME:TAG)")
     p.add_argument("--plot", metavar="GRID.png", help="write a picture grid of the query and its neighbours")
-    p.add_argument("--survey", action="append", metavar="ROOT", help="survey root(s) of the store's brick tiles (for --plot)")
+    opt.add_survey(p, help="survey root(s) holding the store's tiles (for --plot)")
     p.add_argument("--csv", metavar="FILE.csv", help="also write the result table as CSV")
     p.set_defaults(func=run)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from galaxalign_batch.cli import _options as opt
+
 
 def _summary_lines(s: dict) -> list[str]:
     p = s["params"]
@@ -20,11 +22,8 @@ def _summary_lines(s: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.errors import ConfigError
     from galaxalign_batch.simulate import simulate_labelled, simulate_survey
 
-    if not args.out:
-        raise ConfigError("simulate needs --out DIR (the directory to write the survey to)")
     result = {}
     survey = simulate_survey(args.out, bricks=args.bricks, size=args.size, seed=args.seed, density=args.density,
                              stars=args.stars, center=tuple(args.center), no_coverage=args.no_coverage,
@@ -53,15 +52,14 @@ def register(sub) -> None:
         description="Write a simulated DESI Legacy Imaging Survey in the DR9/DR10 file layout: real-grid bricks "
                     "with galsim galaxies of the 10 Galaxy10 classes and stars, Moffat PSF and sky noise at survey "
                     "depth (fpacked image/invvar/maskbits per band, Tractor catalogues with the true class, "
-                    "survey-bricks.fits). Deterministic for a seed. See docs/simulate.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", metavar="DIR", help="output directory (the survey root); required")
+                    "survey-bricks.fits). Deterministic for a seed. See docs/simulate.md.")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory (the survey root)")
     p.add_argument("--bricks", type=int, default=4, metavar="N",
                    help="number of neighbouring bricks (a near-square block starting at --center)")
     p.add_argument("--size", type=int, default=1024, metavar="PX",
                    help="image side in pixels: 3600 = full brick (neighbours overlap), smaller = the brick's "
                         "central SIZE x SIZE px")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (same seed, same files)")
+    opt.add_seed(p, help="random seed (same seed, same files)")
     p.add_argument("--density", type=float, default=2000.0, metavar="N",
                    help="galaxies per full 3600x3600-px brick area (0.0686 deg^2)")
     p.add_argument("--stars", type=float, default=300.0, metavar="N", help="stars per full brick area")

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from galaxalign_batch.cli import _options as opt
+
 log = logging.getLogger("galaxalign_batch")
 
 
@@ -20,12 +22,9 @@ def _weights(text: str) -> tuple[float, float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.errors import ConfigError
     from galaxalign_batch.model.launch import train
     from galaxalign_batch.model.train import TrainConfig
 
-    if not args.data or not args.out:
-        raise ConfigError("train needs --data DIR|CSV|H5 and --out DIR")
     cfg = TrainConfig(
         data=args.data, out=args.out, mode=args.mode, model=args.model, pretrained=args.pretrained,
         vocabulary=args.vocabulary, symbols=args.symbols, epochs_stage1=args.epochs_stage1,
@@ -54,26 +53,24 @@ def register(sub) -> None:
                     "one space (--mode trimodal: stage 1 then stage 2), or train a baseline on the same data and "
                     "budget (--mode image-text: CLIP fine-tuning; --mode image-only: image encoder + linear "
                     "classifier). Writes OUT/model.safetensors, OUT/metrics.csv and a checkpoint per epoch under "
-                    "OUT/checkpoints (a rerun resumes from it). See docs/model.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "OUT/checkpoints (a rerun resumes from it). See docs/model.md.")
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", help="the simulator's labelled set (dir with labelled/manifest.json), a dir of class "
+    g.add_argument("--data", required=True, help="the simulator's labelled set (dir with labelled/manifest.json), a dir of class "
                                   "subfolders, a CSV (filepath,label) or a Galaxy10 DECaLS .h5")
-    g.add_argument("--out", help="output directory")
+    g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument("--vocabulary", default="galaxy10", help="built-in vocabulary name or TOML file")
     g.add_argument("--symbols", default=None, help="folder of your own symbol images (one subfolder or file prefix "
                                                    "per class key); default: the built-in drawer")
-    g.add_argument("--seed", type=int, default=0, help="seed of splits, order and augmentation")
+    opt.add_seed(g, help="seed of splits, order and augmentation")
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation share when the source has no splits")
     g.add_argument("--test-fraction", type=float, default=0.1, help="test share when the source has no splits")
     g.add_argument("--limit-per-class", type=int, default=None, help="use at most this many images per class and split")
     g.add_argument("--withhold-classes", default=None, metavar="KEY,KEY",
                    help="class keys whose images are dropped from the train split (zero-shot to unseen classes); "
                         "tri-modal still trains their text and symbols (a symbol-text term over every class)")
-    g.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec (simulated / survey data)")
+    opt.add_angular_size(g, help="cutout side in arcsec (simulated / survey data)")
     g.add_argument("--cutout-size", type=int, default=None, help="cutout side in pixels (default: model input size)")
-    g.add_argument("--stretch", default="lupton", choices=["lupton", "asinh", "gz-decals"],
-                   help="cutout stretch: lupton (Legacy Survey viewer, Galaxy10 DECaLS), gz-decals (Galaxy Zoo DECaLS), asinh")
+    opt.add_stretch(g)
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="trimodal", choices=["trimodal", "image-text", "image-only"])
     g.add_argument("--model", default="galaxalign-tiny",
@@ -119,12 +116,9 @@ def register(sub) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=0,
                    help="Ray Train data-parallel workers (0: run in this process); --data and --out may be relative")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")
+    opt.add_device(g)
+    opt.add_threads(g, help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
-    r = g.add_mutually_exclusive_group()
-    r.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints (default: resume if any)")
-    r.add_argument("--no-resume", action="store_true", help="start afresh, deleting OUT/checkpoints")
+    opt.add_resume(g)
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboard)")
     p.set_defaults(func=run)
