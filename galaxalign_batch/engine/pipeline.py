@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from galaxalign_batch import progress
-from galaxalign_batch.engine import preflight
+from galaxalign_batch.engine import images, preflight
 from galaxalign_batch.engine.encoder import describe_model, model_identity
 from galaxalign_batch.engine.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
@@ -71,8 +71,10 @@ class EmbedSummary:
         return out
 
 
-def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None):
-    """Ray task body: returns (meta, pixels) as two objects, or (failure, None)."""
+def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None,
+                    image_scale: dict | None = None):
+    """Ray task body: returns (meta, pixels) as two objects, or (failure, None). ``ref`` may be an
+    :class:`~galaxalign_batch.engine.images.ImageGroup` (pictures, ``image_scale`` says what they show)."""
     import numba
 
     from galaxalign_batch.engine.prepare import prepare_tile
@@ -83,6 +85,8 @@ def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixel
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
     set_max_image_pixels(max_image_pixels)  # every task: a worker process serves tasks of several runs
     try:
+        if isinstance(ref, images.ImageGroup):
+            return images.prepare_images(ref, CutoutSpec.from_dict(spec_dict), image_scale or {})
         p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog)
     except TileError as e:
         return {"ref": ref, "error": str(e)}, None
@@ -149,14 +153,16 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
-                max_image_pixels: int | None = None, log_every: float = 30.0) -> EmbedSummary:
+                max_image_pixels: int | None = None, log_every: float = 30.0,
+                image_scale: dict | None = None) -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
 
     Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
     taken (:class:`~galaxalign_batch.store.LockError` when another run writes it; ``force_unlock``
     takes it anyway). The lock is held until the function returns. A re-run with nothing left to do
     returns before Ray is started or the model is loaded. ``log_every``: seconds between progress log
-    lines when stderr is not a terminal (0: none).
+    lines when stderr is not a terminal (0: none). ``image_scale``: what RGB pictures among ``tiles``
+    show (:func:`~galaxalign_batch.engine.images.scale_record`), recorded in the store.
     """
     t_start = time.perf_counter()
     # The model's identity without torch (a re-run with nothing to do needs no more); the full description
@@ -165,6 +171,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     info = describe_model(model) if identity is None else None
     identity = identity or info["identity"]
     warnings = [RANDOM_WEIGHTS_WARNING] if identity.get("kind") == "tiny" else []
+    has_pictures = any(isinstance(t, images.ImageRef) for t in tiles)
+    image_scale = (image_scale or images.scale_record(None, None)) if has_pictures else None
     catalog = preflight.check_catalog(catalog)
     out = preflight.check_output(out)
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
@@ -176,6 +184,10 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
             if n := store.remove_leftovers():
                 log.info("%s: removed %d temporary file(s) of writes a killed run left", out, n)
+            have = store.attrs.get("image_scale")
+            if image_scale is not None and have is not None and have != image_scale:
+                raise ConfigError(f"{out}: its pictures were embedded with image scale {have}, this run says "
+                                  f"{image_scale}; give the same --pixscale / --angular-size, or another --out")
             if (summary := _nothing_to_do(tiles, out, store, retry_failed, t_start)) is not None:
                 summary.warnings = warnings
                 return summary
@@ -188,7 +200,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                          catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
                          commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
                          stall_seconds=stall_seconds, max_image_pixels=max_image_pixels, log_every=log_every,
-                         warnings=warnings)
+                         warnings=warnings, image_scale=image_scale)
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
@@ -223,7 +235,7 @@ def _nothing_to_do(tiles: list[TileRef], out: str, store: EmbeddingStore, retry_
 def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
            batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
            commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels, log_every=30.0,
-           warnings=()) -> EmbedSummary:
+           warnings=(), image_scale=None) -> EmbedSummary:
     import ray
 
     _init_ray(address, cpu_workers)
@@ -277,8 +289,10 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
         roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
+        if image_scale is not None and store.attrs.get("image_scale") != image_scale:
+            store.update_attrs({"image_scale": image_scale})  # what the RGB pictures show
 
-    queue = list(reversed(todo))
+    queue = list(reversed(images.plan(todo)))  # pictures in groups, one task each
     preparing: dict = {}  # meta ref -> (ref, pixels ref)
     embedding: dict = {}  # embed ref -> (meta, actor index)
     actor_load = [0] * len(actors)
@@ -288,6 +302,14 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
     bar = progress.bar(total=len(todo), desc="tiles", unit="tile")
     ticker = progress.RateLog(len(todo), log_every, logger=log)  # log lines when stderr is not a terminal
     last_event = time.perf_counter()
+
+    taken_ids: set[str] | None = None  # object ids of the store and of this run's pictures (read once)
+
+    def picture_ids() -> set[str]:
+        nonlocal taken_ids
+        if taken_ids is None:
+            taken_ids = set(as_str(store.read("object_id"))) if store is not None and store.n_rows else set()
+        return taken_ids
 
     def finished() -> int:
         return summary.tiles_done + len(summary.tiles_failed) + len(summary.tiles_lost)
@@ -306,7 +328,7 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
         while queue or preparing or embedding:
             while queue and len(preparing) + len(embedding) < max_inflight:
                 ref = queue.pop()
-                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels)
+                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale)
                 preparing[meta_ref] = (ref, pix_ref)
             ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1,
                                 timeout=min(stall_seconds, ticker.every) if ticker.active else stall_seconds)
@@ -325,14 +347,15 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                     meta = ray.get(r)
                 except (ray.exceptions.RayError, TileError) as e:  # worker died beyond retries, object lost...
                     log.warning("tile %s lost: %s", ref.name, str(e).splitlines()[0])
-                    summary.tiles_lost.append(ref.name)
-                    bar.update(1)
+                    summary.tiles_lost.extend(_members(ref))
+                    bar.update(len(_members(ref)))
                     continue
                 if "error" in meta:
                     log.warning("skipping %s", meta["error"])
-                    pending.append((ref.name, None, meta["error"]))
-                    summary.tiles_failed[ref.name] = meta["error"]
-                    bar.update(1)
+                    for name in _members(ref):
+                        pending.append((name, None, meta["error"]))
+                        summary.tiles_failed[name] = meta["error"]
+                    bar.update(len(_members(ref)))
                     flush()
                     continue
                 for k, v in meta["timings"].items():
@@ -350,10 +373,23 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                     emb, seconds = ray.get(r)
                 except ray.exceptions.RayError as e:
                     log.warning("tile %s lost in the model actor: %s", ref.name, str(e).splitlines()[0])
-                    summary.tiles_lost.append(ref.name)
-                    bar.update(1)
+                    summary.tiles_lost.extend(_members(ref))
+                    bar.update(len(_members(ref)))
                     continue
                 timings["model"] += seconds
+                if isinstance(ref, images.ImageGroup):  # one record per picture
+                    for name, rows, reason in images.split_group(meta, emb, picture_ids()):
+                        pending.append((name, rows, reason))
+                        if rows is None:
+                            log.warning("skipping %s", reason)
+                            summary.tiles_failed[name] = reason
+                        else:
+                            summary.tiles_done += 1
+                            summary.sources += 1
+                            pending_rows += 1
+                    bar.update(len(ref.refs))
+                    flush()
+                    continue
                 rows = dict(meta["columns"], embedding=emb)
                 clash = _id_clash(ref, rows["object_id"], store, pending, ids_of_run)
                 if clash:
@@ -385,6 +421,11 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
     summary.startup_seconds = startup
     summary.timings = timings
     return summary
+
+
+def _members(ref) -> list[str]:
+    """The tile keys a task stands for: a picture group's pictures, else the tile itself."""
+    return ref.members if isinstance(ref, images.ImageGroup) else [ref.name]
 
 
 def _root_cause(e: BaseException) -> str:

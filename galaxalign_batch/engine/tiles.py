@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from galaxalign_batch.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fit", ".fts", ".fits.gz")
+#: Legacy Survey products that are never tiles: a brick's other coadd products (model, resid, chi2, nexp,
+#: depth, galdepth, psfsize, ccds, blobmodel, ...; invvar and maskbits are read with their image), catalogues
+#: (tractor, sweep, survey-bricks, ccds) beside the images of a release tree
+_PRODUCT_RE = re.compile(r"^(legacysurvey-\d{4}[pm]\d{3}-|tractor-|sweep-|survey-(bricks|ccds)|ccds-|annotated-ccds)", re.I)
 
 
 @dataclass(frozen=True, order=True)
@@ -80,54 +88,110 @@ def _expand_one(spec: str) -> list[str]:
     return [spec]
 
 
-def _add_file(refs: dict[str, TileRef], path: str) -> None:
+def is_product(path: str) -> bool:
+    """A Legacy Survey file that is not a tile by itself: anything of a brick but its ``-image-<band>``
+    files (model, resid, chi2, nexp, depth, invvar, maskbits, ...) and the release's catalogues."""
+    from galaxalign_batch.survey.bricks import parse_brick_filename
+
+    name = os.path.basename(path)
+    parsed = parse_brick_filename(name)
+    return parsed["kind"] != "image" if parsed is not None else bool(_PRODUCT_RE.match(name))
+
+
+def _add_file(refs: dict[str, TileRef], path: str) -> int:
     """A cutout cube is its own tile; the files of one Legacy Survey brick (bands, invvar, maskbits)
-    are one tile, opened through any of its image files."""
+    are one tile, opened through any of its image files. Other Legacy Survey products and catalogues
+    are skipped (returns 1)."""
     from galaxalign_batch.survey.bricks import parse_brick_filename
 
     real = os.path.realpath(path)
+    if is_product(real):
+        return 1
     parsed = parse_brick_filename(real)
     if parsed is None:
         refs.setdefault(real, TileRef(real, real))
-    elif parsed["kind"] == "image":
+    else:
         refs.setdefault(tile_key(real), TileRef(tile_key(real), real))
+    return 0
 
 
-def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None) -> list[TileRef]:
+def survey_regions(path: str) -> list[str]:
+    """The survey roots directly inside a release folder (DR9/DR10: ``north/`` and ``south/``), sorted."""
+    from galaxalign_batch.survey import layout
+
+    try:
+        subs = sorted(os.path.join(path, d) for d in os.listdir(path))
+    except OSError:
+        return []
+    return [d for d in subs if os.path.isdir(d) and layout.is_survey_root(d)]
+
+
+def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None, *,
+                  image_columns: dict | None = None) -> list[TileRef]:
     """Expand ``--tiles`` arguments (and ``--bricks``) into a sorted, de-duplicated list of tiles.
 
     - a Legacy Survey root (has ``coadd/``): its bricks (all, or those named in ``bricks``);
-    - a directory of FITS files: each file is a tile (searched recursively);
-    - a FITS file, a glob, or ``@list.txt`` (one path or pattern per line, ``#`` comments).
+    - a release folder whose regions are roots (DR9/DR10 ``north/`` and ``south/``): every region's bricks;
+    - a directory of FITS files: each file is a tile (searched recursively; Legacy Survey products other
+      than ``-image-<band>`` files and catalogues are skipped), and each PNG/JPEG picture in it;
+    - a FITS file, a PNG/JPEG picture, a CSV listing pictures (:func:`~galaxalign_batch.survey.images.read_image_csv`;
+      ``image_columns`` may name its ``id_col``, ``ra_col``, ``dec_col``, ``file_col``), a glob, or
+      ``@list.txt`` (one path or pattern per line, ``#`` comments).
 
     Tiles are identified by :func:`tile_key`: a file reached through a symlink or another spelling
-    is one tile; the same brick name under two roots is two tiles.
+    is one tile; the same brick name under two roots is two tiles. A picture is a
+    :class:`~galaxalign_batch.survey.images.ImageRef` (one source, keyed by its resolved path).
     """
-    from galaxalign_batch.survey import layout
+    from galaxalign_batch.survey import images, layout
 
     wanted = set(bricks) if bricks else None
     refs: dict[str, TileRef] = {}
+    skipped = 0
+
+    def add_root(p: str) -> None:
+        present = layout.list_bricks(p)
+        names = present if wanted is None else sorted(wanted & set(present))
+        root = os.path.realpath(p)
+        for b in names:
+            key = brick_key(root, b)
+            refs.setdefault(key, TileRef(key, root, b))
+
     for spec in paths:
         for p in _expand_one(os.fspath(spec)):
             if os.path.isdir(p) and layout.is_survey_root(p):
-                present = layout.list_bricks(p)
-                names = present if wanted is None else sorted(wanted & set(present))
-                if wanted is not None and (missing := wanted - set(present)):
+                if wanted is not None and (missing := wanted - set(layout.list_bricks(p))):
                     raise ConfigError(f"{p}: no such brick(s): {', '.join(sorted(missing))}")
-                root = os.path.realpath(p)
-                for b in names:
-                    key = brick_key(root, b)
-                    refs.setdefault(key, TileRef(key, root, b))
+                add_root(p)
+            elif os.path.isdir(p) and (regions := survey_regions(p)):
+                log.info("%s: a release with region(s) %s", p, ", ".join(os.path.basename(r) for r in regions))
+                if wanted is not None and (missing := wanted - {b for r in regions for b in layout.list_bricks(r)}):
+                    raise ConfigError(f"{p}: no such brick(s) in {', '.join(map(os.path.basename, regions))}: "
+                                      f"{', '.join(sorted(missing))}")
+                for r in regions:
+                    add_root(r)
             elif os.path.isdir(p):
                 files = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if _is_fits(f))
                 for f in files:
-                    _add_file(refs, f)
+                    skipped += _add_file(refs, f)
+                for f in images.pictures_in(p):
+                    ref = images.picture_ref(f)
+                    refs.setdefault(ref.name, ref)
+            elif images.is_picture(p):
+                ref = images.picture_ref(p)
+                refs.setdefault(ref.name, ref)
+            elif images.is_csv(p):
+                for ref in images.read_image_csv(p, **(image_columns or {})):
+                    refs.setdefault(ref.name, ref)
             else:
                 if not _is_fits(p):
-                    raise ConfigError(f"{p}: not a FITS file (expected one of {', '.join(FITS_SUFFIXES)})")
-                _add_file(refs, p)
+                    raise ConfigError(f"{p}: not a FITS file, a PNG/JPEG picture or a CSV of pictures (expected "
+                                      f"one of {', '.join(FITS_SUFFIXES + images.IMAGE_SUFFIXES + images.CSV_SUFFIXES)})")
+                skipped += _add_file(refs, p)
+    if skipped:
+        log.info("skipped %d Legacy Survey product/catalogue file(s) that are not image tiles", skipped)
     if wanted is not None and not any(r.is_brick for r in refs.values()):
         raise ConfigError("--bricks given but no --tiles path is a Legacy Survey root (a folder with coadd/)")
     if not refs:
         raise ConfigError(f"no tiles found in {', '.join(map(str, paths))}")
-    return sorted(refs.values())
+    images.check_unique_ids([r for r in refs.values() if isinstance(r, images.ImageRef)])
+    return sorted(refs.values(), key=lambda r: r.name)

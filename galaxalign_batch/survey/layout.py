@@ -203,14 +203,15 @@ def survey_bricks_path(root: str | os.PathLike) -> Path:
 
 
 def list_bricks(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the bricks with at least one ``legacysurvey-<brick>-*`` file under ``root/coadd``."""
+    """Sorted names of the bricks with at least one ``legacysurvey-<brick>-image-<band>`` file under
+    ``root/coadd`` (a folder holding only other products, e.g. model or chi2 images, is no brick to embed)."""
     coadd = Path(root) / "coadd"
     if not coadd.is_dir():
         return []
     names = []
     for d in sorted(coadd.glob("[0-9][0-9][0-9]/*")):
         if d.is_dir() and _NAME_RE.match(d.name) and d.name[:3] == d.parent.name \
-                and any(d.glob(f"legacysurvey-{d.name}-*.fits*")):
+                and any(d.glob(f"legacysurvey-{d.name}-image-*.fits*")):
             names.append(d.name)
     return names
 
