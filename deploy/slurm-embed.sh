@@ -1,6 +1,6 @@
 #!/bin/bash
 # SLURM: start a Ray head on the first node and workers on the others, then run `embed` on the head.
-#   sbatch deploy/slurm-embed.sh /path/to/legacysurvey/dr10/south bricks.txt model.pt out.zarr
+#   sbatch deploy/slurm-embed.sh /path/to/legacysurvey/dr10/south bricks.txt model.safetensors out.zarr
 # Re-submitting the same command resumes: tiles already in the store are skipped.
 #SBATCH --job-name=galaxalign-embed
 #SBATCH --nodes=4

@@ -10,7 +10,8 @@ Writing: the arrays ``probs`` (N, K) float32, ``label`` (N,) int16 and ``confide
 are first written under ``_classify_partial/`` in row batches, each batch followed by an atomic
 ``rows_done`` attribute update, so a killed run resumes where it stopped. When every row is done
 they are renamed into place and the store attribute ``classification`` is set; until then readers
-see the previous classification (or none). See docs/downstream.md.
+see the previous classification (or none). The store's :class:`~galaxalign_batch.store.DerivedWriter`
+does the writing (docs/store.md, "Derived results"); see docs/downstream.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from galaxalign_batch._version import __version__
-from galaxalign_batch.downstream.common import (CLASSIFICATION_ARRAYS, CLASSIFICATION_ATTR, ModelMismatchError,
-                                                classification_of, create_prob_arrays, label_counts, row_chunking,
-                                                write_probs)
+from galaxalign_batch.downstream.common import CLASSIFICATION_ATTR, classification_of
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
+from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, label_counts,
+                                    open_store, probability_arrays, probability_columns)
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +80,13 @@ class ClassifySummary:
 # ---------------------------------------------------------------------------------------------- scorers
 
 def checkpoint_identity(path: str | os.PathLike) -> dict:
-    """The identity ``embed --model CKPT`` records for a checkpoint, read without loading the weights."""
-    from galaxalign_batch.engine.encoder import _file_digest
-    from galaxalign_batch.model.checkpoint import _model_path, read_info
+    """The identity ``embed --model CKPT`` records for a checkpoint (:func:`galaxalign_batch.model.spec.model_identity`),
+    read without loading the weights; a file that is no checkpoint of ours is a ConfigError saying why."""
+    from galaxalign_batch.model.checkpoint import read_info
+    from galaxalign_batch.model.spec import ModelSpec, model_identity
 
-    info = read_info(path)
-    model_file = _model_path(path)
-    return {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(os.fspath(path))),
-            "id": info.get("weights_digest") or _file_digest(str(model_file)), "mode": info.get("mode")}
+    path = os.fspath(path)
+    return model_identity(ModelSpec("checkpoint", path, None, path), read_info(path))
 
 
 def check_model(store: EmbeddingStore, identity: dict, what: str = "--model") -> None:
@@ -140,14 +138,12 @@ def scorer_from_checkpoint(path: str | os.PathLike, store: EmbeddingStore, metho
 
 
 def _head_scorer(model, identity: dict, store: EmbeddingStore, roots: Sequence[str] | None) -> Scorer:
-    from galaxalign_batch.downstream.tiles import TileOpener, cutouts_for_rows, store_spec, survey_roots
-
-    spec = store_spec(store)
-    opener = TileOpener(survey_roots(store, roots))
+    spec = store.cutout_spec
+    opener = store.tile_opener(roots)
     log.info("method head: re-making the cutouts from the tiles (the store keeps only normalised features)")
 
     def score(st: EmbeddingStore, start: int, stop: int) -> np.ndarray:
-        cut = cutouts_for_rows(st, range(start, stop), spec, opener=opener, strict=True)
+        cut = st.cutouts(range(start, stop), spec, opener=opener, strict=True)
         pixels = np.stack([cut[r] for r in range(start, stop)])
         return model.classify(pixels, "head").float().cpu().numpy()
 
@@ -163,35 +159,14 @@ def _signature(scorer: Scorer, n_rows: int) -> dict:
             "rows": int(n_rows)}
 
 
-def _partial_group(store: EmbeddingStore, scorer: Scorer, n: int):
-    """The work area, resumed when it belongs to the same run (model, method, classes, rows), else new."""
-    g = store.group
-    sig = _signature(scorer, n)
-    if PARTIAL in g:
-        part = g[PARTIAL]
-        if dict(part.attrs).get("signature") == sig and all(a in part for a in CLASSIFICATION_ARRAYS):
-            return part, int(part.attrs.get("rows_done", 0))
-        log.info("%s: discarding an unfinished classification by another model/method", store.path)
-        shutil.rmtree(os.path.join(store.path, PARTIAL))
-    part = g.create_group(PARTIAL)
-    create_prob_arrays(part, store, n, len(scorer.classes),
-                       "class probabilities (softmax), columns in attrs classification.classes")
-    part.attrs.update({"signature": sig, "rows_done": 0})
-    return part, 0
-
-
-def _install(store: EmbeddingStore, meta: dict) -> None:
-    """Rename the finished partial arrays into place (re-entrant: a crash here is finished by the re-run)."""
-    store.group.attrs.update({CLASSIFICATION_ATTR: None})
-    for name in CLASSIFICATION_ARRAYS:
-        src = os.path.join(store.path, PARTIAL, name)
-        dst = os.path.join(store.path, name)
-        if os.path.isdir(src):
-            if os.path.exists(dst):
-                shutil.rmtree(dst)
-            os.rename(src, dst)
-    store.group.attrs.update({CLASSIFICATION_ATTR: meta})
-    shutil.rmtree(os.path.join(store.path, PARTIAL), ignore_errors=True)
+def _writer(store: EmbeddingStore, scorer: Scorer, n: int) -> DerivedWriter:
+    """The resumable writer of the classification: work area ``_classify_partial``, arrays installed at the
+    root; resumed when it belongs to the same run (model, method, classes, rows)."""
+    return DerivedWriter(store, dest="", partial=PARTIAL,
+                         arrays=probability_arrays(len(scorer.classes), "class probabilities (softmax), columns in "
+                                                                        "attrs classification.classes"),
+                         signature=_signature(scorer, n), attr=CLASSIFICATION_ATTR,
+                         what="classification (by another model/method, or of other rows)")
 
 
 def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None = None,
@@ -217,37 +192,35 @@ def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int 
         raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
     current = classification_of(store, warn=False)
     meta = store.attrs.get(CLASSIFICATION_ATTR) or {}
+    writer = _writer(store, scorer, n)
     if (not force and current is not None and current.method == scorer.method and current.classes == scorer.classes
             and (meta.get("model") or {}).get("id") == scorer.identity.get("id")):
-        shutil.rmtree(os.path.join(store.path, PARTIAL), ignore_errors=True)
+        writer.discard()
         counts = _counts(store, current.classes)
         return ClassifySummary(store.path, n, scorer.method, current.classes, counts, time.perf_counter() - t0,
                                up_to_date=True)
 
-    part, done = _partial_group(store, scorer, n)
+    done = writer.begin()
     resumed = done
     if done:
         log.info("%s: resuming the classification at row %d of %d", store.path, done, n)
-    chunk, shard = row_chunking(store)
-    step = batch_rows or scorer.batch_rows or shard
-    step = max(chunk, step // chunk * chunk)  # whole chunks: every chunk is written once
 
-    def score(start: int, stop: int) -> np.ndarray:
+    def score(start: int, stop: int) -> dict[str, np.ndarray]:
         probs = np.asarray(scorer.score(store, start, stop), dtype=np.float32)
         if probs.shape != (stop - start, len(scorer.classes)):
             raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {len(scorer.classes)})")
-        return probs
+        return probability_columns(probs)
 
-    write_probs(part, score, n, done, step, "classify")
+    writer.write(score, step=batch_rows or scorer.batch_rows, desc="classify")  # whole chunks, each written once
 
     meta = {"method": scorer.method, "classes": list(scorer.classes), "labels": list(scorer.labels),
             "model": dict(scorer.identity), "rows": n, "software_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **scorer.extra}
-    _install(store, meta)
+    writer.install(meta)
     store = open_store(path, "r")
     return ClassifySummary(store.path, n, scorer.method, list(scorer.classes), _counts(store, scorer.classes),
                            time.perf_counter() - t0, resumed_from=resumed)
 
 
 def _counts(store: EmbeddingStore, classes: list[str]) -> dict[str, int]:
-    return label_counts(store, store.group["label"], classes)
+    return label_counts(store, "label", classes)

@@ -1,31 +1,28 @@
 """Image encoders for `embed`: a GalaxAlign checkpoint, an off-the-shelf open_clip model, or `tiny`.
 
-``--model`` forms:
-
-- a checkpoint of ours: a ``.safetensors`` model file or a training output folder;
-- ``NAME:TAG`` or ``NAME:/path/to/weights``: an open_clip model with a pretrained tag (needs
-  open_clip's cache, nothing is downloaded here) or a local weights file;
-- ``tiny``: the registered ``galaxalign-tiny`` config with random weights (seeded, so every replica
-  is the same model), for smoke tests only; a warning says so.
+``--model`` is parsed by :func:`galaxalign_batch.model.spec.parse_model_spec` (the one grammar of
+every command): a checkpoint of ours, ``NAME:TAG`` / ``NAME:/path/to/weights`` (an open_clip model
+with a pretrained tag from open_clip's cache, nothing downloaded, or a local weights file), or
+``tiny`` (``galaxalign-tiny`` with seeded random weights, so every replica is the same model; smoke
+tests only, warned). An open_clip name without weights is refused here: it would embed with random
+weights. The identity a store records is :func:`galaxalign_batch.model.spec.model_identity`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model.spec import TINY_SEED, ModelSpec, parse_model_spec
+from galaxalign_batch.model.spec import model_identity as spec_identity
 from galaxalign_batch.preprocess import CutoutSpec
 
 log = logging.getLogger(__name__)
 
-TINY_SEED = 0
 
 
 @dataclass
@@ -94,42 +91,21 @@ class Encoder:
         return torch.cat(out).cpu().numpy()
 
 
-def _is_checkpoint(model: str) -> bool:
-    return model.endswith(".safetensors") or (os.path.isdir(model) and any(
-        f.endswith(".safetensors") for f in os.listdir(model)))
-
-
-def _parse_model(model: str) -> tuple[str, str, str | None]:
-    """``(kind, name, weights)`` of an ``embed --model`` value: kind checkpoint, tiny or open_clip."""
-    if _is_checkpoint(model):
-        return "checkpoint", model, None
-    if model == "tiny":
-        return "tiny", "galaxalign-tiny", None
-    name, sep, weights = model.partition(":")
-    if not sep or not weights:
-        raise ConfigError(f"--model {model!r}: expected a checkpoint file, 'tiny', or an open_clip NAME:TAG / "
-                          "NAME:/path/to/weights")
-    return "open_clip", name, weights
+def _parse_model(model: str) -> ModelSpec:
+    """The spec of an ``embed --model`` value: a checkpoint, an open_clip model with weights, or tiny
+    (an open_clip name without weights would embed with random weights: refused)."""
+    spec = parse_model_spec(model)
+    if spec.kind == "open_clip" and spec.random_weights:
+        raise ConfigError(f"--model {model!r}: an open_clip model needs its weights, NAME:TAG or NAME:/path/to/weights "
+                          "(or a checkpoint file; 'tiny' embeds with random weights for smoke tests)")
+    return spec
 
 
 def model_identity(model: str) -> dict | None:
     """The ``identity`` of :func:`describe_model` read without importing torch or open_clip (a
     checkpoint's safetensors header is parsed by hand), or None when that is not possible. Lets a
     re-run with nothing left to do finish in a second or two."""
-    kind, name, weights = _parse_model(model)
-    if kind != "checkpoint":
-        return _open_clip_identity(name, weights, kind)
-    path = os.path.join(model, "model.safetensors") if os.path.isdir(model) else model
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if not 0 < n < (1 << 28):
-                return None
-            header = json.loads(fh.read(n))
-        info = json.loads(header["__metadata__"]["galaxalign"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None
-    return _checkpoint_identity(model, info) if isinstance(info, dict) else None
+    return spec_identity(_parse_model(model))
 
 
 def describe_model(model: str) -> dict:
@@ -139,70 +115,55 @@ def describe_model(model: str) -> dict:
     driver of a run knows the cutout spec and the store's attributes while the replicas still load.
     Raises :class:`ConfigError` for a model that does not exist.
     """
-    kind, name, weights = _parse_model(model)
-    if kind == "checkpoint":
+    spec = _parse_model(model)
+    if spec.kind == "checkpoint":
         from galaxalign_batch.model.checkpoint import read_info
 
         from galaxalign_batch.vocabulary import Vocabulary
 
         info = read_info(model)
-        return {"identity": _checkpoint_identity(model, info),
+        return {"identity": spec_identity(spec, info),
                 "cutout_spec": CutoutSpec.from_dict(info["cutout_spec"]).to_dict(),
                 "dim": int(info["open_clip"]["config"]["embed_dim"]),
                 "vocabulary": Vocabulary.from_dict(info["vocabulary"], model).to_dict()}
     from galaxalign_batch.model.config import model_config
 
-    cfg = model_config(name)
+    cfg = model_config(spec.name)
     size = cfg["vision_cfg"].get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return {"identity": _open_clip_identity(name, weights, kind), "cutout_spec": CutoutSpec(out_size=int(size)).to_dict(),
+    return {"identity": spec_identity(spec), "cutout_spec": CutoutSpec(out_size=int(size)).to_dict(),
             "dim": int(cfg["embed_dim"]), "vocabulary": None}
 
 
 def load_encoder(model: str, device: str = "cpu") -> Encoder:
     """The encoder named by an ``embed --model`` value (see the module docstring)."""
-    kind, name, weights = _parse_model(model)
-    if kind == "checkpoint":
-        return _from_checkpoint(model, device)
-    if kind == "tiny":
+    spec = _parse_model(model)
+    if spec.kind == "checkpoint":
+        return _from_checkpoint(spec, device)
+    if spec.kind == "tiny":
         log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
                     "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
-    return _from_open_clip(name, weights, device, kind=kind)
+    return _from_open_clip(spec, device)
 
 
-def _checkpoint_identity(path: str, info: dict) -> dict:
-    return {"kind": "checkpoint", "name": os.path.basename(os.path.normpath(path)),
-            "id": info.get("weights_digest") or _file_digest(path), "mode": info.get("mode")}
-
-
-def _open_clip_identity(name: str, weights: str | None, kind: str) -> dict:
-    if kind == "tiny":
-        ident = f"tiny-seed{TINY_SEED}"
-    elif weights and os.path.isfile(weights):
-        ident = _file_digest(weights)
-    else:
-        ident = hashlib.sha256(f"{name}:{weights}".encode()).hexdigest()[:16]
-    return {"kind": kind, "name": f"{name}:{weights}" if weights else name, "id": ident}
-
-
-def _from_checkpoint(path: str, device: str) -> Encoder:
+def _from_checkpoint(model: ModelSpec, device: str) -> Encoder:
     from galaxalign_batch.model.checkpoint import load_checkpoint
 
-    m = load_checkpoint(path, device=device)
+    m = load_checkpoint(model.name, device=device)
     spec = CutoutSpec.from_dict(m.info["cutout_spec"])
-    return Encoder(_checkpoint_identity(path, m.info), spec, m.embed_dim, m.vocabulary.to_dict(),
+    return Encoder(spec_identity(model, m.info), spec, m.embed_dim, m.vocabulary.to_dict(),
                    lambda x: m.encode_images(x, batch_size=len(x)), device)
 
 
-def _from_open_clip(name: str, weights: str | None, device: str, kind: str) -> Encoder:
+def _from_open_clip(model: ModelSpec, device: str) -> Encoder:
     import torch
     import torch.nn.functional as F
 
     from galaxalign_batch.model.config import create_clip
 
-    if kind == "tiny":
+    if model.kind == "tiny":
         torch.manual_seed(TINY_SEED)
-    clip, cfg, pre = create_clip(name, weights)
+    clip, cfg, pre = create_clip(model.name, model.weights)
     clip = clip.to(device).eval()
     size = int(pre["size"])
     mean = torch.tensor(pre["mean"], device=device).view(1, 3, 1, 1)
@@ -213,16 +174,5 @@ def _from_open_clip(name: str, weights: str | None, device: str, kind: str) -> E
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return F.normalize(clip.encode_image((x - mean) / std), dim=-1)
 
-    return Encoder(_open_clip_identity(name, weights, kind), CutoutSpec(out_size=size), int(cfg["embed_dim"]),
+    return Encoder(spec_identity(model), CutoutSpec(out_size=size), int(cfg["embed_dim"]),
                    None, encode, device)
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]

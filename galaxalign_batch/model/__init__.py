@@ -7,6 +7,8 @@ Public API (imported lazily, so ``import galaxalign_batch.model`` stays light):
 - :class:`TrainConfig` (``galaxalign_batch.model.launch.train(cfg)`` runs it, locally or with Ray Train),
   :func:`evaluate_checkpoints`.
 - :class:`SymbolSet`, :func:`draw_symbol`; :func:`load_dataset`.
+- :func:`parse_model_spec` (the ``--model`` grammar of every command) -> :class:`ModelSpec`;
+  :func:`model_identity` (what a store records of its model).
 
 See docs/model.md.
 """
@@ -27,6 +29,9 @@ _EXPORTS = {
     "draw_symbol": "galaxalign_batch.model.symbols",
     "load_dataset": "galaxalign_batch.model.data",
     "TINY": "galaxalign_batch.model.config",
+    "ModelSpec": "galaxalign_batch.model.spec",
+    "parse_model_spec": "galaxalign_batch.model.spec",
+    "model_identity": "galaxalign_batch.model.spec",
 }
 
 __all__ = sorted(_EXPORTS)

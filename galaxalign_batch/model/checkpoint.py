@@ -28,11 +28,12 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.config import build_clip_from_config, tokenizer_for
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
+from galaxalign_batch.model.spec import MODEL_FILE, model_file
 from galaxalign_batch.vocabulary import Vocabulary
 
 FORMAT = "galaxalign-model"
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
+
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
 _USER_IMAGES = "__symbols__.user_images"
@@ -116,12 +117,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def _model_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path}: checkpoint not found")
-    return path
+    return model_file(path)  # the model file of a checkpoint given as the file or its folder
 
 
 # ---------------------------------------------------------------------------------------------- training state

@@ -218,14 +218,17 @@ def build_foundation_model(cfg: PretrainConfig) -> GalaxAlignModel:
     """A fresh open_clip model (name + tag/file, or one of our checkpoints to continue from) wrapped as an
     ``image-text`` GalaxAlign model with the galaxy10 vocabulary and the built-in symbols (so that a
     foundation can be classified zero-shot and fine-tuned like any checkpoint)."""
+    from galaxalign_batch.model.spec import parse_model_spec
+
     vocab = load_vocabulary("galaxy10")
-    from_checkpoint = cfg.model.endswith(".safetensors") or Path(cfg.model).is_dir()
+    model_spec = parse_model_spec(cfg.model, pretrained=cfg.pretrained)
+    from_checkpoint = model_spec.kind == "checkpoint"
     if from_checkpoint:
         base = ckpt.load_checkpoint(cfg.model)
         clip, oc, pre = base.clip, dict(base.info["open_clip"]), dict(base.info["preprocess"])
     else:
-        clip, oc_cfg, pre = create_clip(cfg.model, cfg.pretrained)
-        oc = {"name": cfg.model, "pretrained": cfg.pretrained, "config": oc_cfg}
+        clip, oc_cfg, pre = create_clip(model_spec.name, model_spec.weights)
+        oc = {"name": model_spec.name, "pretrained": model_spec.weights, "config": oc_cfg}
     spec = CutoutSpec(angular_size=cfg.angular_size, out_size=pre["size"], stretch=cfg.stretch)
     info = {"mode": "image-text", "stage": "pretrain", "open_clip": oc, "preprocess": pre,
             "cutout_spec": spec.to_dict()}
@@ -234,7 +237,7 @@ def build_foundation_model(cfg: PretrainConfig) -> GalaxAlignModel:
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(1.0 / cfg.temperature))
         emb = getattr(model.clip, "token_embedding", None)
-        if isinstance(emb, torch.nn.Embedding) and not cfg.pretrained and not from_checkpoint:
+        if isinstance(emb, torch.nn.Embedding) and model_spec.random_weights:
             # a token embedding that can be regenerated from its seed: see export_foundation
             emb.weight.copy_(seeded_token_embedding(tuple(emb.weight.shape), cfg.seed))
     return model

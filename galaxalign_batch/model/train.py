@@ -151,7 +151,9 @@ class TrainConfig:
 
     @property
     def starts_from_random_weights(self) -> bool:
-        return not self.pretrained and not (self.model.endswith(".safetensors") or Path(self.model).is_dir())
+        from galaxalign_batch.model.spec import parse_model_spec
+
+        return parse_model_spec(self.model, pretrained=self.pretrained).random_weights
 
     @property
     def effective_lr(self) -> float:
@@ -223,17 +225,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig) -> GalaxAlignModel:
-    """A fresh GalaxAlign model: an open_clip model (name + tag/file) or the weights of one of our checkpoints."""
+    """A fresh GalaxAlign model from ``cfg.model`` (:func:`galaxalign_batch.model.spec.parse_model_spec`):
+    an open_clip model (name, with a tag or weights file or random) or the weights of one of our checkpoints."""
     from galaxalign_batch.model.checkpoint import load_checkpoint
+    from galaxalign_batch.model.spec import parse_model_spec
 
     vocab = load_vocabulary(cfg.vocabulary)
-    if cfg.model.endswith(".safetensors") or Path(cfg.model).is_dir():
+    model_spec = parse_model_spec(cfg.model, pretrained=cfg.pretrained)
+    if model_spec.kind == "checkpoint":
         base = load_checkpoint(cfg.model)
         clip, oc, pre = base.clip, dict(base.info["open_clip"]), dict(base.info["preprocess"])
         oc["initialised_from"] = str(Path(cfg.model).resolve())
     else:
-        clip, oc_cfg, pre = create_clip(cfg.model, cfg.pretrained)
-        oc = {"name": cfg.model, "pretrained": cfg.pretrained, "config": oc_cfg}
+        clip, oc_cfg, pre = create_clip(model_spec.name, model_spec.weights)
+        oc = {"name": model_spec.name, "pretrained": model_spec.weights, "config": oc_cfg}
     size = pre["size"]
     spec = CutoutSpec(angular_size=cfg.angular_size, out_size=cfg.cutout_size or size, stretch=cfg.stretch)
     symbols = (SymbolSet.from_folder(cfg.symbols, vocab, size) if cfg.symbols else SymbolSet.builtin(vocab, size))
