@@ -39,17 +39,28 @@ def run(args: argparse.Namespace) -> int:
         bricks += [b.strip() for b in Path(args.bricks_file).read_text().split() if b.strip()]
     tiles = resolve_tiles(tiles_args, bricks or None)
     out = args.out or DEFAULT_STORE
-    log.info("embedding %d tile(s) with %s into %s", len(tiles), model, out)
+    selection = _selection(args, tiles, out)
     summary = embed_tiles(tiles, model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
                           catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
                           force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
-                          log_every=args.log_every)
-    for line in summary.lines():
+                          log_every=args.log_every, selection=selection)
+    for line in summary.lines() + selection.lines():
         print(line)
     return 0 if summary.ok else 3
+
+
+def _selection(args: argparse.Namespace, tiles: list, out: str):
+    """The run's selection (--targets / --where / --keep-columns / --section-reads), checked before Ray."""
+    from galaxalign_batch.engine.selection import make_selection
+
+    selection = make_selection(tiles, out, catalog=args.catalog, targets=args.targets, ra_col=args.ra_col,
+                               dec_col=args.dec_col, id_col=args.id_col, where=args.where,
+                               keep_columns=args.keep_columns, sections=args.section_reads)
+    log.info("embedding %d tile(s) with %s into %s", len(selection.restrict(tiles)), args.model or "tiny", out)
+    return selection
 
 
 def register(sub) -> None:
@@ -101,4 +112,24 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="when stderr is not a terminal (a batch job's log), log progress (tiles, sources/s, ETA) "
                         "every this many seconds (default 30; 0: never)")
+    sel = p.add_argument_group("selection (docs/engine.md, 'Selecting sources')")
+    sel.add_argument("--targets", metavar="FILE",
+                     help="embed a cutout at each position of this list (CSV, FITS or Parquet) instead of every "
+                          "catalogue source; each target goes to its primary brick (or the tile holding it); "
+                          "targets outside every tile are counted and listed in STORE.targets-outside.csv")
+    sel.add_argument("--ra-col", help="the targets' RA column (default: found by name: RA, ra, RAJ2000, ...); "
+                                      "degrees, or sexagesimal hours (10:00:28.6)")
+    sel.add_argument("--dec-col", help="the targets' Dec column (default: found by name: DEC, dec, DEJ2000, ...)")
+    sel.add_argument("--id-col", help="a column of unique target ids, kept in the store as target_id "
+                                      "(default: the row number)")
+    sel.add_argument("--where", metavar="EXPR",
+                     help="embed only the catalogue sources passing this cut, e.g. \"type != 'PSF' and mag_r < 19\" "
+                          "(comparisons, and/or/not, parentheses; mag_g/r/z = 22.5 - 2.5 log10(flux_g/r/z))")
+    sel.add_argument("--keep-columns", metavar="A,B,...",
+                     help="catalogue columns kept in the store, one value per row ('none' for none; default for "
+                          "Tractor input: type, flux_g/r/z, flux_ivar_g/r/z, shape_r, shape_e1, shape_e2, sersic; "
+                          "with --targets: columns of the targets file, none by default)")
+    sel.add_argument("--section-reads", choices=["auto", "always", "never"], default="auto",
+                     help="for --targets / --where on bricks, decompress only the image tiles the cutouts need "
+                          "(auto: when that is at most half the brick; default auto)")
     p.set_defaults(func=run)

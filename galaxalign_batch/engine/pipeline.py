@@ -29,6 +29,7 @@ import numpy as np
 from galaxalign_batch import progress
 from galaxalign_batch.engine import images, preflight
 from galaxalign_batch.engine.encoder import describe_model, model_identity
+from galaxalign_batch.engine.selection import check_resume
 from galaxalign_batch.engine.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.store import EmbeddingStore, lock as store_lock
@@ -72,7 +73,7 @@ class EmbedSummary:
 
 
 def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None,
-                    image_scale: dict | None = None):
+                    image_scale: dict | None = None, selection=None):
     """Ray task body: returns (meta, pixels) as two objects, or (failure, None). ``ref`` may be an
     :class:`~galaxalign_batch.engine.images.ImageGroup` (pictures, ``image_scale`` says what they show)."""
     import numba
@@ -87,7 +88,7 @@ def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixel
     try:
         if isinstance(ref, images.ImageGroup):
             return images.prepare_images(ref, CutoutSpec.from_dict(spec_dict), image_scale or {})
-        p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog)
+        p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog, selection=selection)
     except TileError as e:
         return {"ref": ref, "error": str(e)}, None
     except Exception as e:  # a reader bug or an input nobody foresaw: record it, do not loop on it
@@ -154,7 +155,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
                 max_image_pixels: int | None = None, log_every: float = 30.0,
-                image_scale: dict | None = None) -> EmbedSummary:
+                image_scale: dict | None = None, selection=None) -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
 
     Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
@@ -162,9 +163,11 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     takes it anyway). The lock is held until the function returns. A re-run with nothing left to do
     returns before Ray is started or the model is loaded. ``log_every``: seconds between progress log
     lines when stderr is not a terminal (0: none). ``image_scale``: what RGB pictures among ``tiles``
-    show (:func:`~galaxalign_batch.engine.images.scale_record`), recorded in the store.
+    show (:func:`~galaxalign_batch.engine.images.scale_record`), recorded in the store. ``selection``: a
+    :class:`~galaxalign_batch.engine.selection.Selection` (targets, a cut, kept columns), recorded in the store.
     """
     t_start = time.perf_counter()
+    tiles = selection.restrict(tiles) if selection is not None else tiles
     # The model's identity without torch (a re-run with nothing to do needs no more); the full description
     # (spec, dimension; imports torch and open_clip) when there is work. ConfigError for a bad --model.
     identity = model_identity(model)
@@ -181,6 +184,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     try:
         store = preflight.open_for_resume(out, info, embedding_dtype, identity=identity)
         if store is not None:
+            check_resume(store, selection)  # the same selection (targets file, cut) as the store's
             log.info("resuming %s: %d rows, %d tiles done", out, store.n_rows, len(store.completed_tiles()))
             if n := store.remove_leftovers():
                 log.info("%s: removed %d temporary file(s) of writes a killed run left", out, n)
@@ -200,7 +204,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                          catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
                          commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
                          stall_seconds=stall_seconds, max_image_pixels=max_image_pixels, log_every=log_every,
-                         warnings=warnings, image_scale=image_scale)
+                         warnings=warnings, image_scale=image_scale, selection=selection)
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
@@ -235,7 +239,7 @@ def _nothing_to_do(tiles: list[TileRef], out: str, store: EmbeddingStore, retry_
 def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
            batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
            commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels, log_every=30.0,
-           warnings=(), image_scale=None) -> EmbedSummary:
+           warnings=(), image_scale=None, selection=None) -> EmbedSummary:
     import ray
 
     _init_ray(address, cpu_workers)
@@ -285,7 +289,9 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                               f"{info['identity']} / {info['cutout_spec']})")
         startup = time.perf_counter() - t_start
         if store is None:
-            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype, attrs=_store_attrs(info, warnings))
+            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype,
+                                          attrs={**_store_attrs(info, warnings), **(selection.attrs() if selection else {})},
+                                          extra_columns=selection.keep if selection is not None else ())
         roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
@@ -328,7 +334,8 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
         while queue or preparing or embedding:
             while queue and len(preparing) + len(embedding) < max_inflight:
                 ref = queue.pop()
-                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale)
+                tile_sel = None if selection is None or isinstance(ref, images.ImageGroup) else selection.for_tile(ref.name)
+                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale, tile_sel)
                 preparing[meta_ref] = (ref, pix_ref)
             ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1,
                                 timeout=min(stall_seconds, ticker.every) if ticker.active else stall_seconds)

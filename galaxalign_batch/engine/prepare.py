@@ -34,20 +34,33 @@ def read_tile(ref: TileRef):
     return read_brick(ref.path, ref.brick, with_maskbits=False) if ref.is_brick else open_tile(ref.path)
 
 
-def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> PreparedTile:
+def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto", selection=None) -> PreparedTile:
     """Read ``ref``, find its sources (Tractor catalog when present, else detection), make cutouts.
 
     ``catalog``: ``auto``, ``detect`` or a Tractor catalog path. Detected sources are named
     ``"{ref.name}/det{i}"`` (the tile's key, a resolved path: unique across folders and roots).
+    ``selection``: a :class:`~galaxalign_batch.engine.selection.TileSelection` (targets, a ``--where``
+    cut, kept catalogue columns, section reads), or None for every source.
     Raises :class:`TileError` for anything wrong with the tile's files.
     """
     from galaxalign_batch.survey import sources_for
 
+    if selection is not None:
+        from galaxalign_batch.engine.selection import prepare_selected
+
+        return prepare_selected(ref, spec, catalog, selection)
     t0 = time.perf_counter()
     tile = read_tile(ref)
     sources = sources_for(tile, catalog=catalog, id_prefix=ref.name)
     t1 = time.perf_counter()
-    n = len(sources)
+    return cut_sources(ref, tile, sources, spec, t0, t1)
+
+
+def cut_sources(ref: TileRef, tile, sources, spec: CutoutSpec, t0: float, t1: float,
+                extra: dict[str, np.ndarray] | None = None) -> PreparedTile:
+    """Cutouts and store columns of ``sources`` (object_id, ra, dec, x, y) on ``tile``; ``extra``: optional
+    store columns (one value per source) added as they are."""
+    n = len(sources["ra"])
     x = np.asarray(sources["x"], dtype=np.float64)
     y = np.asarray(sources["y"], dtype=np.float64)
     if n:
@@ -73,5 +86,6 @@ def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> Pr
         "y": y.astype(np.float32),
         "masked_fraction": masked,
         "flags": flags,
+        **(extra or {}),
     }
     return PreparedTile(ref, columns, pixels, {"read": t1 - t0, "preprocess": t2 - t1})

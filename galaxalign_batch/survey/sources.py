@@ -36,10 +36,12 @@ def _as_str(col) -> np.ndarray:
     return np.char.strip(arr.astype(str))
 
 
-def read_tractor(path: str | os.PathLike, tile: Tile | None = None, primary_only: bool = True) -> Table:
+def read_tractor(path: str | os.PathLike, tile: Tile | None = None, primary_only: bool = True,
+                 keep: tuple[str, ...] = ()) -> Table:
     """Read a Tractor catalog (``tractor-<brick>.fits``) into a Sources table.
 
-    ``primary_only`` keeps rows with ``brick_primary`` true. Pixel positions come from ``bx, by``
+    ``primary_only`` keeps rows with ``brick_primary`` true. ``keep``: more catalog columns to pass
+    through (lower-case names; for ``--where`` and ``--keep-columns``), besides the usual ones. Pixel positions come from ``bx, by``
     (0-based) when ``tile`` is None or is the catalog's own brick, otherwise from ``ra, dec``
     through the tile's WCS; with a tile, sources whose centre falls off the tile are dropped.
     """
@@ -82,7 +84,7 @@ def read_tractor(path: str | os.PathLike, tile: Tile | None = None, primary_only
     out["ra"], out["dec"], out["x"], out["y"] = ra, dec, x, y
     out["tile"] = np.full(len(ra), tile.name) if tile is not None else brickname
     for c in columns:
-        if c in TRACTOR_PASSTHROUGH or c.startswith("flux_"):
+        if c in TRACTOR_PASSTHROUGH or c.startswith("flux_") or c in keep:
             col = np.asarray(data[c])
             out[c] = _as_str(col) if col.dtype.kind in "SU" else col.astype(col.dtype.newbyteorder("="))
     if tile is not None:
@@ -252,21 +254,23 @@ def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend
     return out
 
 
-def sources_for(tile: Tile, catalog: str | os.PathLike | None = "auto", **detect_kw) -> Table:
+def sources_for(tile: Tile, catalog: str | os.PathLike | None = "auto", columns: tuple[str, ...] = (),
+                **detect_kw) -> Table:
     """Sources of ``tile``: a Tractor catalog when there is one, else sep detection.
 
     ``catalog``: ``"auto"`` uses ``tractor_path(root, brick)`` for a brick read from a survey
     tree when that file exists; a path reads that catalog; None or ``"detect"`` always detects.
+    ``columns``: more Tractor columns to pass through (see :func:`read_tractor`).
     """
     if isinstance(catalog, str) and catalog == "detect":
         catalog = None
     if catalog is not None and not (isinstance(catalog, str) and catalog == "auto"):
-        return read_tractor(catalog, tile)
+        return read_tractor(catalog, tile, keep=columns)
     if catalog == "auto":
         root = survey_root_of(tile)
         if root is not None:
             cat = layout.tractor_path(root, tile.name)
             if cat.exists():
-                return read_tractor(cat, tile)
+                return read_tractor(cat, tile, keep=columns)
             log.info("%s: no Tractor catalog at %s; detecting sources", tile.name, cat)
     return detect_sources(tile, **detect_kw)
