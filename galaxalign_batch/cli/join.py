@@ -22,10 +22,17 @@ def run(args: argparse.Namespace) -> int:
     radius = None if args.on is not None else parse_angle_arcsec(args.radius or "1arcsec", "--radius")
     summary = join_catalog(args.store, args.catalog, args.out, radius=radius, on=args.on, ra_col=args.ra_col,
                            dec_col=args.dec_col, catalog_format=args.format, with_embedding=args.with_embedding,
-                           inner=args.inner, workers=args.threads)
+                           inner=args.inner, workers=args.threads, kept=_kept(args.store_columns))
     for line in summary.lines():
         print(line)
     return 0
+
+
+def _kept(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return [] if names == ["none"] else names
 
 
 def register(sub) -> None:
@@ -54,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--format", choices=["fits", "csv", "parquet"], help="catalog format (default: from the suffix)")
     p.add_argument("--with-embedding", action="store_true", help="add the embedding of the matched source")
     p.add_argument("--inner", action="store_true", help="keep only catalog rows with a match")
+    p.add_argument("--store-columns", metavar="A,B,...",
+                   help="which catalogue columns the store keeps (embed --keep-columns, target_id) to add: "
+                        "'none', or names (default: all of them)")
     opt.add_threads(p, help="threads of the cross-match (default: all cores)")
     opt.add_deprecated_alias(p, "--workers", "--threads", "threads", type=int)
     p.set_defaults(func=run)

@@ -227,8 +227,12 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return out
 
 
-def store_columns(store: EmbeddingStore, rows: np.ndarray, *, with_embedding: bool) -> dict[str, "object"]:
-    """Arrow arrays of the store's columns for ``rows`` (-1: null), keyed by output name before renaming."""
+def store_columns(store: EmbeddingStore, rows: np.ndarray, *, with_embedding: bool,
+                  kept: list[str] | None = None) -> dict[str, "object"]:
+    """Arrow arrays of the store's columns for ``rows`` (-1: null), keyed by output name before renaming.
+
+    ``kept``: which of the store's kept catalogue columns (``embed --keep-columns``, ``target_id``) to add;
+    None: all of them."""
     import pyarrow as pa
 
     matched = rows >= 0
@@ -246,6 +250,14 @@ def store_columns(store: EmbeddingStore, rows: np.ndarray, *, with_embedding: bo
     cols["object_id"] = pa.array(ids, type=pa.string())
     cols["store_ra"] = pa.array(spread(_gather(store, "ra", uniq)), mask=mask)
     cols["store_dec"] = pa.array(spread(_gather(store, "dec", uniq)), mask=mask)
+    for name in kept_columns(store, kept):
+        values = _gather(store, name, uniq)
+        if values.dtype.kind in "USO":
+            text = np.full(len(rows), None, dtype=object)
+            text[matched] = np.asarray(values).astype(object)[inverse]
+            cols[name] = pa.array(text, type=pa.string())
+        else:
+            cols[name] = pa.array(spread(np.asarray(values)), mask=mask)
     cls = classification_of(store)
     if cls is not None:
         labels = np.full(len(rows), None, dtype=object)
@@ -258,6 +270,18 @@ def store_columns(store: EmbeddingStore, rows: np.ndarray, *, with_embedding: bo
     if with_embedding:
         cols["embedding"] = _list_column(spread(_gather(store, "embedding", uniq).astype(np.float32)), mask)
     return cols
+
+
+def kept_columns(store: EmbeddingStore, kept: list[str] | None = None) -> list[str]:
+    """The store's kept catalogue columns to output (all of them for None); ConfigError for an unknown name."""
+    have = [c.name for c in getattr(store, "extra_columns", ())]
+    if kept is None:
+        return have
+    unknown = [n for n in kept if n not in have]
+    if unknown:
+        raise ConfigError(f"--store-columns: the store keeps no column {', '.join(unknown)} (it keeps "
+                          f"{', '.join(have) or 'none'}; see embed --keep-columns)")
+    return list(kept)
 
 
 def _list_column(values: np.ndarray, mask: np.ndarray):
@@ -273,7 +297,7 @@ def _list_column(values: np.ndarray, mask: np.ndarray):
 def join_catalog(store_path: str | os.PathLike, catalog: str | os.PathLike, out: str | os.PathLike, *,
                  radius: float | None = None, on: str | None = None, ra_col: str | None = None,
                  dec_col: str | None = None, catalog_format: str | None = None, with_embedding: bool = False,
-                 inner: bool = False, workers: int | None = None) -> JoinSummary:
+                 inner: bool = False, workers: int | None = None, kept: list[str] | None = None) -> JoinSummary:
     """Join ``catalog`` with the store by position (``radius`` in arcsec) or key (``on`` = the catalog column
     holding store object ids) and write ``out`` (Parquet)."""
     import pyarrow as pa
@@ -299,7 +323,7 @@ def join_catalog(store_path: str | os.PathLike, catalog: str | os.PathLike, out:
         rows = match_keys(store, np.array(["" if k is None else str(k) for k in keys]))
         sep = None
         how = f"on {on} = object_id"
-    added = store_columns(store, rows, with_embedding=with_embedding)
+    added = store_columns(store, rows, with_embedding=with_embedding, kept=kept)
     if sep is not None:
         added = {**{k: v for k, v in added.items() if k in ("store_row", "object_id", "store_ra", "store_dec")},
                  "separation_arcsec": pa.array(sep, mask=rows < 0),
