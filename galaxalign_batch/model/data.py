@@ -29,13 +29,14 @@ import torch.nn.functional as F
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
 from galaxalign_batch.progress import bar
+from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 from galaxalign_batch.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-LEGACY_PIXSCALE = 0.262  # arcsec / pixel of the Legacy Surveys
+LEGACY_PIXSCALE = PIXSCALE  # arcsec / pixel of the Legacy Surveys
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int 
     except (OSError, ValueError) as e:
         raise ConfigError(f"{manifest_path}: unreadable manifest ({e})") from None
     pixscale = float(manifest.get("pixscale", LEGACY_PIXSCALE))
-    bands = tuple(manifest.get("bands", ("g", "r", "z")))
+    bands = tuple(manifest.get("bands", BANDS))
     remap = _class_remap(manifest, vocab, manifest_path)
     splits, masked = {}, []
     for name in SPLITS:
@@ -190,7 +191,7 @@ def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int 
     return splits, {"pixscale": pixscale, "manifest": str(manifest_path), "preprocess": "make_cutouts at stamp centres"}
 
 
-def cut_stamps(flux: np.ndarray, pixscale: float, spec: CutoutSpec, bands=("g", "r", "z")) -> tuple[np.ndarray, np.ndarray]:
+def cut_stamps(flux: np.ndarray, pixscale: float, spec: CutoutSpec, bands=BANDS) -> tuple[np.ndarray, np.ndarray]:
     """The cutout at the centre of each stamp (N, nb, H, W) with ``spec``: pixels (N, 3, S, S), masked fraction."""
     n, _, h, w = flux.shape
     out = np.empty((n, 3, spec.out_size, spec.out_size), np.uint8 if spec.dtype == "uint8" else np.float16)

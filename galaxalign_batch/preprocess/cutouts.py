@@ -14,6 +14,7 @@ import numpy as np
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.preprocess import kernels
 from galaxalign_batch.preprocess.spec import CutoutSpec
+from galaxalign_batch.survey.layout import BANDS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def make_cutouts(
     y: np.ndarray,
     pixscale: float,
     spec: CutoutSpec,
-    bands: tuple[str, ...] = ("g", "r", "z"),
+    bands: tuple[str, ...] = BANDS,
     wcs=None,
 ) -> CutoutBatch:
     """Cutouts of ``spec.angular_size`` arcsec centred on (x, y), resampled to ``spec.out_size`` px.
@@ -227,7 +228,7 @@ def warmup() -> None:
         xy = np.array([3.5])
         for dtype in ("float32", "uint8"):
             spec = CutoutSpec(angular_size=2.0, out_size=4, dtype=dtype)
-            planes, p1, p2 = spec.band_parameters(("g", "r", "z"))
+            planes, p1, p2 = spec.band_parameters(BANDS)
             _run(image, valid, xy, xy, 1.0, spec, planes, p1, p2, *orientation(spec, None, xy, xy, 1.0))
         _warm = True
         log.debug("preprocess kernels ready")

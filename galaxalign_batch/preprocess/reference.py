@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from galaxalign_batch.preprocess.spec import CutoutSpec
+from galaxalign_batch.survey.layout import BANDS
 
 
 def axis_weights(centre: float, step: float, n_out: int, size: int) -> np.ndarray:
@@ -89,7 +90,7 @@ def gz_decals_rgb(imgs, bands, scales, mn, mx, desaturate=True):
     return np.clip(planes, 0.0, 1.0).transpose(1, 2, 0)
 
 
-def reference_cutouts(image, valid, x, y, pixscale, spec: CutoutSpec, bands=("g", "r", "z")):
+def reference_cutouts(image, valid, x, y, pixscale, spec: CutoutSpec, bands=BANDS):
     """(pixels (N, 3, S, S) float64 in output units before dtype conversion, masked_fraction (N,))."""
     step = spec.step(pixscale)
     size = spec.out_size

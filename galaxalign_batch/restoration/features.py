@@ -20,6 +20,7 @@ from torch import nn
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.survey.layout import BANDS
 
 
 class FoundationEncoder(nn.Module):
@@ -85,7 +86,7 @@ class FoundationEncoder(nn.Module):
         n, _, h, w = flux.shape
         out = np.empty((n, 3, self.spec.out_size, self.spec.out_size), np.float32)
         cx, cy = np.array([(w - 1) / 2.0]), np.array([(h - 1) / 2.0])
-        bands = ("g", "r", "z")[: flux.shape[1]]
+        bands = BANDS[: flux.shape[1]]
         for i in range(n):
             out[i] = make_cutouts(flux[i], None, cx, cy, pixscale, self.spec, bands=bands).pixels[0]
         return out

@@ -19,9 +19,8 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate.galaxies import MAG_RANGE, class_keys, draw_galaxy
 from galaxalign_batch.simulate.observing import DEPTH, Conditions, check_bands
-from galaxalign_batch.survey.layout import PIXSCALE
+from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
-BANDS = ("g", "r", "z")
 DEFAULT_STAMP = 128   # px: holds the default CutoutSpec's 32" footprint (122 px at 0.262"/px)
 
 # DECaLS requirement for an ELG-like source (legacysurvey.org/decamls), the depths the issue calls

@@ -16,6 +16,7 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.simulate import fields
 from galaxalign_batch.simulate.observing import Conditions, check_bands, flux_to_mag, mag_to_flux, psf_kernel
 from galaxalign_batch.simulate.render import OVERSAMPLE, Model, bin_pixels, render, rotation, squash
+from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
 GENERATOR_VERSION = "1"            # bump when the recipes change what a seed produces
 MAG_RANGE = (15.5, 19.0)           # r-band AB magnitudes of the galaxies
@@ -330,8 +331,8 @@ def _band_truth(truth: dict, bands, fluxes) -> None:
         truth[f"mag_{b}"] = float(flux_to_mag(f))
 
 
-def draw_galaxy(class_key: str, rng: np.random.Generator, *, pixscale: float = 0.262, stamp_size: int | None = None,
-                psf=None, bands=("g", "r", "z"), mag_r: float | None = None, offset=(0.0, 0.0),
+def draw_galaxy(class_key: str, rng: np.random.Generator, *, pixscale: float = PIXSCALE, stamp_size: int | None = None,
+                psf=None, bands=BANDS, mag_r: float | None = None, offset=(0.0, 0.0),
                 max_stamp: int = MAX_STAMP) -> tuple[np.ndarray, dict]:
     """One noiseless galaxy of class ``class_key``: ((bands, S, S) float32 nanomaggies, truth dict).
 
@@ -347,8 +348,8 @@ def draw_galaxy(class_key: str, rng: np.random.Generator, *, pixscale: float = 0
                       max_stamp=max_stamp)
 
 
-def draw_model(model: Model, truth: dict, *, pixscale: float = 0.262, stamp_size: int | None = None, psf=None,
-               bands=("g", "r", "z"), offset=(0.0, 0.0), max_stamp: int = MAX_STAMP) -> tuple[np.ndarray, dict]:
+def draw_model(model: Model, truth: dict, *, pixscale: float = PIXSCALE, stamp_size: int | None = None, psf=None,
+               bands=BANDS, offset=(0.0, 0.0), max_stamp: int = MAX_STAMP) -> tuple[np.ndarray, dict]:
     """Render a :func:`galaxy_model` (see :func:`draw_galaxy`); ``truth`` is completed and returned."""
     bands = check_bands(bands)
     auto = auto_stamp(truth["extent"], pixscale, max_stamp)
@@ -382,7 +383,7 @@ def star_magnitude(rng: np.random.Generator, lo: float = STAR_MAG_RANGE[0], hi: 
     return float(np.log10(a + rng.uniform() * (b - a)) / slope)
 
 
-def draw_star(rng: np.random.Generator, *, pixscale: float = 0.262, psf=None, bands=("g", "r", "z"),
+def draw_star(rng: np.random.Generator, *, pixscale: float = PIXSCALE, psf=None, bands=BANDS,
               mag_r: float | None = None, stamp_size: int | None = None, offset=(0.0, 0.0)) -> tuple[np.ndarray, dict]:
     """One star (the PSF, pixel-integrated, per band): ((bands, S, S) float32 nanomaggies, truth dict).
 

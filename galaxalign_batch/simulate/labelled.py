@@ -26,7 +26,7 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate.galaxies import GENERATOR_VERSION, class_keys, draw_galaxy
 from galaxalign_batch.simulate.observing import Conditions, check_bands
-from galaxalign_batch.survey.layout import PIXSCALE
+from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def split_counts(n: int, fractions) -> list[int]:
 
 
 def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size: int = DEFAULT_STAMP,
-                      seed: int = 0, splits=(0.7, 0.15, 0.15), bands=("g", "r", "z"), workers: int = 1,
+                      seed: int = 0, splits=(0.7, 0.15, 0.15), bands=BANDS, workers: int = 1,
                       overwrite: bool = False, neighbours: float | str = 0) -> dict:
     """Write ``out/labelled/{train,val,test}.npz`` and ``manifest.json``; return the manifest.
 

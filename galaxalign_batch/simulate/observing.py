@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
 ZEROPOINT = 22.5
 PSF_BETA = 3.0
@@ -92,16 +93,16 @@ class Conditions:
     bands: tuple[str, ...]
     fwhm: dict[str, float]
     depth: dict[str, float]
-    pixscale: float = 0.262
+    pixscale: float = PIXSCALE
     beta: float = PSF_BETA
 
     @classmethod
-    def nominal(cls, bands=("g", "r", "z"), pixscale: float = 0.262) -> "Conditions":
+    def nominal(cls, bands=BANDS, pixscale: float = PIXSCALE) -> "Conditions":
         bands = check_bands(bands)
         return cls(bands, {b: FWHM[b] for b in bands}, {b: DEPTH[b] for b in bands}, pixscale)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, bands=("g", "r", "z"), pixscale: float = 0.262,
+    def random(cls, rng: np.random.Generator, bands=BANDS, pixscale: float = PIXSCALE,
                seeing_range=(0.9, 1.15), depth_scatter: float = 0.15) -> "Conditions":
         """Nominal conditions with one seeing factor for all bands (in steps of 0.01, so PSF kernels
         are cached and reused) and a depth scatter per band."""

@@ -445,7 +445,7 @@ def check_out(out: Path, params: dict, overwrite: bool) -> dict:
 
 def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed: int = 0,
                     density: float = DEFAULT_DENSITY, stars: float = DEFAULT_STARS, center=DEFAULT_CENTER,
-                    bands=("g", "r", "z"), no_coverage: float = 0.5, workers: int = 1, overwrite: bool = False,
+                    bands=layout.BANDS, no_coverage: float = 0.5, workers: int = 1, overwrite: bool = False,
                     max_stamp: int = MAX_STAMP) -> dict:
     """Write a simulated Legacy Survey under ``out`` (DR9 layout) and return a summary.
 

@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 
 from galaxalign_batch.errors import TileError
+from galaxalign_batch.survey.layout import BANDS
 from galaxalign_batch.survey.tile import (
     Tile, celestial_wcs, coverage, header_summary, image_hdu_index, open_fits, read_hdu,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CUBE_BANDS = ("g", "r", "z")
+DEFAULT_CUBE_BANDS = BANDS
 
 
 def cube_bands(path: str | os.PathLike, header, nbands: int) -> tuple[str, ...]:
