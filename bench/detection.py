@@ -3,7 +3,7 @@
 Simulates ``--bricks`` bricks of ``--size`` px (fixed ``--seed``; sizes below 3435 px do not
 overlap, so every source is in exactly one brick), detects each brick with
 ``galaxalign_batch.survey.detect_sources`` (the engine's defaults) and compares with
-``galaxalign_batch.downstream.detection``:
+``galaxalign_batch.survey.detection_quality``:
 
 1. against the truth columns of the simulated Tractor-like catalogs (``true_mag_r``, ``true_r_half``,
    ``true_class_key``);
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--radius", type=float, default=None, help="minimum match radius, arcsec (default: the module's)")
     args = ap.parse_args(argv)
 
-    from galaxalign_batch.downstream import detection as D
+    from galaxalign_batch.survey import detection_quality as D
     from galaxalign_batch.simulate import simulate_survey
     from galaxalign_batch.survey import layout, open_tile
 

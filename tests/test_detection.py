@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from galaxalign_batch.downstream.detection import (DetectionError, compare_catalogs, compare_tile, flux_to_mag,
+from galaxalign_batch.survey.detection_quality import (DetectionError, compare_catalogs, compare_tile, flux_to_mag,
                                                    match_catalogs)
 
 RA0, DEC0 = 150.0, 2.0
@@ -133,7 +133,7 @@ def tiny_survey(tmp_path_factory):
 
 
 def test_detection_on_a_simulated_brick(tiny_survey):
-    from galaxalign_batch.downstream.detection import combine
+    from galaxalign_batch.survey.detection_quality import combine
     from galaxalign_batch.survey import layout, open_tile
 
     brick = layout.list_bricks(tiny_survey)[0]

@@ -28,7 +28,7 @@ TRUTH_COLUMNS = ("true_class_key", "true_mag_r", "true_r_half", "true_sersic")
 
 def truth_table(roots: Sequence[str | os.PathLike]) -> Table:
     """Truth rows (``object_id`` + truth columns) of every Tractor catalog under the survey roots."""
-    from galaxalign_batch.downstream.detection import read_reference
+    from galaxalign_batch.survey.detection_quality import read_reference
     from galaxalign_batch.survey import layout
 
     parts = []
