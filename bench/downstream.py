@@ -184,7 +184,6 @@ def bench_search(store_path: Path, hnsw: bool, n_queries: int = 200, k: int = 10
     import torch
 
     from galaxalign_batch import ops
-    from galaxalign_batch.downstream.common import embedding_view, row_chunking
     from galaxalign_batch.downstream.index import build_index, recall_at
     from galaxalign_batch.store import open_store
 
@@ -192,13 +191,13 @@ def bench_search(store_path: Path, hnsw: bool, n_queries: int = 200, k: int = 10
     rng = np.random.default_rng(7)  # not the rows the index build tunes on (seed 1)
     qrows = np.sort(rng.choice(store.n_rows, n_queries, replace=False))
     queries = store.read("embedding", qrows).astype(np.float32)
-    _, shard = row_chunking(store)
+    _, shard = store.chunking
     out: dict = {"queries": n_queries, "k": k}
     t0 = time.perf_counter()
-    s1, i1 = ops.similarity_topk(torch.from_numpy(queries[:1]), embedding_view(store), k, chunk_rows=shard)
+    s1, i1 = ops.similarity_topk(torch.from_numpy(queries[:1]), store.embeddings, k, chunk_rows=shard)
     out["exact_1_query_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _, exact = ops.similarity_topk(torch.from_numpy(queries), embedding_view(store), k, chunk_rows=shard)
+    _, exact = ops.similarity_topk(torch.from_numpy(queries), store.embeddings, k, chunk_rows=shard)
     out["exact_batch_s"] = time.perf_counter() - t0
     exact = exact.numpy()
     out["exact_self_first"] = float(np.mean(exact[:, 0] == qrows))

@@ -10,9 +10,9 @@ import torch
 
 from galaxalign_batch.cli import main
 from galaxalign_batch.downstream.classify import PARTIAL, classify_store, scorer_from_checkpoint
-from galaxalign_batch.downstream.common import ModelMismatchError, classification_of
+from galaxalign_batch.downstream.common import classification_of
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.store import EmbeddingStore, open_store
+from galaxalign_batch.store import EmbeddingStore, ModelMismatchError, open_store
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

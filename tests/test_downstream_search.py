@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from galaxalign_batch.cli import main
-from galaxalign_batch.downstream.common import ModelMismatchError, QueryError
+from galaxalign_batch.downstream.common import QueryError
 from galaxalign_batch.downstream.index import index_paths, load_index
 from galaxalign_batch.downstream.search import (find_object_rows, nearest_rows, plot_grid, read_query_image,
                                                 run_query, search_store)
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.store import EmbeddingStore, open_store
+from galaxalign_batch.store import EmbeddingStore, ModelMismatchError, open_store
 
 MODEL = {"id": "synthetic-0", "name": "synthetic", "kind": "test"}
 
@@ -167,11 +167,11 @@ def cube_store(tmp_path_factory, cutouts_dir):
 def test_image_query_of_a_stored_cutout_finds_it_and_grid_is_drawn(cube_store, tmp_path):
     from PIL import Image
 
-    from galaxalign_batch.downstream.tiles import cutouts_for_rows, to_rgb8
+    from galaxalign_batch.preprocess.pictures import to_rgb8
 
     store = open_store(cube_store)
     row = store.n_rows // 2
-    pix = cutouts_for_rows(store, [row], strict=True)[row]
+    pix = store.cutouts([row], strict=True)[row]
     png = tmp_path / "query.png"
     Image.fromarray(to_rgb8(pix)).save(png)  # north up, as a viewer shows it
     q = run_query(store, image=str(png), model="tiny")

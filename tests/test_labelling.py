@@ -261,13 +261,13 @@ def test_api_labels_undo_and_state(served):
 def test_api_cutout_is_the_stored_rows_cutout_north_up(served):
     from PIL import Image
 
-    from galaxalign_batch.downstream.tiles import cutouts_for_rows, to_rgb8
+    from galaxalign_batch.preprocess.pictures import to_rgb8
 
     app, c, _ = served()
     status, png = c.get("/api/cutout?row=5")
     assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
     img = np.asarray(Image.open(io.BytesIO(png)))
-    expected = to_rgb8(cutouts_for_rows(app.store, [5])[5])
+    expected = to_rgb8(app.store.cutouts([5])[5])
     assert img.shape == expected.shape and np.array_equal(img, expected)
     assert c.get(f"/api/cutout?row={app.store.n_rows}")[0] == 404
     assert c.get("/api/cutout?row=x")[0] == 400

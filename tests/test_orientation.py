@@ -176,7 +176,7 @@ def test_rotated_wcs_keeps_masking_and_uses_the_rotated_grid():
 def test_display_flips_only_array_order_cutouts():
     """Pictures shown by search / report / labelling: north-up cutouts as they are, old array-order
     ("fits") stores flipped vertically, as the viewer shows them."""
-    from galaxalign_batch.downstream.tiles import to_rgb8
+    from galaxalign_batch.preprocess.pictures import to_rgb8
 
     pix = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
     assert np.array_equal(to_rgb8(pix, "north-up"), pix.transpose(1, 2, 0))

@@ -30,7 +30,7 @@ _EXPORTS = {
     "classification_of": "galaxalign_batch.downstream.common",
     "QueryError": "galaxalign_batch.downstream.common",
     "CatalogError": "galaxalign_batch.downstream.common",
-    "ModelMismatchError": "galaxalign_batch.downstream.common",
+    "ModelMismatchError": "galaxalign_batch.store",
 }
 
 __all__ = sorted(_EXPORTS)

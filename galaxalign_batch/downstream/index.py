@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from galaxalign_batch import progress
-from galaxalign_batch.downstream.common import embedding_view, row_chunking
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore
 
@@ -92,9 +91,9 @@ def load_index(store: EmbeddingStore, kind: str) -> ApproxIndex | None:
 
 def _training_sample(store: EmbeddingStore, size: int, seed: int) -> np.ndarray:
     """Up to ``size`` rows from randomly chosen whole chunks (cheap to read, spread over the store)."""
-    chunk, _ = row_chunking(store)
+    chunk, _ = store.chunking
     n = store.n_rows
-    emb = embedding_view(store)
+    emb = store.embeddings
     starts = np.arange(0, n, chunk)
     np.random.default_rng(seed).shuffle(starts)
     parts, total = [], 0
@@ -112,8 +111,8 @@ def _exact_neighbours(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.
 
     from galaxalign_batch import ops
 
-    _, shard = row_chunking(store)
-    _, idx = ops.similarity_topk(torch.from_numpy(queries), embedding_view(store), k, chunk_rows=shard)
+    _, shard = store.chunking
+    _, idx = ops.similarity_topk(torch.from_numpy(queries), store.embeddings, k, chunk_rows=shard)
     return idx.numpy()
 
 
@@ -156,8 +155,8 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
         index.train(_training_sample(store, min(n, 10_000), seed))
         params = [16, 32, 64, 128, 256, 512, 1024]
         settings = {"M": hnsw_m, "efConstruction": 80}
-    _, shard = row_chunking(store)
-    emb = embedding_view(store)
+    _, shard = store.chunking
+    emb = store.embeddings
     bar = progress.bar(total=n, desc=f"index ({kind})", unit="row")
     for start in range(0, n, shard):
         rows = np.ascontiguousarray(emb[start:min(start + shard, n)], dtype=np.float32)

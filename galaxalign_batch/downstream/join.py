@@ -36,9 +36,9 @@ from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import catalog_positions, read_catalog
 from galaxalign_batch.downstream.common import (CatalogError, arcsec_from_chord, chord_from_arcsec, classification_of,
-                                                open_readable, radec_to_xyz, row_chunking)
+                                                radec_to_xyz)
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.store import EmbeddingStore, schema
+from galaxalign_batch.store import EmbeddingStore, open_readable, open_store, schema
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,10 @@ def _with_neighbours(pixels: np.ndarray, order: int) -> np.ndarray:
 def _match_range(store_path: str, start: int, stop: int, shift: int, order: int, sorted_pix: np.ndarray,
                  sorted_idx: np.ndarray, cat_xyz: np.ndarray, chord: float):
     """Candidates of store rows [start, stop): (catalog rows, store rows, chord distances) within the radius."""
-    import zarr
     from scipy.spatial import cKDTree
 
-    g = zarr.open_group(store_path, mode="r")
-    hp = np.asarray(g["healpix"][start:stop])
+    cols = open_store(store_path).read_columns(["healpix", "ra", "dec"], slice(start, stop))
+    hp = np.asarray(cols["healpix"])
     by_hp = np.argsort(hp, kind="stable")
     hp_sorted = hp[by_hp]
     coarse = hp_sorted >> shift
@@ -104,7 +103,7 @@ def _match_range(store_path: str, start: int, stop: int, shift: int, order: int,
     if not nonempty.any():
         return None
     cand = np.concatenate([sorted_idx[a:b] for a, b in zip(lo[nonempty], hi[nonempty])])
-    ra, dec = np.asarray(g["ra"][start:stop]), np.asarray(g["dec"][start:stop])
+    ra, dec = np.asarray(cols["ra"]), np.asarray(cols["dec"])
     rows = _without_repeated_positions(ra, dec, hp_sorted, by_hp)
     dist, idx = cKDTree(radec_to_xyz(ra[rows], dec[rows])).query(cat_xyz[cand], k=1, distance_upper_bound=chord)
     hit = np.isfinite(dist)
@@ -166,7 +165,7 @@ def match_positions(store: EmbeddingStore, ra: np.ndarray, dec: np.ndarray, radi
     cat_xyz[valid] = radec_to_xyz(ra[valid], dec[valid])
     chord = float(chord_from_arcsec(radius_arcsec)) * (1 + 1e-12)
 
-    chunk, _ = row_chunking(store)
+    chunk, _ = store.chunking
     step = max(chunk, task_rows // chunk * chunk)
     n = store.n_rows
     starts = list(range(0, n, step))
@@ -199,11 +198,11 @@ def match_keys(store: EmbeddingStore, keys: np.ndarray) -> np.ndarray:
     uniq, inverse = np.unique(keys, return_inverse=True)
     lookup = pd.Index(uniq)
     found = np.full(len(uniq), -1, np.int64)
-    _, shard = row_chunking(store)
+    _, shard = store.chunking
     n = store.n_rows
-    arr = store.group["object_id"]
-    for start in progress.bar(range(0, n, shard), total=-(-n // shard), desc="key join", unit="chunk"):
-        ids = np.asarray(arr[start:min(start + shard, n)]).astype(object)
+    for start, cols in progress.bar(store.iter_chunks(["object_id"]), total=-(-n // shard), desc="key join",
+                                    unit="chunk"):
+        ids = np.asarray(cols["object_id"]).astype(object)
         pos = lookup.get_indexer(ids)
         hit = np.flatnonzero(pos >= 0)
         found[pos[hit]] = start + hit

@@ -1,7 +1,7 @@
 """`report`: one self-contained HTML page about a store: counts, classes, sky map, examples, confusion matrix.
 
 Every figure is a matplotlib PNG inlined as base64, every thumbnail a cutout re-made from its tile
-(see :mod:`galaxalign_batch.downstream.tiles`), so the file can be mailed or archived alone.
+(see :mod:`galaxalign_batch.store.cutouts`), so the file can be mailed or archived alone.
 Truth, when known, comes from the Tractor catalogs of a simulated survey (``true_class_key``),
 joined by ``object_id``; otherwise the confusion matrix is skipped with a note.
 """
@@ -21,10 +21,10 @@ import numpy as np
 
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
-from galaxalign_batch.downstream.common import Classification, classification_of, open_readable, row_chunking
-from galaxalign_batch.downstream.tiles import (TileOpener, brick_of_key, cutouts_for_rows, png_base64, store_spec,
-                                               survey_roots, to_rgb8)
-from galaxalign_batch.store import EmbeddingStore, schema
+from galaxalign_batch.downstream.common import Classification, classification_of
+from galaxalign_batch.preprocess.pictures import png_base64, to_rgb8
+from galaxalign_batch.store import EmbeddingStore, open_readable, schema
+from galaxalign_batch.store.cutouts import TileOpener, brick_of_key, survey_roots
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ class ReportSummary:
 
 # ---------------------------------------------------------------------------------------------- data
 
-def _stream(store: EmbeddingStore, names: Sequence[str]):
-    _, shard = row_chunking(store)
-    n = store.n_rows
-    for start in range(0, n, shard):
-        stop = min(start + shard, n)
-        yield start, {name: np.asarray(store.group[name][start:stop]) for name in names}
-
-
 def _sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
     if n <= size:
         return np.arange(n)
@@ -79,7 +71,7 @@ def _sample_rows(n: int, size: int, seed: int = 0) -> np.ndarray:
 def top_rows_per_class(store: EmbeddingStore, k: int, per_class: int) -> dict[int, np.ndarray]:
     """The ``per_class`` most confident rows of every class (streamed over the label/confidence columns)."""
     best: dict[int, tuple[np.ndarray, np.ndarray]] = {c: (np.zeros(0), np.zeros(0, np.int64)) for c in range(k)}
-    for start, cols in _stream(store, ["label", "confidence"]):
+    for start, cols in store.iter_chunks(["label", "confidence"]):
         lab, conf = cols["label"].astype(np.int64), cols["confidence"]
         for c in np.unique(lab):
             sel = np.flatnonzero(lab == c)
@@ -116,7 +108,7 @@ def find_truth(store: EmbeddingStore, cls: Classification, roots: Sequence[str])
         if "true_class_key" not in cat.colnames:
             continue
         keys = dict(zip(np.asarray(cat["object_id"]).astype(str), np.asarray(cat["true_class_key"]).astype(str)))
-        ids = np.asarray(store.group["object_id"][int(start):int(start + count)]).astype(object)
+        ids = np.asarray(store.read("object_id", slice(int(start), int(start + count)))).astype(object)
         for i, oid in enumerate(ids):
             key = keys.get(oid)
             if key is None:
@@ -291,7 +283,7 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, *, roots
     overview = [("store", os.path.abspath(store.path)), ("rows (sources)", n),
                 ("tiles done", len(store.completed_tiles())), ("tiles failed", len(failed)),
                 ("model", f"{model.get('name')} ({model.get('kind')}, id {model.get('id')})"),
-                ("embedding", f"{store.dim} x {store.group['embedding'].dtype}"),
+                ("embedding", f"{store.dim} x {store.embeddings.dtype}"),
                 ("cutouts", f"{spec.get('angular_size')} arcsec, {spec.get('out_size')} px, {spec.get('stretch')} stretch"),
                 ("created", attrs.get("created")), ("complete", attrs.get("complete"))]
     if cls is not None:
@@ -323,7 +315,7 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, *, roots
         k = len(names)
         counts = np.zeros(k, np.int64)
         conf_sum = np.zeros(k)
-        for _, cols in progress.bar(_stream(store, ["label", "confidence"]), total=-(-n // row_chunking(store)[1]),
+        for _, cols in progress.bar(store.iter_chunks(["label", "confidence"]), total=-(-n // store.chunking[1]),
                                     desc="report", unit="chunk"):
             lab = cols["label"].astype(np.int64)
             counts += np.bincount(lab, minlength=k)[:k]
@@ -389,8 +381,8 @@ def _examples_section(store: EmbeddingStore, cls: Classification, per_class: int
                       notes: list[str]) -> str:
     top = top_rows_per_class(store, len(cls.classes), per_class)
     wanted = np.unique(np.concatenate([np.zeros(0, np.int64)] + [r for r in top.values()]))
-    cut = cutouts_for_rows(store, wanted, opener=TileOpener(roots, keep=4))
-    orientation = store_spec(store).orientation
+    cut = store.cutouts(wanted, opener=TileOpener(roots, keep=4))
+    orientation = store.cutout_spec.orientation
     missing = sum(v is None for v in cut.values())
     ids = dict(zip(wanted.tolist(), store.read("object_id", wanted).astype(object))) if len(wanted) else {}
     conf = dict(zip(wanted.tolist(), store.read("confidence", wanted).tolist())) if len(wanted) else {}

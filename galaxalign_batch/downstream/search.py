@@ -16,8 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from galaxalign_batch import progress
-from galaxalign_batch.downstream.common import (QueryError, arcsec_from_chord, classification_of, embedding_view,
-                                                radec_to_xyz, row_chunking)
+from galaxalign_batch.downstream.common import QueryError, arcsec_from_chord, classification_of, radec_to_xyz
 from galaxalign_batch.downstream.index import APPROX_THRESHOLD, KINDS, get_index
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore, schema
@@ -79,7 +78,7 @@ def find_object_rows(store: EmbeddingStore, object_ids: Sequence[str]) -> dict[s
                 break
     rest = {o for o in wanted if o not in found}
     if rest:
-        _, shard = row_chunking(store)
+        _, shard = store.chunking
         n = store.n_rows
         for start in progress.bar(range(0, n, shard), total=-(-n // shard), desc="looking up ids", unit="chunk"):
             ids = np.asarray(store.read("object_id", slice(start, min(start + shard, n))))
@@ -134,7 +133,7 @@ def nearest_rows(store: EmbeddingStore, ra: float, dec: float, radius_arcsec: fl
     pix = HEALPix(nside=2 ** order, order="nested").cone_search_lonlat(ra * u.deg, dec * u.deg, radius_arcsec * u.arcsec)
     pix = np.unique(np.asarray(pix, dtype=np.int64))
     shift = 2 * (schema.HEALPIX_ORDER - order)
-    _, shard = row_chunking(store)
+    _, shard = store.chunking
     n = store.n_rows
     cand: list[np.ndarray] = []
     for start in progress.bar(range(0, n, shard), total=-(-n // shard), desc="cone search", unit="chunk"):
@@ -223,14 +222,13 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
 
 def query_image(store: EmbeddingStore, path: str, model: str | None, device: str = "cpu") -> Query:
     from galaxalign_batch.downstream.classify import check_model
-    from galaxalign_batch.downstream.tiles import store_spec
     from galaxalign_batch.engine.encoder import load_encoder
 
     if not model:
         m = store.attrs.get("model") or {}
         raise ConfigError(f"--image needs --model: the model the store was embedded with ({m.get('kind')} "
                           f"{m.get('name')}, id {m.get('id')}) encodes the image")
-    pixels = read_query_image(path, store_spec(store))
+    pixels = read_query_image(path, store.cutout_spec)
     encoder = load_encoder(model, device=device)
     check_model(store, encoder.identity)
     vec = encoder.encode(pixels[None])[0]
@@ -262,8 +260,8 @@ def search_store(store: EmbeddingStore, query: Query, k: int = 10, *, index: str
     q = query.vector[None].astype(np.float32)
     extra: dict = {}
     if kind == "exact":
-        _, shard = row_chunking(store)
-        scores, rows = ops.similarity_topk(torch.from_numpy(q), embedding_view(store), k, chunk_rows=shard)
+        _, shard = store.chunking
+        scores, rows = ops.similarity_topk(torch.from_numpy(q), store.embeddings, k, chunk_rows=shard)
         scores, rows = scores.numpy()[0], rows.numpy()[0]
         method = f"exact ({n} rows, fused top-k)"
     else:
@@ -294,12 +292,12 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from galaxalign_batch.downstream.tiles import cutouts_for_rows, store_spec, to_rgb8
+    from galaxalign_batch.preprocess.pictures import to_rgb8
 
     wanted = list(result.rows)
     if result.query.row is not None:
         wanted.append(result.query.row)
-    cut = cutouts_for_rows(store, wanted, roots=roots)
+    cut = store.cutouts(wanted, roots=roots)
     panels: list[tuple[str, np.ndarray | None]] = []
     if result.query.pixels is not None:
         qpix = result.query.pixels
@@ -322,7 +320,7 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
         if pix is None:
             ax.text(0.5, 0.5, "tile not found", ha="center", va="center", fontsize=8)
         else:
-            ax.imshow(to_rgb8(pix, store_spec(store).orientation), interpolation="nearest")
+            ax.imshow(to_rgb8(pix, store.cutout_spec.orientation), interpolation="nearest")
         ax.set_title(title, fontsize=8)
     path = os.fspath(path)
     tmp = path + ".tmp.png"

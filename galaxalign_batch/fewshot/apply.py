@@ -12,6 +12,7 @@ The arrays are first written under ``_fewshot_partial/<name>/`` in batches of wh
 followed by an atomic update of that group's ``rows_done`` attribute, so a killed run resumes there
 (same head, same row count) and starts over otherwise. When every row is done the group is renamed
 to ``fewshot/<name>`` and the attribute entry is set; until then readers see the previous result.
+The store's :class:`~galaxalign_batch.store.DerivedWriter` does the writing (docs/store.md, "Derived results").
 """
 
 from __future__ import annotations
@@ -20,19 +21,17 @@ import datetime as _dt
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from galaxalign_batch._version import __version__
-from galaxalign_batch.downstream.common import (ModelMismatchError, create_prob_arrays, label_counts,
-                                                  row_chunking, write_probs)
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.fewshot.heads import Head
 from galaxalign_batch.fewshot.labels import check_embeddings
-from galaxalign_batch.store import EmbeddingStore, StoreError, open_store
+from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, label_counts,
+                                    open_store, probability_arrays, probability_columns)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def fewshot_results(store: EmbeddingStore) -> dict[str, dict]:
     """The heads applied to every committed row of the store: ``{name: metadata}``."""
     meta = store.attrs.get(ATTR) or {}
     return {name: m for name, m in meta.items()
-            if m and int(m.get("rows", -1)) == store.n_rows and f"{GROUP}/{name}/probs" in store.group}
+            if m and int(m.get("rows", -1)) == store.n_rows and f"{GROUP}/{name}/probs" in store}
 
 
 def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str | None = None,
@@ -126,68 +125,40 @@ def _apply_head(path, head: Head, name: str, *, head_file, batch_rows, force) ->
     n = store.n_rows
     current = (store.attrs.get(ATTR) or {}).get(name)
     if (not force and current and current.get("head") == head.digest and int(current.get("rows", -1)) == n
-            and f"{GROUP}/{name}/probs" in store.group):
-        shutil.rmtree(os.path.join(store.path, PARTIAL, name), ignore_errors=True)
+            and f"{GROUP}/{name}/probs" in store):
+        _writer(store, head, name, n).discard()
         return ApplySummary(store.path, name, n, list(head.classes), _counts(store, name, len(head.classes)),
                             time.perf_counter() - t0, up_to_date=True)
 
-    part, done = _partial_group(store, head, name, n)
+    writer = _writer(store, head, name, n)
+    done = writer.begin()
     resumed = done
     if done:
         log.info("%s: resuming head %r at row %d of %d", store.path, name, done, n)
-    chunk, shard = row_chunking(store)
-    step = max(chunk, (batch_rows or shard) // chunk * chunk)
-    write_probs(part, lambda start, stop: head.predict_proba(
-                    np.asarray(store.read_embeddings(slice(start, stop)), dtype=np.float32)),
-                n, done, step, f"fewshot {name}")
+    writer.write(lambda start, stop: probability_columns(head.predict_proba(
+                     np.asarray(store.read_embeddings(slice(start, stop)), dtype=np.float32))),
+                 step=batch_rows, desc=f"fewshot {name}")
     meta = {"classes": list(head.classes), "kind": head.kind, "head": head.digest, "head_file": head_file,
             "rows": n, "validation": head.validation, "counts": head.counts, "temperature": head.temperature,
             "model": store.attrs.get("model"), "software_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    _install(store, name, meta)
+    writer.install(meta)
     store = open_store(path, "r")
     return ApplySummary(store.path, name, n, list(head.classes), _counts(store, name, len(head.classes)),
                         time.perf_counter() - t0, resumed_from=resumed)
 
 
-def _partial_group(store: EmbeddingStore, head: Head, name: str, n: int):
-    g = store.group
-    sig = {"head": head.digest, "rows": int(n)}
-    key = f"{PARTIAL}/{name}"
-    if key in g:
-        part = g[key]
-        if dict(part.attrs).get("signature") == sig and all(a in part for a in ARRAYS):
-            return part, int(part.attrs.get("rows_done", 0))
-        log.info("%s: discarding an unfinished application of another head %r", store.path, name)
-        shutil.rmtree(os.path.join(store.path, PARTIAL, name))
-    if PARTIAL not in g:
-        g.create_group(PARTIAL)
-    part = g[PARTIAL].create_group(name)
-    create_prob_arrays(part, store, n, len(head.classes),
-                       f"calibrated probabilities of the few-shot head {name!r}, columns in attrs fewshot.{name}.classes")
-    part.attrs.update({"signature": sig, "rows_done": 0})
-    return part, 0
-
-
-def _install(store: EmbeddingStore, name: str, meta: dict) -> None:
-    """Rename the finished group into place (a crash between the steps is finished by the re-run)."""
-    entries = dict(store.attrs.get(ATTR) or {})
-    entries[name] = None
-    store.group.attrs.update({ATTR: entries})
-    if GROUP not in store.group:
-        store.group.create_group(GROUP, attributes={"description": "few-shot heads applied to the store"})
-    src = os.path.join(store.path, PARTIAL, name)
-    dst = os.path.join(store.path, GROUP, name)
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.rename(src, dst)
-    entries[name] = meta
-    store.group.attrs.update({ATTR: entries})
-    part_dir = os.path.join(store.path, PARTIAL)
-    if os.path.isdir(part_dir) and not [e for e in os.listdir(part_dir) if e != "zarr.json"]:
-        shutil.rmtree(part_dir)
+def _writer(store: EmbeddingStore, head: Head, name: str, n: int) -> DerivedWriter:
+    """The resumable writer of head ``name``: work area ``_fewshot_partial/<name>``, installed as
+    ``fewshot/<name>``; resumed when it belongs to the same head and row count."""
+    return DerivedWriter(store, dest=f"{GROUP}/{name}", partial=f"{PARTIAL}/{name}",
+                         arrays=probability_arrays(len(head.classes), f"calibrated probabilities of the few-shot head "
+                                                                      f"{name!r}, columns in attrs fewshot.{name}.classes"),
+                         signature={"head": head.digest, "rows": int(n)}, attr=ATTR, entry=name,
+                         parent_description="few-shot heads applied to the store",
+                         what=f"application of another head {name!r}")
 
 
 def _counts(store: EmbeddingStore, name: str, k: int) -> dict[str, int]:
     meta = (store.attrs.get(ATTR) or {}).get(name) or {}
-    return label_counts(store, store.group[f"{GROUP}/{name}/label"], meta.get("classes", range(k)))
+    return label_counts(store, f"{GROUP}/{name}/label", meta.get("classes", range(k)))

@@ -125,7 +125,7 @@ def _summary(found: Counter) -> str:
 
 def check_embeddings(store: EmbeddingStore) -> None:
     """Refuse a store without an embedding array of committed rows."""
-    if "embedding" not in store.group or "object_id" not in store.group:
+    if "embedding" not in store or "object_id" not in store:
         raise StoreError(f"{store.path}: the store has no embedding/object_id arrays (not an embed output)")
     if store.n_rows == 0:
         raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
@@ -135,14 +135,10 @@ def rows_of(store: EmbeddingStore, object_ids: Sequence[str], what: str = "label
     """Store rows of ``object_ids`` (same order), streaming the ``object_id`` column; unknown ids are refused."""
     import pandas as pd
 
-    from galaxalign_batch.downstream.common import row_chunking
-
     wanted = pd.Index(list(object_ids))
     rows = np.full(len(wanted), -1, dtype=np.int64)
-    step = row_chunking(store)[1]
-    col = store.group["object_id"]
-    for start in range(0, store.n_rows, step):
-        ids = pd.Index(np.asarray(col[start:min(start + step, store.n_rows)]).astype(object))
+    for start, cols in store.iter_chunks(["object_id"]):
+        ids = pd.Index(np.asarray(cols["object_id"]).astype(object))
         pos = ids.get_indexer(wanted) if ids.is_unique else _first_positions(ids, wanted)
         hit = (pos >= 0) & (rows < 0)
         rows[hit] = start + pos[hit]

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galaxalign_batch.downstream.common import embedding_view, row_chunking
 from galaxalign_batch.progress import bar
 from galaxalign_batch.store import EmbeddingStore
 
@@ -35,11 +34,10 @@ log = logging.getLogger(__name__)
 
 def _batches(store: EmbeddingStore, rows_per_batch: int | None = None):
     """``(start, float32 embeddings)`` of consecutive row batches of the committed rows."""
-    view = embedding_view(store)
-    chunk, _ = row_chunking(store)
+    chunk, _ = store.chunking
     step = rows_per_batch or chunk * max(1, 16384 // chunk)  # whole chunks, ~16k rows (tens of MiB)
-    for start in range(0, view.shape[0], step):
-        yield start, np.asarray(view[start:start + step], dtype=np.float32)
+    for start, cols in store.iter_chunks(["embedding"], step=step):
+        yield start, np.asarray(cols["embedding"], dtype=np.float32)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -51,11 +49,10 @@ class IdIndex:
     """object_id -> row for the whole store, as a sorted byte-string array (about 20 bytes a row)."""
 
     def __init__(self, store: EmbeddingStore):
-        col = store.group["object_id"]
-        chunk, _ = row_chunking(store)
+        chunk, _ = store.chunking
         parts = []
-        for start in range(0, store.n_rows, chunk * 16):
-            ids = np.asarray(col[start:min(start + chunk * 16, store.n_rows)])
+        for _, cols in store.iter_chunks(["object_id"], step=chunk * 16):
+            ids = np.asarray(cols["object_id"])
             parts.append(np.strings.encode(ids.astype(np.dtypes.StringDType()), "utf-8"))
         ids = np.concatenate(parts) if parts else np.zeros(0, "S1")
         self.order = np.argsort(ids, kind="stable")
@@ -86,8 +83,8 @@ class Clusters:
         n = store.n_rows
         k = k or int(np.clip(round(np.sqrt(n) / 2), 2, 100))
         k = max(1, min(k, n))
-        view = embedding_view(store)
-        chunk, _ = row_chunking(store)
+        view = store.embeddings
+        chunk, _ = store.chunking
         rng = np.random.default_rng(seed)
         starts = np.arange(0, n, chunk)
         rng.shuffle(starts)

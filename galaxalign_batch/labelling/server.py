@@ -90,12 +90,10 @@ class LabelApp:
 
     def __init__(self, store: EmbeddingStore, db: LabelDB, ids: IdIndex, queue: ActiveQueue, trainer: Trainer, *,
                  token: str | None = None, roots: list[str] | None = None, cache_images: int = 512):
-        from galaxalign_batch.downstream.tiles import TileOpener, store_spec, survey_roots
-
         self.store, self.db, self.ids, self.queue, self.trainer = store, db, ids, queue, trainer
         self.token = token
-        self.spec = store_spec(store)
-        self.opener = TileOpener(survey_roots(store, roots), keep=4)
+        self.spec = store.cutout_spec
+        self.opener = store.tile_opener(roots, keep=4)
         self._images: OrderedDict[int, bytes] = OrderedDict()
         self._cache_images = cache_images
         self._render_lock = threading.Lock()
@@ -113,9 +111,9 @@ class LabelApp:
                 return self._images[row]
             from PIL import Image
 
-            from galaxalign_batch.downstream.tiles import cutouts_for_rows, to_rgb8
+            from galaxalign_batch.preprocess.pictures import to_rgb8
 
-            pix = cutouts_for_rows(self.store, [row], self.spec, opener=self.opener).get(row)
+            pix = self.store.cutouts([row], self.spec, opener=self.opener).get(row)
             img = (Image.fromarray(to_rgb8(pix, self.spec.orientation)) if pix is not None
                    else _no_tile_picture(self.spec.out_size))
             buf = io.BytesIO()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.labelling.db import LabelDB, check_classes
-from galaxalign_batch.store import EmbeddingStore, StoreError
+from galaxalign_batch.store import EmbeddingStore, StoreError, open_readable
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,10 @@ def parse_classes(text: str | None) -> list[str] | None:
 
 def open_embedding_store(path: str) -> EmbeddingStore:
     """The store to label: it must exist, be an embedding store and have committed embeddings."""
-    from galaxalign_batch.downstream.common import open_readable
-
     if not os.path.exists(path):
         raise StoreError(f"{path}: no such store")
     store = open_readable(path)
-    if "embedding" not in store.group:
+    if "embedding" not in store:
         raise StoreError(f"{path}: the store has no 'embedding' array (not written by 'galaxalign-batch embed'?)")
     return store
 

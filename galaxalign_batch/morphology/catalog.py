@@ -195,15 +195,13 @@ def _strings(values) -> np.ndarray:
 def jobs_from_store(store, roots: Sequence[str] | None = None, limit: int | None = None,
                     rows: np.ndarray | None = None) -> list[Job]:
     """One :class:`Job` per tile of the store's committed rows (the first ``limit``, or ``rows``)."""
-    from galaxalign_batch.downstream.tiles import TileOpener, survey_roots
-
     n = store.n_rows
     sel = np.arange(n) if rows is None else np.asarray(rows, np.int64)
     if limit is not None:
         sel = sel[: max(int(limit), 0)]
     if not len(sel):
         raise ConfigError(f"{store.path}: no rows to measure")
-    opener = TileOpener(survey_roots(store, roots))
+    opener = store.tile_opener(roots)
     ids = _strings(store.read("object_id", sel))
     tiles = _strings(store.read("tile", sel))
     x, y = store.read("x", sel).astype(np.float64), store.read("y", sel).astype(np.float64)
@@ -328,7 +326,7 @@ def summarize(table: Table, out: str, seconds: float, workers: int) -> Morpholog
 def measure_store(store_path, out, *, roots=None, limit: int | None = None, workers: int = 1,
                   cfg: MorphologyConfig = MorphologyConfig(), psf_fwhm="auto") -> MorphologySummary:
     """Measure the store's rows (the first ``limit``) and write the table to ``out``."""
-    from galaxalign_batch.downstream.common import open_readable
+    from galaxalign_batch.store import open_readable
 
     table_format(out)  # refuse a bad suffix before the work
     t0 = time.perf_counter()

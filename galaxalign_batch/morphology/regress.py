@@ -200,9 +200,7 @@ def fit_head(x: np.ndarray, table: Table, targets=DEFAULT_TARGETS, *, method: st
 
 def predict_store(head: MorphologyHead, store, batch_rows: int = 65536) -> Table:
     """The head's predictions for every committed row of ``store`` (``object_id`` + one column per target)."""
-    from galaxalign_batch.downstream.common import embedding_view
-
-    emb = embedding_view(store)
+    emb = store.embeddings
     parts = []
     for start in range(0, store.n_rows, batch_rows):
         parts.append(head.predict(np.asarray(emb[start:start + batch_rows], np.float32)))

@@ -1,4 +1,4 @@
-"""Re-making cutouts of store rows from their tiles (search picture grids, report thumbnails, head classification).
+"""Re-making cutouts of store rows from their recorded tiles (search grids, report thumbnails, labelling, head classification).
 
 The store keeps no pixels. A row's ``tile`` is its tile's key (docs/store.md): the resolved path of
 a cutout-cube file (opened directly), or a brick's resolved coadd folder ``ROOT/coadd/AAA/BRICK``
@@ -14,13 +14,17 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from galaxalign_batch.errors import GalaxAlignError, TileError
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
-from galaxalign_batch.store import EmbeddingStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from galaxalign_batch.store.embedding_store import EmbeddingStore
+
+__all__ = ["TileOpener", "cutouts_for_rows", "store_spec", "survey_roots", "brick_of_key", "DEFAULT_SURVEY_ROOTS"]
 
 log = logging.getLogger(__name__)
 
@@ -144,33 +148,3 @@ def cutouts_for_rows(store: EmbeddingStore, rows: Iterable[int], spec: CutoutSpe
         for j, i in enumerate(sel):
             out[int(rows[i])] = batch.pixels[j]
     return out
-
-
-def to_rgb8(pixels: np.ndarray, orientation: str = "north-up") -> np.ndarray:
-    """A cutout ``(3, S, S)`` (float in [0, 1] or uint8) as an ``(S, S, 3)`` uint8 picture, north up.
-
-    ``orientation``: the cutout's (``CutoutSpec.orientation`` of the store). North-up cutouts are shown
-    as they are; ``"fits"`` ones (stores written before orientation was recorded: row 0 is the tile's
-    first pixel row, south for Legacy Survey WCS) are flipped vertically, as the viewer shows them.
-    """
-    p = np.asarray(pixels)
-    if p.dtype != np.uint8:
-        p = np.clip(np.nan_to_num(p.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5
-        p = p.astype(np.uint8)
-    p = np.transpose(p, (1, 2, 0))
-    return np.ascontiguousarray(p[::-1] if orientation == "fits" else p)
-
-
-def png_base64(rgb: np.ndarray, scale: int = 1) -> str:
-    """A ``data:image/png;base64,...`` URL of an (H, W, 3) uint8 picture (nearest-neighbour upscaled)."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    img = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -34,6 +34,7 @@ from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.store import io as store_io
 from galaxalign_batch.store import lock as store_lock
 from galaxalign_batch.store import schema
+from galaxalign_batch.store.reading import StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,15 @@ def creation_leftovers(path: str | os.PathLike) -> list[str]:
     return sorted(os.path.join(parent, e) for e in entries if e.startswith(f".{name}{CREATING}"))
 
 
-class EmbeddingStore:
-    """An embedding store on disk. Create with :meth:`create`, open with :meth:`open`."""
+class EmbeddingStore(StoreReader):
+    """An embedding store on disk. Create with :meth:`create`, open with :meth:`open`.
+
+    Read it with :meth:`read`, :meth:`read_embeddings`, :meth:`read_columns`, :meth:`iter_chunks`,
+    :attr:`embeddings`, :meth:`cutouts` (:class:`~galaxalign_batch.store.reading.StoreReader`,
+    docs/store.md "Reading a store"); write derived results with
+    :class:`~galaxalign_batch.store.derived.DerivedWriter`. ``group`` (the Zarr group) is internal
+    to ``galaxalign_batch.store``.
+    """
 
     def __init__(self, group: zarr.Group, path: str, writer: store_io.WriteStore | None = None):
         self.group = group
