@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from galaxalign_batch.errors import ConfigError
+
 log = logging.getLogger("galaxalign_batch")
 
 DEFAULT_SURVEY = "runs/sky"
@@ -15,7 +17,7 @@ DEFAULT_STORE = "runs/sky-embeddings.zarr"
 
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.engine import embed_tiles, resolve_tiles
-    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.survey.bands import parse_bands
 
     tiles_args = args.tiles
     if not tiles_args:
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     bricks = list(args.bricks or [])
     if args.bricks_file:
         bricks += [b.strip() for b in Path(args.bricks_file).read_text().split() if b.strip()]
-    tiles = resolve_tiles(tiles_args, bricks or None)
+    columns = {} if getattr(args, "targets", None) else {k: getattr(args, k, None) for k in ("id_col", "ra_col", "dec_col")}
+    tiles = resolve_tiles(tiles_args, bricks or None, image_columns=columns)
     out = args.out or DEFAULT_STORE
     selection = _selection(args, tiles, out)
     summary = embed_tiles(tiles, model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
@@ -46,10 +49,25 @@ def run(args: argparse.Namespace) -> int:
                           catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
                           force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
-                          log_every=args.log_every, selection=selection)
+                          log_every=args.log_every, image_scale=_image_scale(args), stretch=args.stretch,
+                          bands=parse_bands(args.bands), selection=selection)
     for line in summary.lines() + selection.lines():
         print(line)
     return 0 if summary.ok else 3
+
+
+def _image_scale(args: argparse.Namespace) -> dict | None:
+    from galaxalign_batch.engine.images import scale_record
+
+    if args.pixscale is not None and args.angular_size is not None:
+        raise ConfigError("give --pixscale or --angular-size, not both")
+    for name in ("pixscale", "angular_size"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and v < float("inf")):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    if args.pixscale is None and args.angular_size is None:
+        return None
+    return scale_record(args.pixscale, args.angular_size)
 
 
 def _selection(args: argparse.Namespace, tiles: list, out: str):
@@ -112,6 +130,20 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS",
                    help="when stderr is not a terminal (a batch job's log), log progress (tiles, sources/s, ETA) "
                         "every this many seconds (default 30; 0: never)")
+    inp = p.add_argument_group("what the tiles show (docs/engine.md, 'Inputs')")
+    inp.add_argument("--pixscale", type=float, metavar="ARCSEC",
+                     help="RGB pictures (PNG/JPEG): arcsec per pixel of the files; each is cut to the model's field "
+                          "around its centre (a CSV column pixscale/pxscale gives it per picture)")
+    inp.add_argument("--angular-size", type=float, metavar="ARCSEC",
+                     help="RGB pictures: the arcsec the width of each picture spans. Without --pixscale or "
+                          "--angular-size a picture is taken to show the model's field (resized whole)")
+    inp.add_argument("--stretch", choices=["lupton", "viewer", "asinh", "gz-decals"],
+                     help="the stretch of FITS cutouts (default: the model's CutoutSpec; viewer = lupton, the "
+                          "Legacy Survey viewer's; gz-decals: Galaxy Zoo DECaLS images). Another stretch than a "
+                          "trained checkpoint's is warned about; recorded in the store")
+    inp.add_argument("--bands", metavar="BANDS",
+                     help="bands to read, e.g. griz for DR10 south (default: the model's, g r z). Bands the model "
+                          "has no colour plane for are not read, and the summary says so")
     sel = p.add_argument_group("selection (docs/engine.md, 'Selecting sources')")
     sel.add_argument("--targets", metavar="FILE",
                      help="embed a cutout at each position of this list (CSV, FITS or Parquet) instead of every "

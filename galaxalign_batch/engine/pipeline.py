@@ -73,18 +73,19 @@ class EmbedSummary:
 
 
 def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None,
-                    image_scale: dict | None = None, selection=None):
+                    image_scale: dict | None = None, selection=None, bands=None, model_bands=None):
     """Ray task body: returns (meta, pixels) as two objects, or (failure, None). ``ref`` may be an
     :class:`~galaxalign_batch.engine.images.ImageGroup` (pictures, ``image_scale`` says what they show)."""
     import numba
 
-    from galaxalign_batch.engine.prepare import prepare_tile
+    from galaxalign_batch.engine.prepare import prepare_tile, set_bands
     from galaxalign_batch.preprocess import CutoutSpec
     from galaxalign_batch.survey.tile import set_max_image_pixels
 
     # One tile task per reserved CPU: Numba's threads follow the CPUs Ray gave the task.
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
     set_max_image_pixels(max_image_pixels)  # every task: a worker process serves tasks of several runs
+    set_bands(bands, model_bands)
     try:
         if isinstance(ref, images.ImageGroup):
             return images.prepare_images(ref, CutoutSpec.from_dict(spec_dict), image_scale or {})
@@ -155,7 +156,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
                 max_image_pixels: int | None = None, log_every: float = 30.0,
-                image_scale: dict | None = None, selection=None) -> EmbedSummary:
+                image_scale: dict | None = None, stretch: str | None = None, bands=None, selection=None) -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
 
     Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
@@ -163,7 +164,9 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     takes it anyway). The lock is held until the function returns. A re-run with nothing left to do
     returns before Ray is started or the model is loaded. ``log_every``: seconds between progress log
     lines when stderr is not a terminal (0: none). ``image_scale``: what RGB pictures among ``tiles``
-    show (:func:`~galaxalign_batch.engine.images.scale_record`), recorded in the store. ``selection``: a
+    show (:func:`~galaxalign_batch.engine.images.scale_record`), recorded in the store. ``stretch``: the
+    stretch of the cutouts (default: the model's; another is warned about for a trained checkpoint and
+    recorded); ``bands``: the bands to read (:func:`~galaxalign_batch.survey.bands.choose_bands`). ``selection``: a
     :class:`~galaxalign_batch.engine.selection.Selection` (targets, a cut, kept columns), recorded in the store.
     """
     t_start = time.perf_counter()
@@ -192,6 +195,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             if image_scale is not None and have is not None and have != image_scale:
                 raise ConfigError(f"{out}: its pictures were embedded with image scale {have}, this run says "
                                   f"{image_scale}; give the same --pixscale / --angular-size, or another --out")
+            preflight.check_stretch(out, store, stretch)
             if (summary := _nothing_to_do(tiles, out, store, retry_failed, t_start)) is not None:
                 summary.warnings = warnings
                 return summary
@@ -199,12 +203,15 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             info = describe_model(model)
             if store is not None:
                 store = preflight.open_for_resume(out, info, embedding_dtype)
+        pictures_only = has_pictures and all(isinstance(t, images.ImageRef) for t in tiles)
+        info, run_bands, notes = preflight.run_spec(info, stretch, bands, pictures_only)
+        warnings += notes
         summary = _embed(tiles, model, out, info, store, t_start, batch_size=batch_size, cpu_workers=cpu_workers,
                          cpu_threads=cpu_threads, gpu_workers=gpu_workers, device=device, address=address,
                          catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
                          commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
                          stall_seconds=stall_seconds, max_image_pixels=max_image_pixels, log_every=log_every,
-                         warnings=warnings, image_scale=image_scale, selection=selection)
+                         warnings=warnings, image_scale=image_scale, bands=run_bands, selection=selection)
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
@@ -239,7 +246,7 @@ def _nothing_to_do(tiles: list[TileRef], out: str, store: EmbeddingStore, retry_
 def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
            batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
            commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels, log_every=30.0,
-           warnings=(), image_scale=None, selection=None) -> EmbedSummary:
+           warnings=(), image_scale=None, bands=None, selection=None) -> EmbedSummary:
     import ray
 
     _init_ray(address, cpu_workers)
@@ -271,7 +278,10 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
     timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
     prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
     max_inflight = max_inflight or max(4, 2 * n_cpus)
-    spec = info["cutout_spec"]
+    spec = info["cutout_spec"]  # the run's (--stretch); the replicas describe the model's
+    model_info = {k: v for k, v in info.items() if k != "model_cutout_spec"}
+    model_info["cutout_spec"] = info.get("model_cutout_spec", spec)
+    model_bands = tuple(dict(spec["band_planes"])) if spec["stretch"] != "none" else None
     startup = None
 
     def wait_for_replicas() -> None:
@@ -283,7 +293,7 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
             for a in actors:
                 ray.kill(a)
             raise ConfigError(f"the model replicas could not load {model!r}: {_root_cause(e)}") from None
-        if any(d != info for d in described):
+        if any(d != model_info for d in described):
             raise ConfigError(f"--model {model!r}: the loaded model differs from its description "
                               f"({described[0]['identity']} / {described[0]['cutout_spec']} vs "
                               f"{info['identity']} / {info['cutout_spec']})")
@@ -335,7 +345,8 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
             while queue and len(preparing) + len(embedding) < max_inflight:
                 ref = queue.pop()
                 tile_sel = None if selection is None or isinstance(ref, images.ImageGroup) else selection.for_tile(ref.name)
-                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale, tile_sel)
+                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale, tile_sel,
+                                                   bands=bands, model_bands=model_bands)
                 preparing[meta_ref] = (ref, pix_ref)
             ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1,
                                 timeout=min(stall_seconds, ticker.every) if ticker.active else stall_seconds)
@@ -448,7 +459,8 @@ def _store_attrs(info: dict, warnings=()) -> dict:
     """The attributes of a new store. ``random_weights`` is true for ``--model tiny`` (its embeddings mean
     nothing); ``warnings`` keeps the run's warnings (the same lines as the summary's)."""
     return {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
-            "normalised": True, "random_weights": info["identity"].get("kind") == "tiny", "warnings": list(warnings)}
+            "normalised": True, "random_weights": info["identity"].get("kind") == "tiny", "warnings": list(warnings),
+            **({"model_cutout_spec": info["model_cutout_spec"]} if "model_cutout_spec" in info else {})}
 
 
 def _id_bricks(ids: np.ndarray) -> set[str]:

@@ -93,3 +93,52 @@ def open_for_resume(out: str, info: dict | None, embedding_dtype: str | None = N
         log.info("%s: the store keeps %s embeddings; --dtype %s applies to new stores only", out, have_dtype,
                     embedding_dtype)
     return store
+
+
+STRETCH_ALIASES = {"viewer": "lupton"}
+
+
+def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False) -> tuple[dict, tuple | None, list[str]]:
+    """``(info with the run's cutout spec, bands to read, warnings)`` for ``--stretch`` and ``--bands``.
+
+    ``--stretch`` (lupton = viewer, asinh, gz-decals) replaces the model's stretch. A trained checkpoint
+    records the stretch it saw: another one is a domain shift, warned about in the summary and kept in the
+    store (``model_cutout_spec`` beside ``cutout_spec``). RGB pictures are already stretched: with only
+    pictures ``--stretch`` is ignored with a warning. ``--bands``: :func:`galaxalign_batch.survey.bands.choose_bands`.
+    """
+    import dataclasses
+
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.bands import choose_bands
+
+    spec = CutoutSpec.from_dict(info["cutout_spec"])
+    notes: list[str] = []
+    stretch = STRETCH_ALIASES.get(stretch, stretch) if stretch else None
+    if stretch and pictures_only:
+        notes.append(f"--stretch {stretch} ignored: RGB pictures are already stretched")
+    elif stretch and stretch != spec.stretch:
+        if info["identity"].get("kind") == "checkpoint":
+            notes.append(f"--stretch {stretch}: the model was trained on {spec.stretch} cutouts and sees {stretch} "
+                         "cutouts in this run (a domain shift: its embeddings and classes may be worse)")
+        else:
+            log.info("--stretch %s (the model %s records no trained stretch)", stretch, info["identity"].get("name"))
+        spec = dataclasses.replace(spec, stretch=stretch)
+        info = dict(info, cutout_spec=spec.to_dict(), model_cutout_spec=info["cutout_spec"])
+    chosen, band_notes = choose_bands(spec, bands)
+    for n in band_notes:
+        log.warning("%s", n)
+    return info, chosen, notes + band_notes
+
+
+def check_stretch(out: str, store: EmbeddingStore, stretch: str | None) -> None:
+    """A resumed store keeps one stretch: ``--stretch`` must be what it was made with (and given again when
+    it was not the model's)."""
+    stretch = STRETCH_ALIASES.get(stretch, stretch) if stretch else None
+    used = (store.attrs.get("cutout_spec") or {}).get("stretch")
+    overridden = "model_cutout_spec" in store.attrs
+    if stretch and used and stretch != used:
+        raise ConfigError(f"{out}: its cutouts were made with stretch {used}, not {stretch}: one store keeps one "
+                          "stretch; give the same --stretch, or another --out")
+    if overridden and not stretch:
+        raise ConfigError(f"{out}: its cutouts were made with --stretch {used} (not the model's "
+                          f"{store.attrs['model_cutout_spec'].get('stretch')}); give --stretch {used} again")

@@ -27,11 +27,26 @@ class PreparedTile:
         return len(self.columns["ra"])
 
 
+#: the bands of the run (``embed --bands`` as chosen by survey.bands.choose_bands) and the model's bands;
+#: set per task by the engine (a worker process serves tasks of several runs), like the image-size limit
+_RUN_BANDS: tuple | None = None
+_MODEL_BANDS: tuple | None = None
+
+
+def set_bands(bands=None, model_bands=None) -> None:
+    global _RUN_BANDS, _MODEL_BANDS
+    _RUN_BANDS = tuple(bands) if bands else None
+    _MODEL_BANDS = tuple(model_bands) if model_bands else None
+
+
 def read_tile(ref: TileRef):
-    from galaxalign_batch.survey import open_tile, read_brick
+    from galaxalign_batch.survey import layout, open_tile, read_brick
+    from galaxalign_batch.survey.bands import select_bands
 
     # maskbits are not used by the engine (yet): not decompressing them saves a seventh of the read
-    return read_brick(ref.path, ref.brick, with_maskbits=False) if ref.is_brick else open_tile(ref.path)
+    if ref.is_brick:
+        return read_brick(ref.path, ref.brick, bands=_RUN_BANDS or layout.BANDS, with_maskbits=False)
+    return select_bands(open_tile(ref.path), _RUN_BANDS, _MODEL_BANDS)
 
 
 def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto", selection=None) -> PreparedTile:

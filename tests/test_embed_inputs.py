@@ -1,0 +1,217 @@
+"""embed's inputs: RGB picture sets (folder / CSV), release trees (north/south, product files), --bands,
+--stretch, no silent random weights, and a no-op re-run without Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from galaxalign_batch.engine import resolve_tiles
+from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.survey.images import ImageRef
+
+ENV = dict(os.environ, GALAXALIGN_PROGRESS="0", RAY_AUTH_MODE="disabled")
+CLI = """
+import sys, time
+t = time.perf_counter()
+from galaxalign_batch.cli import main
+rc = main(sys.argv[1:])
+print("rc", rc, "ray-imported", "ray" in sys.modules, "torch-imported", "torch" in sys.modules,
+      "seconds", round(time.perf_counter() - t, 2))
+"""
+
+
+def _cli(*args, timeout=300) -> tuple[str, str, float]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CLI, "--no-progress", "--log-level", "INFO", "embed", *args], env=ENV,
+                       capture_output=True, text=True, timeout=timeout)
+    return r.stdout, r.stderr, time.perf_counter() - t
+
+
+def _png(path, h=64, w=64, seed=0, fmt=None):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    blob = np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (2 * (4 + seed) ** 2))
+    rgb = np.clip(blob[..., None] * [200, 160, 120] + rng.normal(20, 5, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture()
+def pictures(tmp_path):
+    d = tmp_path / "pics"
+    (d / "more").mkdir(parents=True)
+    for i in range(4):
+        _png(d / f"gal{i}.png", seed=i)
+    _png(d / "more" / "gal4.jpg", h=80, w=60, seed=4)
+    good = (d / "gal0.png").read_bytes()
+    (d / "broken.png").write_bytes(good[: len(good) // 3])  # a truncated PNG
+    (d / "legacysurvey-1501p022-image.jpg").write_bytes(good)  # a coadd's JPEG: never a picture of a set
+    (d / "notes.txt").write_text("not a picture")
+    return d
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+def test_picture_folder_and_csv_resolve(pictures, tmp_path):
+    refs = resolve_tiles([str(pictures)])
+    assert all(isinstance(r, ImageRef) for r in refs)
+    assert sorted(r.object_id for r in refs) == ["broken", "gal0", "gal1", "gal2", "gal3", "gal4"]
+    assert {r.name for r in refs} == {os.path.realpath(r.path) for r in refs}
+    csv = tmp_path / "list.csv"
+    csv.write_text("filepath,objid,ra,dec,pxscale\npics/gal0.png,J1,150.5,2.25,0.262\n"
+                   f"{pictures / 'gal1.png'},J2,-10,-5.5,0.5\n")
+    a, b = resolve_tiles([str(csv)])
+    assert (a.object_id, a.ra, a.dec, a.pixscale) == ("J1", 150.5, 2.25, 0.262)
+    assert (b.object_id, b.ra, b.dec, b.name) == ("J2", 350.0, -5.5, str((pictures / "gal1.png").resolve()))
+    # the other engineer's --id-col/--ra-col/--dec-col name the CSV's columns
+    csv2 = tmp_path / "named.csv"
+    csv2.write_text("png,key,alpha,delta\npics/gal2.png,x7,1.0,2.0\n")
+    (c,) = resolve_tiles([str(csv2)], image_columns={"id_col": "key", "ra_col": "alpha", "dec_col": "delta"})
+    assert (c.object_id, c.ra, c.dec) == ("x7", 1.0, 2.0)
+    with pytest.raises(ConfigError, match="no column naming the picture files"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("name,ra,dec\nx,1,2\n")
+        resolve_tiles([str(bad)])
+    # two pictures with one file name would share an object id
+    (tmp_path / "other").mkdir()
+    _png(tmp_path / "other" / "gal0.png")
+    with pytest.raises(ConfigError, match="object id 'gal0'"):
+        resolve_tiles([str(pictures), str(tmp_path / "other")])
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_release_tree_gives_only_image_tiles(tmp_path):
+    """A DR10-like release: north/ (g r z) and south/ (g r i z) with every product a coadd folder holds,
+    catalogues beside them; only -image-<band> bricks become tiles, one per region."""
+    dr = tmp_path / "dr10"
+    products = ["model-{b}", "resid-{b}", "chi2-{b}", "nexp-{b}", "depth-{b}", "galdepth-{b}", "psfsize-{b}",
+                "invvar-{b}", "blobmodel-{b}"]
+    for region, bands in (("north", "grz"), ("south", "griz")):
+        folder = dr / region / "coadd" / "150" / "1501p022"
+        for b in bands:
+            _touch(folder / f"legacysurvey-1501p022-image-{b}.fits.fz")
+            for prod in products:
+                _touch(folder / f"legacysurvey-1501p022-{prod.format(b=b)}.fits.fz")
+        for extra in ("maskbits.fits.fz", "ccds.fits", "image.jpg", "model.jpg", "resid.jpg"):
+            _touch(folder / f"legacysurvey-1501p022-{extra}")
+        _touch(dr / region / "tractor" / "150" / "tractor-1501p022.fits")
+        # a brick folder with products only (no image): not a brick to embed
+        _touch(dr / region / "coadd" / "150" / "1502p022" / "legacysurvey-1502p022-model-r.fits.fz")
+    _touch(dr / "survey-bricks-dr10-south.fits.gz")
+    refs = resolve_tiles([str(dr)])
+    assert [(r.brick, os.path.basename(r.path)) for r in refs] == [("1501p022", "north"), ("1501p022", "south")]
+    # the same, walking one coadd folder as a plain folder: its image files are one brick, products skipped
+    folder = dr / "south" / "coadd" / "150" / "1501p022"
+    (ref,) = resolve_tiles([str(folder)])
+    assert ref.name == str(folder.resolve()) and "-image-" in ref.path
+    # a product file named alone is no tile
+    with pytest.raises(ConfigError, match="no tiles found"):
+        resolve_tiles([str(folder / "legacysurvey-1501p022-chi2-r.fits.fz"), str(dr / "south" / "tractor")])
+    with pytest.raises(ConfigError, match="no such brick"):
+        resolve_tiles([str(dr)], ["1502p022"])
+
+
+def test_bands_choice_for_a_grz_model():
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.bands import choose_bands, parse_bands, select_bands
+    from galaxalign_batch.survey.tile import Tile
+    from galaxalign_batch.survey.layout import brick_by_name, brick_wcs
+
+    spec = CutoutSpec()
+    assert parse_bands("griz") == ("g", "r", "i", "z") and parse_bands("g,r") == ("g", "r")
+    bands, notes = choose_bands(spec, parse_bands("griz"))
+    assert bands == ("g", "r", "z") and len(notes) == 1 and "band(s) i not read" in notes[0]
+    bands, notes = choose_bands(spec, ("r", "z"))
+    assert bands == ("r", "z") and "g not read" in notes[0]
+    with pytest.raises(ConfigError, match="none of them"):
+        choose_bands(spec, ("i", "y"))
+    assert choose_bands(spec, None) == (None, [])
+    img = np.stack([np.full((8, 8), v, np.float32) for v in (1, 2, 3, 4)])
+    tile = Tile("t", "t.fits", "cube", ("g", "r", "i", "z"), img, np.ones_like(img, bool),
+                brick_wcs(brick_by_name("1501p022"), 8))
+    cut = select_bands(tile, None, ("g", "r", "z"))  # a 4-band cube for a 3-plane model: the model's bands
+    assert cut.bands == ("g", "r", "z") and cut.image[:, 0, 0].tolist() == [1, 2, 4]
+    assert select_bands(tile, ("z", "r")).image[:, 0, 0].tolist() == [4, 2]
+
+
+def test_stretch_choice_is_recorded_and_a_trained_one_warned():
+    from galaxalign_batch.engine.preflight import run_spec
+    from galaxalign_batch.preprocess import CutoutSpec
+
+    spec = CutoutSpec().to_dict()
+    ckpt = {"identity": {"kind": "checkpoint", "name": "m", "id": "x"}, "cutout_spec": spec, "dim": 8}
+    info, bands, notes = run_spec(ckpt, "gz-decals", None)
+    assert info["cutout_spec"]["stretch"] == "gz-decals" and info["model_cutout_spec"]["stretch"] == "lupton"
+    assert len(notes) == 1 and "trained on lupton" in notes[0]
+    info, _, notes = run_spec(ckpt, "viewer", None)  # viewer is lupton: the model's own
+    assert notes == [] and "model_cutout_spec" not in info
+    tiny = dict(ckpt, identity={"kind": "tiny", "name": "galaxalign-tiny", "id": "t"})
+    info, _, notes = run_spec(tiny, "asinh", None)
+    assert notes == [] and info["cutout_spec"]["stretch"] == "asinh"
+    _, _, notes = run_spec(ckpt, "asinh", None, pictures_only=True)
+    assert "ignored" in notes[0]
+
+
+def test_embed_without_model_on_tiles_refuses(pictures, tmp_path):
+    out, err, _ = _cli("--tiles", str(pictures), "--out", str(tmp_path / "s.zarr"))
+    assert "rc 1 ray-imported False" in out, (out, err)
+    assert "--model is required with --tiles" in err and "RANDOM weights" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------------------------ with Ray
+
+def test_pictures_embed_skip_a_corrupt_one_resume_and_rerun_without_ray(pictures, tmp_path):
+    pytest.importorskip("ray")
+    from galaxalign_batch.store import open_store
+
+    out = tmp_path / "pics.zarr"
+    args = ("--tiles", str(pictures), "--out", str(out), "--model", "tiny", "--cpu-workers", "2",
+            "--pixscale", "0.262")
+    stdout, err, _ = _cli(*args)
+    assert "rc 3" in stdout, (stdout, err[-3000:])
+    assert "WARNING: --model tiny has RANDOM weights" in stdout
+    assert "tiles: 5 embedded, 0 already done, 1 failed" in stdout
+    assert f"FAILED {pictures.resolve() / 'broken.png'}: " in stdout and "cannot read image" in stdout
+    store = open_store(out)
+    ids = sorted(map(str, store.read("object_id")))
+    assert ids == ["gal0", "gal1", "gal2", "gal3", "gal4"]
+    assert np.isnan(store.read("ra")).all() and (store.read("healpix") == -1).all()
+    assert store.attrs["image_scale"] == {"pixscale": 0.262} and store.attrs["random_weights"] is True
+    assert any("RANDOM" in w for w in store.attrs["warnings"])
+    # 64 px at 0.262"/px is 16.8": a 32" field is mostly outside the picture, and says so
+    mf = store.read("masked_fraction")
+    assert np.allclose(mf[:4], 1 - (64 * 0.262 / 32) ** 2, atol=0.03)
+    emb = store.read("embedding").astype(np.float32)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-2) and len(np.unique(emb.round(3), axis=0)) == 5
+
+    # another scale on resume is refused before Ray
+    stdout, err, _ = _cli(*args[:-1], "0.5")
+    assert "rc 1 ray-imported False" in stdout and "image scale" in err
+
+    # repair the picture: the re-run embeds only it
+    _png(pictures / "broken.png", seed=9)
+    stdout, err, _ = _cli(*args)
+    assert "rc 0" in stdout and "tiles: 1 embedded, 5 already done, 0 failed" in stdout, (stdout, err[-2000:])
+    store = open_store(out)
+    assert sorted(map(str, store.read("object_id"))) == ["broken", "gal0", "gal1", "gal2", "gal3", "gal4"]
+
+    # nothing left: no Ray, no torch, a few seconds (25-47 s with Ray's start-up before)
+    stdout, err, wall = _cli(*args)
+    assert "rc 0 ray-imported False torch-imported False" in stdout, (stdout, err)
+    assert "tiles: 0 embedded, 6 already done" in stdout and "Ray not started" in stdout
+    seconds = float(stdout.split("seconds")[-1])
+    assert seconds < 5.0 and wall < 15.0, (seconds, wall)
+    assert open_store(out).n_rows == 6
