@@ -125,7 +125,7 @@ def test_loading_refuses_non_checkpoints(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"a": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ConfigError, match="without a GalaxAlign description"):
+    with pytest.raises(ConfigError, match="without a GalaxAlign checkpoint description"):
         load_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(ConfigError, match="not found"):
         load_checkpoint(tmp_path / "missing.safetensors")

@@ -121,38 +121,18 @@ class Head:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one safetensors file (weights + JSON metadata) atomically; returns the path."""
-        from safetensors.numpy import save_file
+        from galaxalign_batch.model.files import write_weights
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.tensors.items()}
-        try:
-            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.describe())})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_weights(path, tensors, META_KEY, self.describe())
 
 
 def load_head(path: str | os.PathLike) -> Head:
     """A :class:`Head` from a file written by :meth:`Head.save`."""
-    from safetensors import SafetensorError, safe_open
+    from galaxalign_batch.model.files import read_description, read_weights
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: head file not found")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
-    if META_KEY not in meta:
-        raise ConfigError(f"{path}: a safetensors file without a few-shot head description (not a head file)")
-    info = json.loads(meta[META_KEY])
-    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: unsupported head format {info.get('format')!r} v{info.get('format_version')}")
+    info = read_description(path, META_KEY, FORMAT, FORMAT_VERSION, "head")
+    tensors = read_weights(path, framework="numpy")
     if info.get("kind") not in KINDS or not {"mean", "scale"} <= set(tensors):
         raise ConfigError(f"{path}: incomplete head (kind {info.get('kind')!r}, tensors {sorted(tensors)})")
     return Head(list(info["classes"]), info["kind"], tensors, float(info.get("temperature", 1.0)),

@@ -20,18 +20,18 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.config import build_clip_from_config, tokenizer_for
+from galaxalign_batch.model.files import read_description, read_weights, write_weights
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.model.spec import MODEL_FILE, model_file
 from galaxalign_batch.vocabulary import Vocabulary
 
 FORMAT = "galaxalign-model"
+META_KEY = "galaxalign"  # the header key of the description
 FORMAT_VERSION = 1
 
 STATE_FILE = "train_state.pt"
@@ -64,37 +64,21 @@ def save_model(model: GalaxAlignModel, path: str | os.PathLike) -> Path:
     if model.symbols is not None and model.symbols.user_images is not None:
         state[_USER_IMAGES] = torch.from_numpy(np.ascontiguousarray(model.symbols.user_images))
         state[_USER_LABELS] = torch.from_numpy(np.ascontiguousarray(model.symbols.user_labels))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"galaxalign": json.dumps(info)})
-    os.replace(tmp, path)
+    write_weights(path, state, META_KEY, info)
     model.info = {k: v for k, v in info.items() if k not in ("saved",)}
     return path
 
 
 def read_info(path: str | os.PathLike) -> dict:
     """The JSON description stored in a model file (no weights read)."""
-    from safetensors import safe_open
-
-    path = _model_path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
-    if "galaxalign" not in meta:
-        raise ConfigError(f"{path}: a safetensors file without a GalaxAlign description (not one of our checkpoints)")
-    info = json.loads(meta["galaxalign"])
-    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: unsupported checkpoint format {info.get('format')!r} v{info.get('format_version')}")
-    return info
+    return read_description(_model_path(path), META_KEY, FORMAT, FORMAT_VERSION, "GalaxAlign checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GalaxAlignModel:
     """A :class:`GalaxAlignModel` from a model file (or a checkpoint directory holding ``model.safetensors``)."""
     path = _model_path(path)
     info = read_info(path)
-    state = load_file(str(path), device="cpu")
+    state = read_weights(path)
     user_images = state.pop(_USER_IMAGES, None)
     user_labels = state.pop(_USER_LABELS, None)
     oc = info["open_clip"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -214,47 +213,29 @@ def denoise(head: DenoiseHead, noisy, sigma=None, *, batch_size: int = 32, pixsc
 
 def save_head(head: DenoiseHead, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``head`` (and its frozen encoder's image tower, if any) to a ``.safetensors`` file atomically."""
-    from safetensors.torch import save_file
+    from galaxalign_batch.model.files import write_weights
 
-    path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "code_version": __version__,
             "config": dataclasses.asdict(head.config),
             "encoder": head.encoder.describe() if head.encoder is not None else None,
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return write_weights(path, state, META_KEY, meta)
 
 
 def read_head_info(path: str | os.PathLike) -> dict:
     """The JSON description of a saved head (no weights read)."""
-    from safetensors import SafetensorError, safe_open
+    from galaxalign_batch.model.files import read_description
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: denoising head not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
-    if META_KEY not in meta:
-        raise ConfigError(f"{path}: a safetensors file without a denoising-head description")
-    info = json.loads(meta[META_KEY])
-    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ConfigError(f"{path}: unsupported format {info.get('format')!r} v{info.get('format_version')}")
-    return info
+    return read_description(path, META_KEY, FORMAT, FORMAT_VERSION, "denoising head")
 
 
 def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> DenoiseHead:
     """A :class:`DenoiseHead` (eval mode) from :func:`save_head`'s file."""
-    from safetensors.torch import load_file
+    from galaxalign_batch.model.files import read_weights
 
     info = read_head_info(path)
-    state = load_file(str(path), device="cpu")
+    state = read_weights(path)
     try:
         config = HeadConfig(**info["config"])
     except TypeError as e:

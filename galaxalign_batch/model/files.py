@@ -1,0 +1,81 @@
+"""The project's weight files: one safetensors file holding the tensors and, in its header, a JSON
+description under one key, written atomically.
+
+Model checkpoints (:mod:`galaxalign_batch.model.checkpoint`, key ``galaxalign``), few-shot heads
+(:mod:`galaxalign_batch.fewshot.heads`, ``galaxalign_fewshot_head``) and denoising heads
+(:mod:`galaxalign_batch.restoration.head`) are all this format; each owns its description and this
+module owns the file: atomic replace, the check of the format name and version, and one-line
+errors for a file that is missing, torn or of another kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from galaxalign_batch.errors import ConfigError
+
+__all__ = ["write_weights", "read_description", "read_weights"]
+
+
+def write_weights(path: str | os.PathLike, tensors: Mapping[str, Any], key: str, description: dict) -> Path:
+    """Write ``tensors`` (torch tensors or numpy arrays, not mixed) and ``description`` (JSON-able,
+    stored in the header under ``key``) to ``path`` atomically: a reader sees the old file or the new
+    one, never a part. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if any(type(v).__module__.startswith("torch") for v in tensors.values()):
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+    try:
+        save_file(dict(tensors), str(tmp), metadata={key: json.dumps(description)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_description(path: str | os.PathLike, key: str, fmt: str, max_version: int, what: str) -> dict:
+    """The description stored under ``key`` in ``path``'s header (no tensors read), checked to be of
+    format ``fmt`` at most version ``max_version``; ``what`` names the kind of file in errors."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+    if key not in meta:
+        raise ConfigError(f"{path}: a safetensors file without a {what} description (not a {what} file)")
+    try:
+        info = json.loads(meta[key])
+    except ValueError:
+        raise ConfigError(f"{path}: the {what} description is not JSON") from None
+    if not isinstance(info, dict) or info.get("format") != fmt or int(info.get("format_version", 0)) > max_version:
+        got = info.get("format") if isinstance(info, dict) else None
+        version = info.get("format_version") if isinstance(info, dict) else None
+        raise ConfigError(f"{path}: unsupported {what} format {got!r} v{version}")
+    return info
+
+
+def read_weights(path: str | os.PathLike, framework: str = "pt") -> dict:
+    """Every tensor of ``path``: torch tensors on the CPU (``framework="pt"``) or numpy arrays."""
+    from safetensors import SafetensorError
+
+    try:
+        if framework == "pt":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the weights ({' '.join(str(e).split())})") from None
