@@ -16,7 +16,7 @@ examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.downstream.common import parse_angle_arcsec
+    from galaxalign_batch.sky import parse_angle_arcsec
     from galaxalign_batch.downstream.join import join_catalog
 
     radius = None if args.on is not None else parse_angle_arcsec(args.radius or "1arcsec", "--radius")

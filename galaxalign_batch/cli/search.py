@@ -18,7 +18,7 @@ examples:
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.downstream.common import parse_angle_arcsec
+    from galaxalign_batch.sky import parse_angle_arcsec
     from galaxalign_batch.store import open_readable
     from galaxalign_batch.downstream.search import plot_grid, run_query, search_store
 

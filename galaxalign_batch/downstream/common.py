@@ -1,7 +1,7 @@
-"""What the downstream commands share: their errors, a store's classification, angles on the sky.
+"""What the downstream commands share: their errors and a store's classification.
 
 Reading a store (``open_readable``, the embeddings view, chunking) and ``ModelMismatchError`` are
-:mod:`galaxalign_batch.store`'s.
+:mod:`galaxalign_batch.store`'s; positions and angles on the sky :mod:`galaxalign_batch.sky`'s.
 """
 
 from __future__ import annotations
@@ -56,42 +56,3 @@ def classification_of(store: EmbeddingStore, *, warn: bool = True) -> Classifica
         return None
     return Classification(list(meta["classes"]), list(meta.get("labels", meta["classes"])), str(meta["method"]),
                           dict(meta.get("model", {})), int(meta["rows"]))
-
-
-def parse_angle_arcsec(text: str | float, what: str = "radius") -> float:
-    """An angle such as ``1arcsec``, ``0.5 arcmin``, ``2e-4 deg`` or a bare number (arcsec) -> arcsec."""
-    import astropy.units as u
-
-    from galaxalign_batch.errors import ConfigError
-
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        s = str(text).strip()
-        try:
-            value = float(s)
-        except ValueError:
-            try:
-                q = u.Quantity(s)
-                value = float(q.to_value(u.arcsec))
-            except (TypeError, ValueError, u.UnitsError):
-                raise ConfigError(f"{what} {text!r}: expected an angle such as 1arcsec, 0.5arcmin or 0.001deg") from None
-    if not np.isfinite(value) or value <= 0:
-        raise ConfigError(f"{what} must be a positive angle, got {text!r}")
-    return value
-
-
-def radec_to_xyz(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
-    """Unit vectors (N, 3) of ICRS positions in degrees."""
-    ra = np.radians(np.asarray(ra_deg, dtype=np.float64))
-    dec = np.radians(np.asarray(dec_deg, dtype=np.float64))
-    cd = np.cos(dec)
-    return np.stack([cd * np.cos(ra), cd * np.sin(ra), np.sin(dec)], axis=-1)
-
-
-def chord_from_arcsec(arcsec: float | np.ndarray) -> np.ndarray | float:
-    return 2.0 * np.sin(np.radians(np.asarray(arcsec, dtype=np.float64) / 3600.0) / 2.0)
-
-
-def arcsec_from_chord(chord: np.ndarray | float) -> np.ndarray | float:
-    return np.degrees(2.0 * np.arcsin(np.clip(np.asarray(chord, dtype=np.float64) / 2.0, 0.0, 1.0))) * 3600.0

@@ -35,9 +35,9 @@ import numpy as np
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import catalog_positions, read_catalog
-from galaxalign_batch.downstream.common import (CatalogError, arcsec_from_chord, chord_from_arcsec, classification_of,
-                                                radec_to_xyz)
+from galaxalign_batch.downstream.common import CatalogError, classification_of
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.sky import arcsec_from_chord, chord_from_arcsec, radec_to_xyz
 from galaxalign_batch.store import EmbeddingStore, open_readable, open_store, schema
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from galaxalign_batch import progress
-from galaxalign_batch.downstream.common import QueryError, arcsec_from_chord, classification_of, radec_to_xyz
+from galaxalign_batch.downstream.common import QueryError, classification_of
 from galaxalign_batch.downstream.index import APPROX_THRESHOLD, KINDS, get_index
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.sky import arcsec_from_chord, radec_to_xyz
 from galaxalign_batch.store import EmbeddingStore, schema
 
 log = logging.getLogger(__name__)
