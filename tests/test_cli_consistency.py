@@ -13,8 +13,9 @@ from galaxalign_batch.cli import SUBCOMMANDS, _options, build_parser, main
 # Options built by galaxalign_batch.cli._options; their dest names.
 SHARED = ["store", "tiles", "bricks", "survey", "sources", "device", "seed", "stretch", "force", "force_unlock",
           "batch_rows", "threads", "resume", "no_resume", "angular_size"]
-# Documented differences (docs/cli.md): simulate --bricks N is how many bricks to make.
-EXCEPTIONS = {("simulate", "bricks")}
+# Documented differences (docs/cli.md): simulate --bricks N is how many bricks to make; embed --stretch
+# defaults to the model's own stretch, and embed --angular-size is what an RGB picture spans (no default).
+EXCEPTIONS = {("simulate", "bricks"), ("embed", "stretch"), ("embed", "angular_size")}
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

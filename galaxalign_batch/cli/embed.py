@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from galaxalign_batch.cli import _options
 from galaxalign_batch.errors import ConfigError
 
 log = logging.getLogger("galaxalign_batch")
@@ -89,10 +90,10 @@ def register(sub) -> None:
                     "a time (a lock beside it, STORE.lock); the model, --catalog, --out and the lock are checked "
                     "before Ray starts. Exit code 0 when every tile is in the store, 3 when some failed (listed) "
                     "or were lost to a worker failure, 1 for an error before or during the run.")
-    p.add_argument("--tiles", nargs="*", metavar="PATH",
-                   help="tile files, directories, globs, @list.txt, or a Legacy Survey root (folder with coadd/); "
-                        f"default: the simulated survey in {DEFAULT_SURVEY} (made on first use)")
-    p.add_argument("--bricks", nargs="*", metavar="NAME", help="only these bricks of a survey root")
+    _options.add_tiles(p, help="tile files, folders, globs, @list.txt, a Legacy Survey root (folder with coadd/) or "
+                               "release (folder with north/ and south/ roots), PNG/JPEG pictures or a CSV listing "
+                               f"them; default: the simulated survey in {DEFAULT_SURVEY} (made on first use)")
+    _options.add_bricks(p)
     p.add_argument("--bricks-file", metavar="FILE", help="file of brick names (whitespace separated)")
     p.add_argument("--model", default=None,
                    help="a checkpoint of ours (.pt/.safetensors), an open_clip spec NAME:TAG or NAME:/path/weights, "
@@ -137,9 +138,8 @@ def register(sub) -> None:
     inp.add_argument("--angular-size", type=float, metavar="ARCSEC",
                      help="RGB pictures: the arcsec the width of each picture spans. Without --pixscale or "
                           "--angular-size a picture is taken to show the model's field (resized whole)")
-    inp.add_argument("--stretch", choices=["lupton", "viewer", "asinh", "gz-decals"],
-                     help="the stretch of FITS cutouts (default: the model's CutoutSpec; viewer = lupton, the "
-                          "Legacy Survey viewer's; gz-decals: Galaxy Zoo DECaLS images). Another stretch than a "
+    _options.add_stretch(inp, default=None, help="the stretch of FITS cutouts (default: the model's CutoutSpec): lupton (the Legacy Survey "
+                          "viewer's), asinh, or gz-decals (Galaxy Zoo DECaLS images). Another stretch than a "
                           "trained checkpoint's is warned about; recorded in the store")
     inp.add_argument("--bands", metavar="BANDS",
                      help="bands to read, e.g. griz for DR10 south (default: the model's, g r z). Bands the model "
