@@ -1,5 +1,11 @@
 """Benchmark `embed` end to end: simulated compressed bricks -> Zarr store, with the tiny model.
 
+DataLoader: what a peer tool does (Zoobot's catalogue prediction): a torch DataLoader whose worker
+processes (one per core) read and cut the same bricks with the project's reader and cutouts, batching
+the sources (64) into the same model in the main process (torch's default threads).
+Ceilings, measured in the same run: the model alone on every core (1 thread each, batch 64, cutouts
+already made), and all of the engine's work (read + cut + model) on every core.
+
 Engine: ``galaxalign_batch.engine.embed_tiles`` on a local Ray instance with 1 and 2 CPUs (Ray's
 start-up is reported separately, not timed: a cluster is started once per job). Baseline, same
 sources, same model, one process: fitsio reads, astropy ``Cutout2D`` per source and band, the
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from preprocess import baseline_brick, cpu_model, make_data  # noqa: E402  (bench/preprocess.py)
@@ -86,13 +93,65 @@ def engine_work(root: Path, enc) -> dict:
             "ms_per_source": {k: 1e3 * v / max(n, 1) for k, v in t.items()}}
 
 
+class BrickSources(torch.utils.data.IterableDataset):
+    """What a peer tool's catalogue prediction does (Zoobot's ``predict_on_catalog``: a torch Dataset of
+    galaxies, DataLoader worker processes load and transform them, the main process batches them into the
+    model): an IterableDataset over the bricks, each worker reading and cutting its share of bricks with
+    the project's own reader and Numba cutouts (`prepare_tile`, the engine's task) and yielding one
+    cutout per source; the DataLoader collates batches of 64 and the main process runs the model."""
+
+    def __init__(self, refs, spec):
+        self.refs, self.spec = list(refs), spec
+
+    def __iter__(self):
+        from galaxalign_batch.engine.prepare import prepare_tile
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.refs[info.id::info.num_workers] if info is not None else self.refs
+        for ref in mine:
+            p = prepare_tile(ref, self.spec)
+            for i in range(p.n):
+                yield torch.from_numpy(np.ascontiguousarray(p.pixels[i]))
+
+
+def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dict:
+    """The DataLoader pipeline (see :class:`BrickSources`): ``workers`` loader processes, the model in the
+    main process on torch's default threads (one per core), one Zarr write at the end. ``seconds`` from
+    creating the loader to the write; ``steady`` from the first batch."""
+    import torch
+    import zarr
+
+    from galaxalign_batch.engine import resolve_tiles
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    refs = resolve_tiles([str(root)])
+    t0 = time.perf_counter()
+    # spawn: Numba's OpenMP layer in this process makes fork() unsafe (GNU OpenMP terminates the child)
+    loader = torch.utils.data.DataLoader(BrickSources(refs, enc.spec), batch_size=batch, num_workers=workers,
+                                         prefetch_factor=4, multiprocessing_context="spawn")
+    embs, n, t_first, model_s = [], 0, None, 0.0
+    for x in loader:
+        t_first = t_first or time.perf_counter()
+        t1 = time.perf_counter()
+        embs.append(enc.encode(x.numpy(), batch_size=batch))
+        model_s += time.perf_counter() - t1
+        n += len(x)
+    g = zarr.open_group(out, mode="w")
+    g.create_array("embedding", data=np.concatenate(embs).astype(np.float16))
+    t_end = time.perf_counter()
+    torch.set_num_threads(1)
+    return {"sources": n, "seconds": t_end - t0, "first_batch_s": t_first - t0,
+            "steady_sources_per_s": n / (t_end - t_first), "timings": {"model (main process)": model_s},
+            "workers": workers}
+
+
 def engine(root: Path, cpus: int, out: Path) -> dict:
     import ray
 
     from galaxalign_batch.engine import embed_tiles, resolve_tiles
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     startup = time.perf_counter() - t0
     try:
         s = embed_tiles(resolve_tiles([str(root)]), "tiny", out)
@@ -227,29 +286,44 @@ def main(argv=None) -> int:
         enc = load_encoder("tiny")
         base = baseline(args.data, bricks, enc, work / "baseline.zarr")
         own = engine_work(args.data, enc)
-        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr") for c in (1, 2)}
+        cores = os.cpu_count() or 1
+        loader = dataloader(args.data, enc, cores, work / "dataloader.zarr")
+        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr") for c in sorted({1, cores})}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = lambda r: r["sources"] / r["seconds"]  # noqa: E731
     print(f"data: {source}; {len(bricks)} bricks; CPU: {cpu_model()} x {os.cpu_count()}")
     print(f"{'path':<16}{'sources':>9}{'seconds':>9}{'sources/s':>11}{'vs baseline':>13}  time split (s)")
-    for name, r in [("baseline", base), *runs.items()]:
+    for name, r in [("baseline", base), ("dataloader", loader), *runs.items()]:
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
         print(f"{name:<16}{r['sources']:>9}{r['seconds']:>9.1f}{rate(r):>11.1f}{rate(r) / rate(base):>12.1f}x  {split}")
     ms = own["ms_per_source"]
     print(f"engine work per source on one core (sequential): read {ms['read']:.2f} ms, preprocess "
           f"{ms['preprocess']:.2f} ms, model {ms['model']:.2f} ms (batch 64); baseline: "
           f"{1e3 * base['seconds'] / base['sources']:.2f} ms")
-    for c in (1, 2):
+    for c in sorted({1, cores}):
         ceiling = base["seconds"] / (own["seconds"] / c)
         print(f"ceiling with {c} core(s), no start-up, perfect overlap: {ceiling:.1f}x baseline")
+    model_ceiling = cores * 1e3 / ms["model"]  # the model alone on every core, 1 thread each, batch 64
+    work_ceiling = cores * 1e3 / sum(ms.values())  # read + cut + model, every core busy
+    print(f"model-only ceiling ({cores} cores x 1 thread, batch 64, no reading or cutting): {model_ceiling:.1f} "
+          f"sources/s; all of the engine's work on {cores} cores: {work_ceiling:.1f} sources/s")
+    best = runs[f"engine_{cores}cpu"]
+    print(f"DataLoader ({loader['workers']} workers + model in the main process): {rate(loader):.1f} sources/s overall, "
+          f"{loader['steady_sources_per_s']:.1f} after its first batch ({loader['first_batch_s']:.1f} s)")
+    print(f"engine ({cores} CPUs) vs DataLoader: overall {rate(best) / rate(loader):.2f}x, steady "
+          f"{best['steady_sources_per_s'] / loader['steady_sources_per_s']:.2f}x (target >= 1.5x); steady vs "
+          f"model-only ceiling {best['steady_sources_per_s'] / model_ceiling:.0%} (target >= 90%), vs the work "
+          f"ceiling {best['steady_sources_per_s'] / work_ceiling:.0%}")
     for name, r in runs.items():
         print(f"{name}: Ray start-up {r['ray_startup_s']:.1f} s (not timed); model replicas ready after "
               f"{r['model_startup_s']:.1f} s (timed); after that {r['steady_sources_per_s']:.1f} sources/s "
               f"({r['steady_sources_per_s'] / rate(base):.1f}x baseline); task times are summed over workers")
     if args.json:
         Path(args.json).write_text(json.dumps({"data": source, "cpu": cpu_model(), "cores": os.cpu_count(),
-                                               "baseline": base, "engine_work_sequential": own, **runs},
+                                               "baseline": base, "engine_work_sequential": own, "dataloader": loader,
+                                               "model_only_ceiling_sources_per_s": model_ceiling,
+                                               "work_ceiling_sources_per_s": work_ceiling, **runs},
                                               indent=2))
     return 0
 

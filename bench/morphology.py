@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     # with --data, a finished store of the same model is reused (embed resumes and finds every tile done)
     store_path = work / (f"store-{Path(args.checkpoint).stem}.zarr" if args.checkpoint else "store-tiny.zarr")
     t0 = time.perf_counter()
-    ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)
     try:
         summary = embed_tiles(resolve_tiles([str(root)]), model, store_path, batch_size=64)

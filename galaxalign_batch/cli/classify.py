@@ -23,11 +23,9 @@ def run(args: argparse.Namespace) -> int:
     store = open_readable(args.store)
     if not args.model:
         raise missing_model_error(store)
-    device = args.device
-    if device == "auto":
-        import torch
+    from galaxalign_batch.model.inputs import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(args.device))
     with locked(args.store, args.force_unlock):  # one writer per store: refuse before loading the model
         scorer = scorer_from_checkpoint(args.model, store, args.method, device=device, roots=args.survey)
         summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force)

@@ -13,7 +13,7 @@ log = logging.getLogger("galaxalign_batch")
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.cli._options import UsageError
     from galaxalign_batch.model.evaluate import evaluate_checkpoints
-    from galaxalign_batch.model.train import resolve_device
+    from galaxalign_batch.model.inputs import resolve_device
 
     if args.names and len(args.names) != len(args.checkpoints):
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints")

@@ -211,13 +211,14 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise QueryError(f"{path}: not an image ({' '.join(str(e).split())})") from None
     import torch
-    import torch.nn.functional as F
 
     rows = rgb[::-1] if spec.orientation == "fits" else rgb
     x = torch.from_numpy(np.ascontiguousarray(rows)).permute(2, 0, 1)[None].float() / 255.0
     s = spec.out_size
     if x.shape[-2:] != (s, s):
-        x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        from galaxalign_batch.model.inputs import resize_images
+
+        x = resize_images(x, s).clamp(0, 1)
     return x[0].numpy()
 
 

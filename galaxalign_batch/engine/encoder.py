@@ -159,6 +159,8 @@ def _from_open_clip(model: ModelSpec, device: str) -> Encoder:
     import torch
     import torch.nn.functional as F
 
+    from galaxalign_batch.model.inputs import prepare_images
+
     from galaxalign_batch.model.config import create_clip
 
     if model.kind == "tiny":
@@ -170,9 +172,7 @@ def _from_open_clip(model: ModelSpec, device: str) -> Encoder:
     std = torch.tensor(pre["std"], device=device).view(1, 3, 1, 1)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return F.normalize(clip.encode_image((x - mean) / std), dim=-1)
+        return F.normalize(clip.encode_image(prepare_images(x, size, mean, std)), dim=-1)
 
     return Encoder(spec_identity(model), CutoutSpec(out_size=size), int(cfg["embed_dim"]),
                    None, encode, device)

@@ -106,8 +106,9 @@ class _EncoderActor:
 
         from galaxalign_batch.engine.encoder import load_encoder
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from galaxalign_batch.model.inputs import resolve_device
+
+        device = str(resolve_device(device))
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.encoder = load_encoder(model, device=device)
@@ -139,15 +140,9 @@ def cpu_pool(n_cpus: int, threads: int | None = None) -> tuple[int, int]:
 
 
 def _init_ray(address: str | None, cpus: int | None) -> None:
-    import ray
+    from galaxalign_batch.cluster import init_ray
 
-    if ray.is_initialized():
-        return
-    kw = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=cpus or os.cpu_count(), **kw)
+    init_ray(address, cpus, log_to_driver=False)
 
 
 def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, batch_size: int | None = None,

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model.inputs import resize_images
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
 from galaxalign_batch.progress import bar
 from galaxalign_batch.survey.layout import BANDS, PIXSCALE
@@ -229,8 +229,7 @@ def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
     if x.shape[-1] == 3 and x.shape[1] != 3:
         x = x.permute(0, 3, 1, 2)
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255)
+        x = resize_images(x.float(), size).round().clamp(0, 255)
     return x.to(torch.uint8).numpy()
 
 

@@ -87,15 +87,12 @@ class GalaxAlignModel(nn.Module):
     # ------------------------------------------------------------------ differentiable parts
     def prepare_images(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """RGB (N,3,S,S) in [0,1] (or uint8) -> normalised model input on the model's device."""
+        from galaxalign_batch.model.inputs import prepare_images
+
         x = torch.as_tensor(pixels)
         if x.ndim != 4 or x.shape[1] != 3:
             raise ConfigError(f"images must be (N, 3, S, S), got shape {tuple(x.shape)}")
-        x = x.to(self.device, non_blocking=True)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return (x - self._mean) / self._std
+        return prepare_images(x.to(self.device, non_blocking=True), self.image_size, self._mean, self._std)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)

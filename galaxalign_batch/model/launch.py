@@ -137,7 +137,6 @@ def absolute_paths(cfg_dict: dict) -> dict:
 
 def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: float = 1.0) -> dict:
     """Run ``cfg`` (a TrainConfig) on ``cfg.workers`` Ray Train workers (starting a local Ray instance if none is running)."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -149,13 +148,9 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
     out = Path(worker_cfg["out"])
     if cfg.resume == "no" and (out / "checkpoints").exists():  # workers resume from what they find there
         shutil.rmtree(out / "checkpoints")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:  # a cluster the user points at
-            ray.init(address=address)
-        else:  # a private local instance, never someone else's cluster found on this machine
-            ray.init(address="local", num_cpus=max(int(cfg.workers * cpus_per_worker), os.cpu_count() or 1),
-                     include_dashboard=False)
+    from galaxalign_batch.cluster import init_ray
+
+    init_ray(num_cpus=max(int(cfg.workers * cpus_per_worker), os.cpu_count() or 1))
     resume_dir = None
     if cfg.resume != "no":
         resume_dir = newest_complete_checkpoint(out / "checkpoints")

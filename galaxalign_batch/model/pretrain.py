@@ -257,7 +257,8 @@ def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``."""
     from galaxalign_batch.engine.tiles import resolve_tiles
-    from galaxalign_batch.model.train import _param_groups, _schedule, resolve_device
+    from galaxalign_batch.model.inputs import resolve_device
+    from galaxalign_batch.model.train import _param_groups, _schedule
     from galaxalign_batch.ops import trimodal_contrastive_loss
 
     out = Path(cfg.out)

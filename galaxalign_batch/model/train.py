@@ -41,6 +41,7 @@ from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
 from galaxalign_batch.model.data import ImageSet, load_dataset
 from galaxalign_batch.model.distributed import MicroBatch, broadcast_parameters, step_gradients
 from galaxalign_batch.model.evaluate import quick_accuracy
+from galaxalign_batch.model.inputs import resolve_device  # noqa: F401  (re-exported: pretrain, evaluate)
 from galaxalign_batch.model.galaxalign import MODES, GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.preprocess import CutoutSpec
@@ -215,14 +216,6 @@ class RunContext:
 
 
 # ---------------------------------------------------------------------------------------------- building
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
 
 def build_model(cfg: TrainConfig) -> GalaxAlignModel:
     """A fresh GalaxAlign model from ``cfg.model`` (:func:`galaxalign_batch.model.spec.parse_model_spec`):

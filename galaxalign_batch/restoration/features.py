@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model.inputs import prepare_images
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
 from galaxalign_batch.survey.layout import BANDS
 
@@ -102,11 +103,7 @@ class FoundationEncoder(nn.Module):
         try:
             for i in range(0, len(rgb), batch_size):
                 x = rgb[i:i + batch_size].to(device)
-                size = self.preprocess["size"]
-                if x.shape[-1] != size:
-                    x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                  align_corners=False)
-                _, tok = self.visual((x - self._mean) / self._std)
+                _, tok = self.visual(prepare_images(x, self.preprocess["size"], self._mean, self._std))
                 g = int(round(tok.shape[1] ** 0.5))
                 outs.append(tok.float().transpose(1, 2).reshape(len(x), tok.shape[2], g, g))
         finally:
