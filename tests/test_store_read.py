@@ -276,3 +276,18 @@ def test_a_kill_at_every_write_shows_the_old_result_or_none_and_the_rerun_finish
             assert _same(_visible(store_path, dest), new), f"re-run after a kill at write {k}"
             assert not (store_path / "_t_partial").exists()
         assert seen >= {1, "none"}
+
+
+def test_nothing_outside_the_store_package_touches_zarr():
+    """store/ owns the Zarr group: other packages read through the store's API (docs/store.md)."""
+    import re
+    from pathlib import Path
+
+    import galaxalign_batch
+
+    root = Path(galaxalign_batch.__file__).parent
+    bad = re.compile(r"^\s*(import zarr|from zarr)|\b(store|st|s)\.group\b|\bzarr\.open")
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+             for p in sorted(root.rglob("*.py")) if p.parent.name != "store" or p.parent.parent != root
+             for i, line in enumerate(p.read_text().splitlines(), 1) if bad.search(line)]
+    assert found == []
