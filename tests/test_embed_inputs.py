@@ -215,3 +215,31 @@ def test_pictures_embed_skip_a_corrupt_one_resume_and_rerun_without_ray(pictures
     seconds = float(stdout.split("seconds")[-1])
     assert seconds < 5.0 and wall < 15.0, (seconds, wall)
     assert open_store(out).n_rows == 6
+
+
+def test_dr10_release_with_griz_reads_the_model_bands(tmp_path):
+    """A simulated release: south in g r i z, north in g r z. --bands griz for a g r z model reads g r z
+    in both regions (i named as not read), and the tiles cut into model input."""
+    from galaxalign_batch.engine.prepare import prepare_tile, read_tile, set_bands
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.simulate import simulate_survey
+    from galaxalign_batch.survey.bands import choose_bands
+
+    simulate_survey(tmp_path / "dr10" / "south", bricks=1, size=160, bands=("g", "r", "i", "z"), no_coverage=0,
+                    density=4000, stars=20)
+    simulate_survey(tmp_path / "dr10" / "north", bricks=1, size=160, no_coverage=0, density=4000, stars=20)
+    refs = resolve_tiles([str(tmp_path / "dr10")])
+    assert [os.path.basename(r.path) for r in refs] == ["north", "south"]
+    spec = CutoutSpec()
+    bands, notes = choose_bands(spec, ("g", "r", "i", "z"))
+    assert bands == ("g", "r", "z") and "i not read" in notes[0]
+    try:
+        set_bands(("r", "i"), ("g", "r", "z"))  # as a task is told: the south brick's r and i are read
+        assert read_tile(refs[1]).bands == ("r", "i")
+        set_bands(bands, ("g", "r", "z"))
+        for ref in refs:
+            assert read_tile(ref).bands == ("g", "r", "z")
+            p = prepare_tile(ref, spec)
+            assert p.n > 0 and p.pixels.shape[1:] == (3, spec.out_size, spec.out_size)
+    finally:
+        set_bands(None, None)
