@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (see README):
 #   make demo   set up .venv and run the main job on the embedded default (simulated survey)
-#   make test   set up .venv and run the tests
+#   make test-all  set up .venv, lint (ruff) and run every test (CI: .ci/run)
+#   make test      the fast tier: every test not marked slow
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.galaxalign-installed
 SOURCES := pyproject.toml CMakeLists.txt $(wildcard csrc/*) $(wildcard kernels/*)
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +36,14 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: no chromium and no root apt-get: the browser test will skip (install chromium to run it)"; fi; }
 
-test: setup browser
-	$(PY) -m pytest -q
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check galaxalign_batch tests bench
+
+test-all: setup browser lint
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) bench/preprocess.py

@@ -1,7 +1,7 @@
 """Fused loss per CPU instruction-set level against MKL sgemm, in process CPU time (one thread):
     GALAXALIGN_CPU_ISA=v3 python bench/isa_levels.py; GALAXALIGN_CPU_ISA=v4 python bench/isa_levels.py
 """
-import os, time, torch, torch.nn.functional as F
+import time, torch, torch.nn.functional as F
 from galaxalign_batch import _core
 from galaxalign_batch.ops import trimodal_contrastive_loss as L
 torch.set_num_threads(1)

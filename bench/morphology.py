@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ray.init(address="local", num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)
     try:
-        summary = embed_tiles(resolve_tiles([str(root)]), model, store_path, batch_size=64)
+        embed_tiles(resolve_tiles([str(root)]), model, store_path, batch_size=64)
     finally:
         ray.shutdown()
     out["timings_s"]["embed"] = time.perf_counter() - t0

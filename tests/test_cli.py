@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from galaxalign_batch.cli import SUBCOMMANDS, build_parser, main
+from galaxalign_batch.cli import SUBCOMMANDS, main
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -97,7 +97,6 @@ def test_two_node_cluster_survives_a_killed_worker_node(many_tiles, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     addr = f"127.0.0.1:{port}"
-    tmp = tmp_path / "ray"
     env = dict(ENV)
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                     "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,

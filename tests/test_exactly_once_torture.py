@@ -21,9 +21,12 @@ import time
 import zlib
 
 import numpy as np
+import pytest
 
 from galaxalign_batch.store import open_store
 from galaxalign_batch.store.verify import verify_store
+
+pytestmark = pytest.mark.slow  # 50 kills of a committing process: minutes on 2 cores
 
 KILLS = 50
 DEADLINE_S = 420

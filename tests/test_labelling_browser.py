@@ -24,7 +24,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Pyt
                                "(pip install playwright; the browser is the system chromium)")
 CHROMIUM = next((p for p in (os.environ.get("GALAXALIGN_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
                              shutil.which("chromium-browser")) if p and os.path.exists(p)), None)
-pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no chromium found (apt-get install chromium; or set "
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no chromium found (apt-get install chromium; or set "
                                  "GALAXALIGN_CHROMIUM)"), pytest.mark.usefixtures("torch_one_thread")]
 
 CLASSES = ["ring", "not-ring", "other"]

@@ -87,6 +87,7 @@ def tiny_sky(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # pretrain, resume, train, embed with Ray and classify: over a minute on 2 cores
 def test_pretrain_runs_resumes_and_loads_in_train_embed_classify(tiny_sky, tmp_path, caplog):
     sky, out = tiny_sky / "sky", tmp_path / "foundation"
     args = ["--no-progress", "pretrain", "--tiles", str(sky), "--out", str(out), "--batch-size", "8",
@@ -160,6 +161,7 @@ def test_shipped_foundation_expands():
     assert m.info["pretraining"]["global_step"] > 0 and FOUNDATION.stat().st_size < 5e6
 
 
+@pytest.mark.slow  # two short fine-tuning runs: ~80 s on 2 cores
 @pytest.mark.skipif(not FOUNDATION.is_file(), reason="the shipped foundation is not in this checkout")
 def test_fine_tuning_from_the_foundation_beats_random_weights(tmp_path):
     """Regression guard: the same short image-text run (align 2 epochs + 4 epochs, batch 16, seed 0, on

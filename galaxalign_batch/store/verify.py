@@ -144,7 +144,7 @@ def _check_array(store: EmbeddingStore, name: str, n: int, report: VerifyReport)
                     break
         try:
             arr[s0:s1]
-        except Exception as e:
+        except Exception:
             bad = None
             for c0 in range(s0, s1, chunk):
                 try:
