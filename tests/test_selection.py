@@ -250,7 +250,7 @@ def test_section_reads_give_the_whole_bricks_cutouts_bit_for_bit(damaged_brick):
 def test_coverage_rule_needs_the_margin(damaged_brick):
     """The margin is needed: with none, the coverage rule sees a cut zero region as small (the test can fail)."""
     from galaxalign_batch.survey import layout, read_brick
-    from galaxalign_batch.survey.sections import coverage_section, rectangles
+    from galaxalign_batch.survey.sections import components, coverage_section, needed_tiles
 
     whole = read_brick(root := damaged_brick, A, with_maskbits=False)
     import fitsio
@@ -263,7 +263,12 @@ def test_coverage_rule_needs_the_margin(damaged_brick):
         rect = (404, 405, 276, 300)  # only 4 zeros of it left: judged valid here, invalid in the whole brick
         _, ok = coverage_section(f[1][rect[0]:rect[1], rect[2]:rect[3]], g[1][rect[0]:rect[1], rect[2]:rect[3]])
         assert ok[0, :4].all() and not whole.valid[1, 404, 276:280].any()
-    assert rectangles(np.array([250.0]), np.array([404.0]), 10, (1000, 1000), (100, 100)) == [(300, 500, 200, 300)]
+    tiles = needed_tiles(np.array([250.0, 460.0, 930.0]), np.array([404.0, 404.0, 990.0]), 10, (1000, 1000),
+                         (100, 100))
+    assert tiles == {(3, 2), (4, 2), (3, 4), (4, 4), (9, 9)}  # window 250 +- 26 px: rows 378..430, columns 224..276
+    comps = components(tiles | {(4, 3)}, (1000, 1000), (100, 100))
+    assert [c.runs for c in comps] == [[(300, 400, 200, 300), (300, 400, 400, 500), (400, 500, 200, 500)],
+                                       [(900, 1000, 900, 1000)]]
 
 
 # --- the engine -------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ list or a cut asks for a few dozen sources. :func:`read_brick_sections` instead
 1. reads the headers only (WCS, shape, the ``ZTILE1/ZTILE2`` tile size; bands checked to share one
    grid as in :func:`~galaxalign_batch.survey.bricks.read_brick_files`);
 2. puts, around every source, the window its cutout can read (the kernel's reach for the spec and the
-   pixel scale) plus a margin of :data:`MARGIN` px, expands it to whole compression tiles and merges
-   windows that overlap, so each needed tile is decompressed once per plane;
-3. reads each merged rectangle of each plane with a fitsio section read (``hdu[y0:y1, x0:x1]``,
-   cfitsio decompresses only the tiles it overlaps) and applies the coverage rule on it;
+   pixel scale) plus a margin of :data:`MARGIN` px, and collects the compression tiles those windows
+   meet; neighbouring tiles form components (:func:`components`);
+3. reads each component with fitsio section reads (``hdu[y0:y1, x0:x1]``, one per run of tiles in a
+   tile row; cfitsio decompresses only the tiles a section overlaps), so each needed tile of each plane
+   is decompressed once and no other, and applies the coverage rule on the component;
 4. returns a :class:`~galaxalign_batch.survey.tile.Tile` of the brick's full size whose pixels outside
-   the rectangles are zero and invalid; its arrays are allocated zeroed by the OS (pages never
+   the tiles read are zero and invalid; its arrays are allocated zeroed by the OS (pages never
    written cost no memory).
 
 Cutouts from such a tile equal cutouts from the whole brick **bit for bit** (tested): every pixel a
@@ -20,7 +21,7 @@ cutout reads is in a rectangle; the coverage rule labels exact-zero regions of a
 :data:`~galaxalign_batch.survey.tile.MIN_ZERO_REGION` px, and a region reaching a pixel of the cutout
 has that many pixels within the margin when it has them at all; the margin (16 px) also covers the
 16 px blocks of the kernel's invalid-pixel map. Differences from a whole read: a band that is NaN
-everywhere else is not an error (nothing outside the rectangles is looked at); maskbits are not read.
+everywhere else is not an error (nothing outside the tiles read is looked at); maskbits are not read.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ MARGIN = max(MIN_ZERO_REGION, 16)
 
 @dataclass
 class SectionStats:
-    """What a section read decompressed: pixels (all planes), rectangles and planes read."""
+    """What a section read decompressed: pixels (all planes), section reads per plane, planes read."""
 
     pixels: int = 0
     whole_pixels: int = 0  # what a whole read of the same planes decompresses
@@ -139,79 +140,117 @@ def reach_px(spec, pixscale: float) -> int:
     return int(math.ceil(0.7072 * spec.out_size * step + taps_per_axis(step) + 2))
 
 
-def rectangles(x: np.ndarray, y: np.ndarray, reach: int, shape: tuple[int, int],
-               tile_dims: tuple[int, int], margin: int = MARGIN) -> list[tuple[int, int, int, int]]:
-    """Merged, tile-aligned rectangles ``(y0, y1, x0, x1)`` (end exclusive) covering every source's
-    window (``reach + margin`` px around it), clipped to the image; sources off the image need none."""
+@dataclass
+class Component:
+    """4-connected compression tiles read together: ``runs`` are (y0, y1, x0, x1) pixel rectangles (one per
+    run of neighbouring tiles in a tile row), ``box`` their bounding box."""
+
+    runs: list[tuple[int, int, int, int]]
+    box: tuple[int, int, int, int]
+
+    @property
+    def pixels(self) -> int:
+        return sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.runs)
+
+
+def needed_tiles(x: np.ndarray, y: np.ndarray, reach: int, shape: tuple[int, int], tile_dims: tuple[int, int],
+                 margin: int = MARGIN) -> set[tuple[int, int]]:
+    """Compression tiles ``(row, column)`` met by the window (``reach + margin`` px) of any source."""
     h, w = shape
     th, tw = tile_dims
     half = reach + margin
-    boxes = []
+    out: set[tuple[int, int]] = set()
     for xi, yi in zip(np.asarray(x, np.float64).tolist(), np.asarray(y, np.float64).tolist()):
         cx, cy = math.floor(xi), math.floor(yi)
-        x0, x1 = max(cx - half, 0), min(cx + half + 1, w)
-        y0, y1 = max(cy - half, 0), min(cy + half + 1, h)
-        if x0 >= x1 or y0 >= y1:
+        x0, x1 = max(cx - half, 0), min(cx + half, w - 1)
+        y0, y1 = max(cy - half, 0), min(cy + half, h - 1)
+        if x0 > x1 or y0 > y1:
             continue  # the cutout lies off the image: the kernel fills it without reading
-        boxes.append([(y0 // th) * th, min(-(-y1 // th) * th, h), (x0 // tw) * tw, min(-(-x1 // tw) * tw, w)])
-    # merge overlapping boxes into their bounding box until none overlap
-    merged = True
-    while merged:
-        merged = False
-        out: list[list[int]] = []
-        for b in sorted(boxes):
-            for o in out:
-                if b[0] < o[1] and o[0] < b[1] and b[2] < o[3] and o[2] < b[3]:
-                    o[0], o[1], o[2], o[3] = min(o[0], b[0]), max(o[1], b[1]), min(o[2], b[2]), max(o[3], b[3])
-                    merged = True
-                    break
-            else:
-                out.append(list(b))
-        boxes = out
-    return [tuple(b) for b in sorted(boxes)]
+        out.update((ty, tx) for ty in range(y0 // th, y1 // th + 1) for tx in range(x0 // tw, x1 // tw + 1))
+    return out
 
 
-def section_pixels(rects, planes: int) -> int:
-    return planes * sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in rects)
+def components(tiles: set[tuple[int, int]], shape: tuple[int, int], tile_dims: tuple[int, int]) -> list[Component]:
+    """The tiles grouped into 4-connected components (pixels of diagonal tiles do not touch 4-connectedly)."""
+    h, w = shape
+    th, tw = tile_dims
+    left, out = set(tiles), []
+    while left:
+        seed = min(left)
+        group, stack = {seed}, [seed]
+        left.discard(seed)
+        while stack:
+            ty, tx = stack.pop()
+            for n in ((ty - 1, tx), (ty + 1, tx), (ty, tx - 1), (ty, tx + 1)):
+                if n in left:
+                    left.discard(n)
+                    group.add(n)
+                    stack.append(n)
+        runs = []
+        for ty in sorted({t[0] for t in group}):
+            cols = sorted(t[1] for t in group if t[0] == ty)
+            start = prev = cols[0]
+            for c in cols[1:] + [None]:
+                if c is not None and c == prev + 1:
+                    prev = c
+                    continue
+                runs.append((ty * th, min((ty + 1) * th, h), start * tw, min((prev + 1) * tw, w)))
+                if c is not None:
+                    start = prev = c
+        box = (min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs), max(r[3] for r in runs))
+        out.append(Component(runs, box))
+    return sorted(out, key=lambda c: c.box)
+
+
+def plan(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec) -> list[Component]:
+    """What a section read of sources at ``(x, y)`` reads: components of compression tiles."""
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    pixscale = float(np.mean(proj_plane_pixel_scales(frame.wcs)) * 3600.0)
+    tiles = needed_tiles(x, y, reach_px(spec, pixscale), frame.shape, frame.tile_dims)
+    return components(tiles, frame.shape, frame.tile_dims)
 
 
 def read_brick_sections(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec,
                         stats: SectionStats | None = None) -> Tile:
     """The brick as a full-size :class:`Tile` holding only the pixels the cutouts of sources at ``(x, y)``
     (0-based) need, read with section reads (see the module docstring). ``stats`` collects what was read."""
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
     bands = tuple(frame.images)
     h, w = frame.shape
-    pixscale = float(np.mean(proj_plane_pixel_scales(frame.wcs)) * 3600.0)
-    rects = rectangles(x, y, reach_px(spec, pixscale), frame.shape, frame.tile_dims)
+    comps = plan(frame, x, y, spec)
     image = np.zeros((len(bands), h, w), np.float32)  # zero pages from the OS: untouched ones cost nothing
     valid = np.zeros((len(bands), h, w), np.bool_)
     handles: dict[Path, object] = {}
     try:
         for b, band in enumerate(bands):
-            paths = [frame.images[band]] + ([frame.invvars[band]] if frame.invvars is not None else [])
-            for p in paths:
-                if p not in handles:
+            img_path = frame.images[band]
+            iv_path = frame.invvars[band] if frame.invvars is not None else None
+            for p in (img_path, iv_path):
+                if p is not None and p not in handles:
                     handles[p] = open_fits(p)
-            for rect in rects:
-                y0, y1, x0, x1 = rect
-                img = _section(handles[frame.images[band]], frame.images[band], frame.exts[frame.images[band]], rect)
-                iv = None
-                if frame.invvars is not None:
-                    iv = _section(handles[frame.invvars[band]], frame.invvars[band],
-                                  frame.exts[frame.invvars[band]], rect)
+            for comp in comps:
+                by0, by1, bx0, bx1 = comp.box
+                # pixels of the box outside the component's tiles: 1 with invvar 1 (valid, not zero), never kept
+                img = np.ones((by1 - by0, bx1 - bx0), np.float32)
+                iv = np.ones_like(img) if iv_path is not None else None
+                for y0, y1, x0, x1 in comp.runs:
+                    img[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] = _section(handles[img_path], img_path,
+                                                                         frame.exts[img_path], (y0, y1, x0, x1))
+                    if iv is not None:
+                        iv[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0] = _section(handles[iv_path], iv_path,
+                                                                            frame.exts[iv_path], (y0, y1, x0, x1))
                 img, ok = coverage_section(img, iv)
-                image[b, y0:y1, x0:x1] = img
-                valid[b, y0:y1, x0:x1] = ok
+                for y0, y1, x0, x1 in comp.runs:
+                    image[b, y0:y1, x0:x1] = img[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+                    valid[b, y0:y1, x0:x1] = ok[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
     finally:
         for f in handles.values():
             f.close()
     if stats is not None:
         planes = len(bands) * (2 if frame.invvars is not None else 1)
-        stats.pixels += section_pixels(rects, planes)
+        stats.pixels += planes * sum(c.pixels for c in comps)
         stats.whole_pixels += planes * h * w
-        stats.rectangles += len(rects)
+        stats.rectangles += sum(len(c.runs) for c in comps)
         stats.planes += planes
     return Tile(name=frame.name, path=str(frame.images[bands[0]]), kind="brick", bands=bands, image=image,
                 valid=valid, wcs=frame.wcs, invvar=None, maskbits=None, header=dict(frame.header))
@@ -245,9 +284,5 @@ def coverage_section(image: np.ndarray, invvar: np.ndarray | None) -> tuple[np.n
 
 def fraction_needed(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec) -> float:
     """Share of the brick's pixels a section read of these sources would decompress (0..1)."""
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    pixscale = float(np.mean(proj_plane_pixel_scales(frame.wcs)) * 3600.0)
-    rects = rectangles(x, y, reach_px(spec, pixscale), frame.shape, frame.tile_dims)
     h, w = frame.shape
-    return section_pixels(rects, 1) / float(h * w)
+    return sum(c.pixels for c in plan(frame, x, y, spec)) / float(h * w)
