@@ -243,3 +243,22 @@ def test_dr10_release_with_griz_reads_the_model_bands(tmp_path):
             assert p.n > 0 and p.pixels.shape[1:] == (3, spec.out_size, spec.out_size)
     finally:
         set_bands(None, None)
+
+
+def test_progress_lines_for_logs(caplog):
+    import logging
+
+    from galaxalign_batch.progress import RateLog
+
+    now = [0.0]
+    r = RateLog(100, 10.0, logger=logging.getLogger("galaxalign_batch.test"), force=True)
+    r._clock = lambda: now[0]
+    r.start = r.last = 0.0
+    with caplog.at_level(logging.INFO, logger="galaxalign_batch.test"):
+        for t, done, sources in [(10.0, 25, 5000), (10.5, 26, 5200), (20.0, 50, 10000)]:
+            now[0] = t
+            r.update(done, sources)  # lines at 10 s and 20 s, none at 10.5 s
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines == ["progress: 25/100 tiles, 5000 sources, 500.0 sources/s, 10 s elapsed, ETA 0h00m30s",
+                     "progress: 50/100 tiles, 10000 sources, 500.0 sources/s, 20 s elapsed, ETA 0h00m20s"]
+    assert not RateLog(10, 0.0, force=True).active  # --log-every 0: none
