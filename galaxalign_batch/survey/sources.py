@@ -21,8 +21,24 @@ from galaxalign_batch.survey.tile import Tile, _first_line, open_fits
 log = logging.getLogger(__name__)
 
 CENTROID_WINDOW_ARCSEC = 0.6
-#: SExtractor's default.conv (3x3 pyramid); thresholds are in units of the unfiltered pixel noise
+#: SExtractor's default.conv (3x3 pyramid): the detection filter on the native 0.262"/px grid
 DETECTION_KERNEL = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], dtype=np.float32)
+#: Every size of the detection and photometry path is an angle (or an area) on the sky, chosen so
+#: that a 0.262"/px brick gets exactly what it got when they were pixel counts; on a finer grid
+#: they cover the same sky, on a coarser one they never shrink below their native pixel counts.
+#: background mesh side: 256 px of a brick (67.1"); a tile smaller than that is one mesh
+BACKGROUND_MESH_ARCSEC = 256 * layout.PIXSCALE
+#: half-width of the detection filter, a separable tent that is DETECTION_KERNEL at 0.262"/px
+FILTER_HALFWIDTH_ARCSEC = 2 * layout.PIXSCALE
+#: detected sources, grown by this much, are left out of the sky and noise of the next pass
+SOURCE_MASK_ARCSEC = 2.0
+#: lags of the pixel-difference noise estimates (pixel noise, filtered noise)
+NOISE_LAG_ARCSEC = 1.0
+FILTERED_NOISE_LAG_ARCSEC = 2.0
+#: at most this many detection passes; stop when the source mask changes by less than
+#: MASK_CHANGE_STOP of the tile's pixels
+DETECTION_PASSES = 6
+MASK_CHANGE_STOP = 0.01
 TRACTOR_REQUIRED = ("release", "brickname", "objid", "ra", "dec")
 #: catalog columns copied when present (besides every ``flux_*`` / ``flux_ivar_*`` column)
 TRACTOR_PASSTHROUGH = ("release", "brickname", "objid", "type", "shape_r", "shape_e1", "shape_e2", "sersic",
@@ -96,22 +112,114 @@ def read_tractor(path: str | os.PathLike, tile: Tile | None = None, primary_only
     return out
 
 
-def _background_box(tile: Tile, box: int | None) -> int:
-    if box is not None:
-        return int(box)
-    return int(max(32, min(256, min(tile.shape) // 3)))
+def native_length(pixscale: float, n_native: float) -> float:
+    """``n_native`` pixels of the native 0.262"/px grid, in pixels of a grid of ``pixscale`` arcsec/px
+    (the same angle on finer grids, never fewer than ``n_native`` pixels on coarser ones)."""
+    return float(n_native) * max(1.0, layout.PIXSCALE / float(pixscale))
 
 
-def detection_image(tile: Tile, bands: tuple[str, ...] | None = None, background_box: int | None = None):
+def native_area(pixscale: float, n_native: float) -> float:
+    """An area of ``n_native`` native 0.262"/px pixels, in pixels of a grid of ``pixscale`` (at least ``n_native``)."""
+    return float(n_native) * max(1.0, (layout.PIXSCALE / float(pixscale)) ** 2)
+
+
+def detection_kernel(pixscale: float) -> np.ndarray:
+    """The detection filter for a grid of ``pixscale`` arcsec/px: a separable tent of half-width
+    FILTER_HALFWIDTH_ARCSEC (0.524"), sampled at the pixels; :data:`DETECTION_KERNEL` (SExtractor's
+    default.conv) at 0.262"/px and on every coarser grid, 11x11 px at 0.1"/px."""
+    half = native_length(pixscale, FILTER_HALFWIDTH_ARCSEC / layout.PIXSCALE)
+    if half <= 2.0 + 1e-6:
+        return DETECTION_KERNEL.copy()
+    n = int(np.ceil(half - 1e-9)) - 1
+    tent = 1.0 - np.abs(np.arange(-n, n + 1)) / half
+    return np.outer(tent, tent).astype(np.float32)
+
+
+def _white(kernel: np.ndarray) -> float:
+    """Noise of white noise of unit rms filtered with ``kernel`` (normalised to sum 1)."""
+    k = kernel.astype(np.float64) / float(kernel.sum())
+    return float(np.sqrt((k**2).sum()))
+
+
+def _background_box(tile: Tile, mesh: float | None) -> tuple[int, int]:
+    """(bh, bw) in pixels: a mesh of ``mesh`` arcsec (default BACKGROUND_MESH_ARCSEC), at most the tile."""
+    side = int(round((BACKGROUND_MESH_ARCSEC if mesh is None else float(mesh)) / tile.pixscale))
+    h, w = tile.shape
+    return max(1, min(side, h)), max(1, min(side, w))
+
+
+_MAX_STAT_VALUES = 1_000_000
+
+
+def _clipped_stats(values: np.ndarray) -> tuple[float, float]:
+    """(mode, sigma) of ``values`` after iterative 3-sigma clipping about the median, with
+    SExtractor's mode estimate (2.5 median - 1.5 mean; the median when the two disagree by more than
+    0.3 sigma). At most a million values are used (evenly strided)."""
+    d = np.asarray(values, np.float64).ravel()
+    if d.size > _MAX_STAT_VALUES:
+        d = d[:: int(np.ceil(d.size / _MAX_STAT_VALUES))]
+    med, sd, mean = float(np.median(d)), float(d.std()), float(d.mean())
+    for _ in range(20):
+        if not sd > 0:
+            break
+        kept = d[np.abs(d - med) < 3.0 * sd]
+        if kept.size == 0:
+            break
+        med, mean, new = float(np.median(kept)), float(kept.mean()), float(kept.std())
+        done = abs(new - sd) <= 1e-4 * sd
+        sd = new
+        if done:
+            break
+    mode = med if not sd > 0 or abs(mean - med) > 0.3 * sd else 2.5 * med - 1.5 * mean
+    return mode, sd
+
+
+def _difference_sigma(image: np.ndarray, bad: np.ndarray, lag: int) -> float | None:
+    """Pixel noise from differences of pixels ``lag`` apart along rows and columns (divided by
+    sqrt 2, 3-sigma clipped): smooth light (a galaxy's outskirts, sky gradients) cancels, and a lag
+    beyond the noise's correlation length keeps correlated noise at its full rms. None when fewer
+    than 100 pairs have both pixels good."""
+    parts = []
+    for axis in (0, 1):
+        n = image.shape[axis]
+        if lag >= n:
+            continue
+        lo, hi = [slice(None)] * 2, [slice(None)] * 2
+        lo[axis], hi[axis] = slice(0, n - lag), slice(lag, n)
+        ok = ~(bad[tuple(lo)] | bad[tuple(hi)])
+        parts.append((image[tuple(hi)][ok].astype(np.float64) - image[tuple(lo)][ok]) / np.sqrt(2.0))
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    if values.size < 100:
+        return None
+    sigma = _clipped_stats(values)[1]
+    return sigma if np.isfinite(sigma) and sigma > 0 else None
+
+
+def sky_background(image: np.ndarray, exclude: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+    """sep's background (meshes ``box`` = (bh, bw) px, 3x3 median filter) of ``image`` leaving out
+    ``exclude``; where every mesh is more than half excluded (sep then returns 0), the clipped mode
+    of the pixels left, as a constant."""
+    import sep
+
+    bh, bw = box
+    bkg = sep.Background(image, mask=exclude, bw=bw, bh=bh, fw=3, fh=3)
+    if bkg.globalback == 0.0 and bkg.globalrms == 1.0 and (~exclude).any():  # sep: no usable mesh
+        return np.full(image.shape, _clipped_stats(image[~exclude])[0], np.float32)
+    return bkg.back(dtype=np.float32)
+
+
+def detection_image(tile: Tile, bands: tuple[str, ...] | None = None, background_mesh: float | None = None,
+                    exclude: np.ndarray | None = None):
     """(detection image, per-pixel 1-sigma error, mask, per-band background-subtracted images).
 
     The detection image is the inverse-variance weighted mean of the background-subtracted bands
-    (weights: ``invvar`` when the tile has it, else 1/rms^2 of each band's sep background).
+    (weights: ``invvar`` when the tile has it, else 1/sigma^2 of each band's pixel noise from
+    differences NOISE_LAG_ARCSEC apart). ``exclude`` (bool (H, W), e.g. grown detections) is left
+    out of the sky and noise estimates.
     """
-    import sep
-
     use = tuple(tile.bands) if bands is None else tuple(bands)
-    box = _background_box(tile, background_box)
+    box = _background_box(tile, background_mesh)
+    lag = max(1, int(round(NOISE_LAG_ARCSEC / tile.pixscale)))
     num = np.zeros(tile.shape, np.float64)
     wsum = np.zeros(tile.shape, np.float64)
     subtracted = {}
@@ -121,17 +229,19 @@ def detection_image(tile: Tile, bands: tuple[str, ...] | None = None, background
         invalid = ~tile.valid[b]
         if invalid.all():
             continue
-        bkg = sep.Background(img, mask=invalid, bw=box, bh=box, fw=3, fh=3)
-        sub = img - bkg.back(dtype=np.float32)
+        skip = invalid if exclude is None else (invalid | exclude)
+        if skip.all():
+            skip = invalid
+        sub = img - sky_background(img, skip, box)
         sub[invalid] = 0.0
         subtracted[band] = sub
         if tile.invvar is not None:
             weight = tile.invvar[b].astype(np.float64)
         else:
-            rms = float(bkg.globalrms)
-            if not np.isfinite(rms) or rms <= 0:
+            sigma = _difference_sigma(img, skip, lag)
+            if sigma is None:
                 continue
-            weight = np.where(invalid, 0.0, 1.0 / rms**2)
+            weight = np.where(invalid, 0.0, 1.0 / sigma**2)
         num += weight * sub
         wsum += weight
     if not subtracted:
@@ -142,25 +252,27 @@ def detection_image(tile: Tile, bands: tuple[str, ...] | None = None, background
     return det, err, mask, subtracted
 
 
-def noise_correlation(det: np.ndarray, err: np.ndarray, mask: np.ndarray, box: int) -> float:
+def noise_correlation(det: np.ndarray, err: np.ndarray, mask: np.ndarray, kernel: np.ndarray, lag: int,
+                      exclude: np.ndarray | None = None) -> float:
     """How much more noise the filtered detection image has than white noise of ``err`` would give.
 
     Coadds and resampled viewer cubes have pixel-to-pixel correlated noise, which the detection
     filter barely averages down; thresholds scaled by this factor (>= 1) keep the false-detection
-    rate of white noise. Measured as sep's sigma-clipped rms of the filtered ``det / err``.
+    rate of white noise. Measured as the 3-sigma clipped rms of differences ``lag`` px apart of the
+    filtered ``det / err`` (leaving out masked pixels, pixels the filter mixes with them, and
+    ``exclude``), over the white-noise value of ``kernel``.
     """
-    import sep
     from scipy import ndimage
 
-    kernel = DETECTION_KERNEL / DETECTION_KERNEL.sum()
-    white = float(np.sqrt((kernel**2).sum()))
     significance = np.where(mask, 0.0, det / err)
-    filtered = ndimage.convolve(significance, kernel, mode="nearest").astype(np.float32)
-    edge = ndimage.binary_dilation(mask, iterations=1)
-    if edge.all():
+    filtered = ndimage.convolve(significance, kernel / kernel.sum(), mode="nearest").astype(np.float32)
+    bad = ndimage.binary_dilation(mask, iterations=max(1, kernel.shape[0] // 2)) if mask.any() else mask.copy()
+    if exclude is not None:
+        bad = bad | exclude
+    if bad.all():
         return 1.0
-    rms = float(sep.Background(filtered, mask=edge, bw=box, bh=box).globalrms)
-    return max(1.0, rms / white) if np.isfinite(rms) and rms > 0 else 1.0
+    sigma = _difference_sigma(filtered, bad, lag)
+    return max(1.0, sigma / _white(kernel)) if sigma is not None else 1.0
 
 
 def window_sigma(tile: Tile) -> float:
@@ -194,10 +306,17 @@ def flux_scale(tile: Tile) -> float:
     return 1.0
 
 
-def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend_nthresh: int = 32,
+def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: float = 5, deblend_nthresh: int = 32,
                    deblend_cont: float = 0.005, bands: tuple[str, ...] | None = None,
-                   background_box: int | None = None, id_prefix: str | None = None) -> Table:
-    """Detect sources with sep on the weighted band mean (threshold ``nsigma`` x per-pixel error).
+                   background_mesh: float | None = None, id_prefix: str | None = None) -> Table:
+    """Detect sources with sep on the weighted band mean; every size is on the sky (docs/survey.md).
+
+    ``nsigma``: threshold in units of the unfiltered pixel noise of the native 0.262"/px grid (as
+    SExtractor there), i.e. ``nsigma / 0.375`` times the rms of the filtered detection image on any
+    grid; ``minarea``: in native pixels (0.0686 arcsec^2 each); ``background_mesh``: arcsec
+    (default BACKGROUND_MESH_ARCSEC). Detection runs in passes: each one leaves the sources of the
+    previous one (grown by SOURCE_MASK_ARCSEC) out of the sky and noise estimates, until the source
+    mask stops changing.
 
     ``x, y`` are windowed centroids (:func:`refine_centres`). Rows are sorted by (y, x) and named
     ``"{id_prefix}/det{i}"``; ``id_prefix`` defaults to ``tile.name``, which is not unique across
@@ -207,17 +326,34 @@ def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend
     ``a``, ``b`` (px), ``theta`` (rad), ``npix``, ``peak``, ``flags`` (sep flags).
     """
     import sep
+    from scipy import ndimage
 
-    det, err, mask, subtracted = detection_image(tile, bands, background_box)
-    correlation = noise_correlation(det, err, mask, _background_box(tile, background_box))
+    kernel = detection_kernel(tile.pixscale)
+    relative = _white(kernel) / _white(DETECTION_KERNEL)
+    minarea_px = max(1, int(round(native_area(tile.pixscale, minarea))))
+    lag = max(kernel.shape[0], int(round(FILTERED_NOISE_LAG_ARCSEC / tile.pixscale)))
+    grow = int(np.ceil(SOURCE_MASK_ARCSEC / tile.pixscale))
     h, w = tile.shape
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), h * w // 8))
-    try:
-        objs = sep.extract(det, nsigma, err=err * np.float32(correlation), mask=mask, minarea=minarea,
-                           filter_kernel=DETECTION_KERNEL, filter_type="conv",
-                           deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont)
-    except Exception as e:  # sep raises plain Exception on buffer overflows
-        raise TileError(tile.path, f"source detection failed ({_first_line(e)})") from None
+    exclude = None
+    for npass in range(1, DETECTION_PASSES + 1):
+        det, err, mask, subtracted = detection_image(tile, bands, background_mesh, exclude)
+        correlation = noise_correlation(det, err, mask, kernel, lag, exclude)
+        try:
+            objs, seg = sep.extract(det, nsigma, err=err * np.float32(correlation * relative), mask=mask,
+                                    minarea=minarea_px, filter_kernel=kernel, filter_type="conv",
+                                    deblend_nthresh=deblend_nthresh, deblend_cont=deblend_cont,
+                                    segmentation_map=True)
+        except Exception as e:  # sep raises plain Exception on buffer overflows
+            raise TileError(tile.path, f"source detection failed ({_first_line(e)})") from None
+        if len(objs) == 0 or npass == DETECTION_PASSES:
+            break
+        grown = ndimage.maximum_filter((seg > 0).view(np.uint8), size=2 * grow + 1) > 0
+        changed = int(np.count_nonzero(grown)) if exclude is None else int(np.count_nonzero(grown ^ exclude))
+        exclude = grown
+        if npass > 1 and changed <= MASK_CHANGE_STOP * h * w:
+            break
+    excluded = 0.0 if exclude is None else float(exclude.mean())
     x, y = refine_centres(det, mask, objs, window_sigma(tile))
     order = np.lexsort((x, y))
     objs, x, y = objs[order], x[order], y[order]
@@ -237,9 +373,12 @@ def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend
     out["peak"] = objs["peak"].astype(np.float64)
     out["flags"] = objs["flag"].astype(np.int64)
     if len(objs):
-        a = np.maximum(np.asarray(out["a"]), 0.5)
-        b = np.maximum(np.asarray(out["b"]), 0.5)
+        floor = native_length(tile.pixscale, 0.5)  # half a native pixel, 0.131"
+        a = np.maximum(np.asarray(out["a"]), floor)
+        b = np.maximum(np.asarray(out["b"]), floor)
         theta = np.asarray(out["theta"], np.float64)
+        # Kron radius (first moment within 6 a) and aperture (2.5 Kron radii, at least 1.75) are in
+        # units of a, b: the same on any grid
         kron, kflag = sep.kron_radius(det, x, y, a, b, theta, 6.0, mask=mask)
         radius = np.maximum(2.5 * np.where(np.isfinite(kron) & (kron > 0), kron, 1.0), 1.75)
         for band, sub in subtracted.items():
@@ -250,7 +389,9 @@ def detect_sources(tile: Tile, *, nsigma: float = 1.5, minarea: int = 5, deblend
         for band in subtracted:
             out[f"flux_{band}"] = np.zeros(0, np.float64)
     out.meta["detection"] = {"nsigma": nsigma, "minarea": minarea, "bands": "".join(bands or tile.bands),
-                             "noise_correlation": correlation, "flux_scale": scale}
+                             "noise_correlation": correlation, "flux_scale": scale, "passes": npass,
+                             "excluded_fraction": excluded, "minarea_px": minarea_px,
+                             "filter_px": int(kernel.shape[0]), "background_box_px": list(_background_box(tile, background_mesh))}
     return out
 
 
