@@ -286,20 +286,21 @@ def _describe(identity: dict) -> str:
 
 def _brick_files(ref):
     """(image paths, invvar paths or None) of a brick tile, as the whole-brick read would use them."""
+    from galaxalign_batch.engine import prepare
     from galaxalign_batch.survey import layout
     from galaxalign_batch.survey.bricks import brick_siblings
 
+    bands = tuple(getattr(prepare, "_RUN_BANDS", None) or layout.BANDS)  # embed --bands, as the whole read
     if ref.is_brick:
-        bands = layout.BANDS
         return ({b: layout.image_path(ref.path, ref.brick, b) for b in bands},
                 {b: layout.image_path(ref.path, ref.brick, b, "invvar") for b in bands})
     _, images, invvars, _ = brick_siblings(ref.path)
-    for b in layout.BANDS:
+    for b in bands:
         if b not in images:
             raise TileError(Path(ref.path).parent / f"legacysurvey-{ref.name}-image-{b}.fits.fz",
                             f"missing band {b} of brick {os.path.basename(ref.name)}")
-    images = {b: images[b] for b in layout.BANDS}
-    invvars = {b: invvars[b] for b in layout.BANDS}
+    images = {b: images[b] for b in bands}
+    invvars = {b: invvars[b] for b in bands}
     if not all(p.exists() for p in invvars.values()):
         invvars = None
     return images, invvars

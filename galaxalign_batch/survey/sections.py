@@ -132,12 +132,17 @@ def brick_frame(images: dict[str, str | os.PathLike], invvars: dict[str, str | o
     return BrickFrame(str(name), images, invvars, shape, tiles, wcs, summary, exts)
 
 
-def reach_px(spec, pixscale: float) -> int:
-    """Pixels from a source's centre that its cutout may read (both resampling paths of the kernel)."""
+def reach_px(spec, pixscale: float, rotated: bool = True) -> int:
+    """Pixels from a source's centre that its cutout may read: on the separable path (``rotated`` False: the
+    WCS is a flip or quarter turn of north-up, as for every brick) the taps of ``kernels.axis_taps``; on the
+    rotated grid the half-diagonal of the footprint (what the kernel itself allows for)."""
     from galaxalign_batch.preprocess.kernels import taps_per_axis
 
     step = spec.step(pixscale)
-    return int(math.ceil(0.7072 * spec.out_size * step + taps_per_axis(step) + 2))
+    ntaps = taps_per_axis(step)
+    if rotated:
+        return int(math.ceil(0.7072 * spec.out_size * step + ntaps + 2))
+    return int(math.ceil(0.5 * (spec.out_size - 1) * step + 0.5 * step + ntaps + 2))
 
 
 @dataclass
@@ -153,14 +158,15 @@ class Component:
         return sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.runs)
 
 
-def needed_tiles(x: np.ndarray, y: np.ndarray, reach: int, shape: tuple[int, int], tile_dims: tuple[int, int],
+def needed_tiles(x: np.ndarray, y: np.ndarray, reach, shape: tuple[int, int], tile_dims: tuple[int, int],
                  margin: int = MARGIN) -> set[tuple[int, int]]:
-    """Compression tiles ``(row, column)`` met by the window (``reach + margin`` px) of any source."""
+    """Compression tiles ``(row, column)`` met by the window (``reach + margin`` px; ``reach`` one number or
+    one per source) of any source."""
     h, w = shape
     th, tw = tile_dims
-    half = reach + margin
+    halves = (np.broadcast_to(np.asarray(reach, np.int64), np.shape(x)) + margin).tolist()
     out: set[tuple[int, int]] = set()
-    for xi, yi in zip(np.asarray(x, np.float64).tolist(), np.asarray(y, np.float64).tolist()):
+    for xi, yi, half in zip(np.asarray(x, np.float64).tolist(), np.asarray(y, np.float64).tolist(), halves):
         cx, cy = math.floor(xi), math.floor(yi)
         x0, x1 = max(cx - half, 0), min(cx + half, w - 1)
         y0, y1 = max(cy - half, 0), min(cy + half, h - 1)
@@ -206,8 +212,13 @@ def plan(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec) -> list[Componen
     """What a section read of sources at ``(x, y)`` reads: components of compression tiles."""
     from astropy.wcs.utils import proj_plane_pixel_scales
 
+    from galaxalign_batch.preprocess.cutouts import orientation
+
     pixscale = float(np.mean(proj_plane_pixel_scales(frame.wcs)) * 3600.0)
-    tiles = needed_tiles(x, y, reach_px(spec, pixscale), frame.shape, frame.tile_dims)
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rotated = orientation(spec, frame.wcs, x, y, pixscale)[1] if len(x) else np.zeros(0, bool)
+    reach = np.where(rotated, reach_px(spec, pixscale, True), reach_px(spec, pixscale, False))
+    tiles = needed_tiles(x, y, reach, frame.shape, frame.tile_dims)
     return components(tiles, frame.shape, frame.tile_dims)
 
 
