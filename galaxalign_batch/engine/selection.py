@@ -215,8 +215,6 @@ def make_selection(tiles: list, out: str | os.PathLike, *, catalog: str = "auto"
             raise ConfigError(f"--targets {targets}: none of its {len(t)} targets lies on a tile of this run "
                               f"(listed in {sel.outside_file})")
         return sel
-    if ra_col or dec_col or id_col:
-        raise ConfigError("--ra-col / --dec-col / --id-col go with --targets")
     if where is not None:
         sel.where = parse_where(where)
         sel.identity = {"kind": "where", "where": sel.where.text}
