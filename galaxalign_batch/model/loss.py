@@ -69,20 +69,20 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...], group) -> torch.Tensor:
-        ctx.sizes, ctx.group = sizes, group
+        ctx.sizes, ctx.process_group = sizes, group
         return _all_gather_rows(x, list(sizes), group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        rank, _ = world(ctx.group)
+        rank, _ = world(ctx.process_group)
         sizes = ctx.sizes
         grad = grad.contiguous()
-        if len(set(sizes)) == 1 and dist.get_backend(ctx.group) != dist.Backend.GLOO:
+        if len(set(sizes)) == 1 and dist.get_backend(ctx.process_group) != dist.Backend.GLOO:
             out = torch.empty((sizes[rank], *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
         else:  # gloo has no reduce-scatter: sum the whole gathered gradient, keep this worker's rows
             grad = grad.clone()
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
             start = sum(sizes[:rank])
             out = grad[start:start + sizes[rank]]
         return out, None, None

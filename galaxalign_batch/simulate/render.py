@@ -29,7 +29,7 @@ class System:
 
 @dataclass
 class Component:
-    group: str
+    colour_group: str
     flux_r: float                    # nanomaggies in r
     profile: object                  # galsim.GSObject of unit flux, a Field or Blobs (normalised to flux_r)
     system: int = 0
@@ -56,7 +56,7 @@ class Model:
         return float(10.0 ** (-0.4 * dm))
 
     def total_flux(self, band: str) -> float:
-        return sum(c.flux_r * self.band_factor(c.group, band) for c in self.components)
+        return sum(c.flux_r * self.band_factor(c.colour_group, band) for c in self.components)
 
 
 def rotation(theta: float) -> np.ndarray:
@@ -123,7 +123,7 @@ def render_groups(model: Model, size: int, scale: float, offset=(0.0, 0.0)) -> d
         if isinstance(comp.profile, galsim.GSObject):
             obj = comp.profile.transform(*sysm.jac.ravel()).shift(*sysm.center)
             obj.drawImage(image=canvas, method="no_pixel", offset=(offset[0] * OVERSAMPLE, offset[1] * OVERSAMPLE))
-            _accumulate(fine, comp.group, canvas.array, comp.flux_r)
+            _accumulate(fine, comp.colour_group, canvas.array, comp.flux_r)
             continue
         if isinstance(comp.profile, Blobs):
             img = _splat(comp.profile, sysm, size, scale, offset)
@@ -136,7 +136,7 @@ def render_groups(model: Model, size: int, scale: float, offset=(0.0, 0.0)) -> d
                              dtype=np.float64)
         total = img.sum()
         if total > 0:
-            _accumulate(coarse, comp.group, img, comp.flux_r / total)
+            _accumulate(coarse, comp.colour_group, img, comp.flux_r / total)
     for g, a in fine.items():
         _accumulate(coarse, g, bin_pixels(a), 1.0)
     return coarse

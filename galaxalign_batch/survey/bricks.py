@@ -31,9 +31,9 @@ def parse_brick_filename(path: str | os.PathLike) -> dict | None:
     m = BRICK_FILE_RE.match(Path(path).name)
     if not m:
         return None
-    if m.group("maskbits"):
-        return {"brick": m.group("brick"), "kind": "maskbits", "band": None}
-    return {"brick": m.group("brick"), "kind": m.group("kind"), "band": m.group("band")}
+    if m["maskbits"]:
+        return {"brick": m["brick"], "kind": "maskbits", "band": None}
+    return {"brick": m["brick"], "kind": m["kind"], "band": m["band"]}
 
 
 def _read_plane(path: Path):

@@ -118,9 +118,9 @@ def brick_by_name(name: str) -> BrickInfo:
     m = _NAME_RE.match(str(name))
     if not m:
         raise ConfigError(f"not a Legacy Survey brick name: {name!r} (expected RRRr[pm]DDd, e.g. 1498p025)")
-    ra_lo = int(m.group(1)) / 10.0
-    dec_abs = math.ceil(int(m.group(3)) / 10.0 / ROW_HEIGHT - 1e-9) * ROW_HEIGHT
-    dec = dec_abs if m.group(2) == "p" else -dec_abs
+    ra_lo = int(m[1]) / 10.0
+    dec_abs = math.ceil(int(m[3]) / 10.0 / ROW_HEIGHT - 1e-9) * ROW_HEIGHT
+    dec = dec_abs if m[2] == "p" else -dec_abs
     if abs(dec) <= 90.0 and ra_lo < 360.0:
         info = brick_at(ra_lo + 0.05, dec)
         if info.brickname == name:

@@ -72,7 +72,7 @@ class Where:
         out = []
         for c in self.columns:
             m = _MAG.match(c)
-            out.append(f"flux_{m.group(1)}" if m else c)
+            out.append(f"flux_{m[1]}" if m else c)
         return tuple(dict.fromkeys(out))
 
     def evaluate(self, table: Mapping[str, np.ndarray] | object, n: int | None = None) -> np.ndarray:
@@ -95,8 +95,8 @@ class Where:
                     v = np.char.decode(v, "ascii", "replace")
                 if v.dtype.kind in "UO":
                     v = np.char.strip(v.astype(str))
-            elif (m := _MAG.match(name)) and f"flux_{m.group(1)}" in lower:
-                flux = np.asarray(table[lower[f"flux_{m.group(1)}"]], dtype=np.float64)
+            elif (m := _MAG.match(name)) and f"flux_{m[1]}" in lower:
+                flux = np.asarray(table[lower[f"flux_{m[1]}"]], dtype=np.float64)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     v = np.where(flux > 0, ZERO_POINT - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
             else:
