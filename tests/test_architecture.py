@@ -21,6 +21,11 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the project modules it imports (at top level or inside functions).
 
@@ -30,7 +35,12 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for m, path in mods.items():
         package = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # ``if TYPE_CHECKING:`` imports never run
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -101,3 +111,18 @@ def test_no_import_circles():
     circles = strongly_connected(graph)
     detail = "; ".join(" <-> ".join(c) for c in circles)
     assert not circles, f"import circles between modules: {detail}"
+
+
+def test_only_the_store_touches_its_zarr_group():
+    """The store owns its arrays (issue 17's acceptance: ``grep -rn "\\.group\\b" galaxalign_batch``
+    outside store/ finds nothing), and nothing outside store/ imports zarr."""
+    import re
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "store":
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\.group\b", line) or re.match(r"\s*(import zarr|from zarr\b)", line):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{no}: {line.strip()}")
+    assert not found, "outside store/:\n" + "\n".join(found)

@@ -88,7 +88,7 @@ def open_for_resume(out: str, info: dict | None, embedding_dtype: str | None = N
         return store
     if store.dim != info["dim"]:
         raise StoreError(f"{out}: embedding dimension {store.dim}, the model gives {info['dim']}")
-    have_dtype = str(store.array("embedding").dtype)
+    have_dtype = str(store.embeddings.dtype)
     if embedding_dtype and have_dtype != embedding_dtype:
         log.info("%s: the store keeps %s embeddings; --dtype %s applies to new stores only", out, have_dtype,
                     embedding_dtype)

@@ -6,13 +6,13 @@ Public API: :func:`open_store` / :class:`EmbeddingStore` (create, commit, and th
 result into a store), and the errors. Nothing outside this package touches the Zarr group.
 """
 
-from galaxalign_batch.store.embedding_store import (EmbeddingStore, StoreCorruptError, StoreError, open_store,
+from galaxalign_batch.store.embedding_store import (EmbeddingStore, StoreCorruptError, StoreError, open_readable, open_store,
                                                     store_exists)
 from galaxalign_batch.store import schema
 from galaxalign_batch.store.derived import (DerivedArray, DerivedWriter, ModelMismatchError, label_counts,
                                             probability_arrays, probability_columns)
 from galaxalign_batch.store.lock import LockError
-from galaxalign_batch.store.reading import EmbeddingView, open_readable
+from galaxalign_batch.store.reading import EmbeddingView
 
 __all__ = ["EmbeddingStore", "StoreError", "StoreCorruptError", "ModelMismatchError", "LockError", "open_store",
            "open_readable", "store_exists", "schema", "EmbeddingView", "DerivedWriter", "DerivedArray",

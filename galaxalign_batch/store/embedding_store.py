@@ -34,7 +34,7 @@ from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.store import io as store_io
 from galaxalign_batch.store import lock as store_lock
 from galaxalign_batch.store import schema
-from galaxalign_batch.store.reading import StoreReader
+from galaxalign_batch.store.reading import REQUIRED_ARRAYS, StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -560,3 +560,40 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> EmbeddingStore:
 
 def store_exists(path: str | os.PathLike) -> bool:
     return (Path(path) / "zarr.json").exists()
+
+
+def open_readable(path: str | os.PathLike) -> "EmbeddingStore":
+    """Open a store for reading; refuse one without committed rows or with arrays shorter than them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store.
+
+    Returns
+    -------
+    EmbeddingStore
+        Opened read-only. A store whose ``embed`` run has not finished (or crashed) is opened with a
+        warning: its committed rows are used.
+
+    Raises
+    ------
+    StoreError
+        No such store, not an embedding store, or no committed rows.
+    StoreCorruptError
+        One of :data:`REQUIRED_ARRAYS` missing or shorter than the committed rows.
+    """
+    store = open_store(path, "r")
+    if store.n_rows == 0:
+        raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
+    for name in REQUIRED_ARRAYS:
+        if name not in store.group:
+            raise StoreCorruptError(f"{store.path}: the store has no {name} array (damaged, or not an embed output); "
+                                    f"run 'galaxalign-batch verify {store.path}'")
+        if store.group[name].shape[0] < store.n_rows:
+            raise StoreCorruptError(f"{store.path}: array {name} has {store.group[name].shape[0]} rows, the commit "
+                                    f"record says {store.n_rows}; run 'galaxalign-batch verify {store.path}'")
+    if not store.attrs.get("complete", False):
+        log.warning("%s: an embed run has not finished (or crashed); using its %d committed rows",
+                    store.path, store.n_rows)
+    return store

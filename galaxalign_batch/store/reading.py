@@ -12,7 +12,6 @@ Callers outside ``galaxalign_batch.store`` use this API and never the Zarr group
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -22,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from galaxalign_batch.store.cutouts import TileOpener
     from galaxalign_batch.store.embedding_store import EmbeddingStore
 
-__all__ = ["StoreReader", "EmbeddingView", "open_readable", "REQUIRED_ARRAYS"]
+__all__ = ["StoreReader", "EmbeddingView", "REQUIRED_ARRAYS"]
 
 log = logging.getLogger(__name__)
 
@@ -224,42 +223,3 @@ class StoreReader:
         from galaxalign_batch.store.cutouts import cutouts_for_rows
 
         return cutouts_for_rows(self, rows, spec, roots=roots, opener=opener, strict=strict)
-
-
-def open_readable(path: str | os.PathLike) -> "EmbeddingStore":
-    """Open a store for reading; refuse one without committed rows or with arrays shorter than them.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        The store.
-
-    Returns
-    -------
-    EmbeddingStore
-        Opened read-only. A store whose ``embed`` run has not finished (or crashed) is opened with a
-        warning: its committed rows are used.
-
-    Raises
-    ------
-    StoreError
-        No such store, not an embedding store, or no committed rows.
-    StoreCorruptError
-        One of :data:`REQUIRED_ARRAYS` missing or shorter than the committed rows.
-    """
-    from galaxalign_batch.store.embedding_store import StoreCorruptError, StoreError, open_store
-
-    store = open_store(path, "r")
-    if store.n_rows == 0:
-        raise StoreError(f"{store.path}: the store has no rows yet (run 'galaxalign-batch embed' first)")
-    for name in REQUIRED_ARRAYS:
-        if name not in store.group:
-            raise StoreCorruptError(f"{store.path}: the store has no {name} array (damaged, or not an embed output); "
-                                    f"run 'galaxalign-batch verify {store.path}'")
-        if store.group[name].shape[0] < store.n_rows:
-            raise StoreCorruptError(f"{store.path}: array {name} has {store.group[name].shape[0]} rows, the commit "
-                                    f"record says {store.n_rows}; run 'galaxalign-batch verify {store.path}'")
-    if not store.attrs.get("complete", False):
-        log.warning("%s: an embed run has not finished (or crashed); using its %d committed rows",
-                    store.path, store.n_rows)
-    return store
