@@ -91,6 +91,27 @@ def test_cli_on_tiles(tiny_survey, tmp_path):
     assert (np.asarray(t["flag"]) <= 2).all() and np.isfinite(np.asarray(t["gini"])).all()
 
 
+def test_detected_ids_are_the_stores(tmp_path, cutouts_dir):
+    """morphology --tiles names detected sources as embed does ("{tile key}/det{i}", the key a resolved
+    path), not after the file stem, so its catalogue joins the store by object_id."""
+    import shutil
+
+    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.engine.prepare import prepare_tile
+    from galaxalign_batch.morphology.catalog import jobs_from_tiles
+    from galaxalign_batch.preprocess import CutoutSpec
+
+    folder = tmp_path / "cubes"
+    folder.mkdir()
+    shutil.copy(cutouts_dir / "temp_small.fits", folder / "temp_small.fits")
+    (job,) = jobs_from_tiles([str(folder)], catalog="detect")
+    (ref,) = resolve_tiles([str(folder)])
+    embedded = prepare_tile(ref, CutoutSpec(out_size=8), catalog="detect").columns["object_id"]
+    assert ref.name != "temp_small" and job.tile == ref.name
+    assert len(job.object_id) > 0 and list(job.object_id) == list(embedded)
+    assert all(i.startswith(f"{ref.name}/det") for i in job.object_id)
+
+
 def test_cli_on_a_store_records_missing_tiles(tiny_survey, tmp_path, capsys):
     from galaxalign_batch.cli import main
     from galaxalign_batch.store import EmbeddingStore

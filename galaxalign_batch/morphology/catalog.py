@@ -228,7 +228,8 @@ def jobs_from_tiles(paths: Sequence[str], bricks=None, catalog: str = "auto", li
             break
         try:
             tile = open_tile(ref.path, ref.brick)
-            src = sources_for(tile, catalog if catalog != "detect" else None)
+            # detected sources named "{tile key}/det{i}" as embed names them, so the catalogue joins the store
+            src = sources_for(tile, catalog if catalog != "detect" else None, id_prefix=ref.name)
         except GalaxAlignError as e:
             log.warning("skipping tile %s: %s", ref.name, e)
             continue
