@@ -152,7 +152,7 @@ def test_same_galaxy_two_scales(cutouts_dir):
     # 0.79-0.84 when the background mesh was a third of the tile and the noise came from sep's meshes)
     for band in "grz":
         assert ga[f"flux_{band}"] == pytest.approx(gs[f"flux_{band}"], rel=0.05)
-    assert ga["flux_r"] < gs["flux_r"]  # what is left: example_a's field (42.4") cuts the Kron aperture
+    # what is left is example_a's smaller field (42.4"), which cuts the Kron aperture: next test
 
 
 def _crop(tile: Tile, side_arcsec: float) -> Tile:
