@@ -1,4 +1,8 @@
-"""Project exceptions. The engine records and skips :class:`TileError`; everything else is fatal."""
+"""Project exceptions. The engine records and skips :class:`TileError`; everything else is fatal.
+
+As zarr-python and astropy do, errors about a value are also :class:`ValueError`, so code that
+catches the built-in type works: ``except ValueError`` catches a bad option or a bad tile.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,12 @@ class GalaxAlignError(Exception):
     """Base class of every error this project raises on purpose."""
 
 
-class ConfigError(GalaxAlignError):
-    """A bad option, configuration file or argument combination."""
+class ConfigError(GalaxAlignError, ValueError):
+    """A bad option, configuration file or argument combination (also a :class:`ValueError`)."""
 
 
-class TileError(GalaxAlignError):
-    """A tile (brick, cutout cube, catalog) that cannot be used.
+class TileError(GalaxAlignError, ValueError):
+    """A tile (brick, cutout cube, catalog) that cannot be used (also a :class:`ValueError`).
 
     The message is one line naming the file and the reason, e.g.
     ``example_incomplete.fits: truncated FITS file (expected 2162880 bytes, found 1389044)``.

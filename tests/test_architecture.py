@@ -126,3 +126,11 @@ def test_only_the_store_touches_its_zarr_group():
             if re.search(r"\.group\b", line) or re.match(r"\s*(import zarr|from zarr\b)", line):
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{no}: {line.strip()}")
     assert not found, "outside store/:\n" + "\n".join(found)
+
+
+def test_errors_about_values_are_value_errors():
+    from galaxalign_batch.errors import ConfigError, GalaxAlignError, TileError
+
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, GalaxAlignError)
+    e = TileError("a.fits", "truncated\nfile")
+    assert isinstance(e, ValueError) and str(e) == "a.fits: truncated file"
