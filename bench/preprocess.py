@@ -8,6 +8,7 @@ in both. Data: simulated bricks (``galaxalign_batch.simulate.simulate_survey``) 
 cache directory (not timed).
 
     python bench/preprocess.py [--json PATH] [--bricks N] [--size PX] [--data DIR]
+    python bench/preprocess.py --sections "mag_r < 19" [--density D] [--stars S]   # section vs whole-brick reads
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ DEFAULT_DATA = Path(os.environ.get("TMPDIR", "/tmp")) / "galaxalign-bench-prepro
 
 # --- data ----------------------------------------------------------------------------------------
 
-def make_data(root: Path, bricks: int, size: int, seed: int, density: float | None) -> str:
+def make_data(root: Path, bricks: int, size: int, seed: int, density: float | None,
+              stars: float | None = None) -> str:
     """Simulated survey tree under ``root`` (made once; a ``.complete`` marker makes it reusable)."""
     marker = root / ".complete"
     if marker.exists():
@@ -40,9 +42,11 @@ def make_data(root: Path, bricks: int, size: int, seed: int, density: float | No
 
     t0 = time.perf_counter()
     extra = {} if density is None else {"density": density}
+    if stars is not None:
+        extra["stars"] = stars
     simulate_survey(root, bricks=bricks, size=size, seed=seed, workers=min(bricks, os.cpu_count() or 1), **extra)
     source = (f"galaxalign_batch.simulate.simulate_survey(bricks={bricks}, size={size}, seed={seed}"
-              + (f", density={density:g})" if density is not None else ")"))
+              + "".join(f", {k}={v:g}" for k, v in extra.items()) + ")")
     marker.write_text(source + "\n")
     print(f"made data in {time.perf_counter() - t0:.1f} s: {source} -> {root}", file=sys.stderr)
     return source
@@ -148,6 +152,94 @@ def _wcs_of(path: str):
     return WCS(cards, naxis=2)
 
 
+# --- section reads (embed --targets / --where) ----------------------------------------------------
+
+def sections_brick(root: Path, brick: str, spec, where: str) -> dict:
+    """A cut's sources of one brick, cut twice: whole-brick read (what ``engine.prepare`` reads: images and
+    invvar) and section reads of the fpack tiles the cutouts need (``survey.sections``). Wall times include
+    the catalogue read and the cut; decompressed pixels are counted over all planes."""
+    from galaxalign_batch.preprocess import make_cutouts
+    from galaxalign_batch.survey import layout, read_brick, read_tractor
+    from galaxalign_batch.survey.sections import SectionStats, brick_frame, read_brick_sections
+    from galaxalign_batch.survey.where import parse_where
+
+    cut = parse_where(where)
+    cat = layout.tractor_path(root, brick)
+    out = {}
+    t = time.perf_counter()
+    tile = read_brick(root, brick, with_maskbits=False)
+    src = read_tractor(cat, tile, keep=cut.needed_columns())
+    src = src[cut.evaluate(src)]
+    x, y = np.asarray(src["x"], np.float64), np.asarray(src["y"], np.float64)
+    whole = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs)
+    out["whole_s"] = time.perf_counter() - t
+    out["whole_pixels"] = 2 * tile.image.size  # image + invvar planes
+    del tile
+    t = time.perf_counter()
+    frame = brick_frame({b: layout.image_path(root, brick, b) for b in layout.BANDS},
+                        {b: layout.image_path(root, brick, b, "invvar") for b in layout.BANDS}, brick)
+    empty = read_brick_sections(frame, np.zeros(0), np.zeros(0), spec)
+    src2 = read_tractor(cat, empty, keep=cut.needed_columns())
+    src2 = src2[cut.evaluate(src2)]
+    stats = SectionStats()
+    part = read_brick_sections(frame, np.asarray(src2["x"], np.float64), np.asarray(src2["y"], np.float64), spec,
+                               stats)
+    sect = make_cutouts(part.image, part.valid, np.asarray(src2["x"], np.float64), np.asarray(src2["y"], np.float64),
+                        part.pixscale, spec, bands=part.bands, wcs=part.wcs)
+    out["sections_s"] = time.perf_counter() - t
+    out["sections_pixels"] = stats.pixels
+    out["rectangles"] = stats.rectangles
+    out["n"] = len(src)
+    out["equal"] = bool(np.array_equal(np.asarray(src["object_id"]), np.asarray(src2["object_id"]))
+                        and whole.pixels.tobytes() == sect.pixels.tobytes()
+                        and whole.masked_fraction.tobytes() == sect.masked_fraction.tobytes())
+    return out
+
+
+def sections_main(args, root: Path, bricks: list[str], spec, source: str, argv) -> int:
+    import numba
+
+    from galaxalign_batch.preprocess import warmup
+
+    numba.set_num_threads(1)
+    warmup()
+    load_before = os.getloadavg()
+    sections_brick(root, bricks[0], spec, args.sections)  # imports, caches: not counted
+    runs = {b: [] for b in bricks}
+    for _ in range(args.repeats):
+        for b in bricks:
+            runs[b].append(sections_brick(root, b, spec, args.sections))
+    med = {b: {k: float(np.median([r[k] for r in rs])) for k in ("whole_s", "sections_s")} for b, rs in runs.items()}
+    n = sum(rs[0]["n"] for rs in runs.values())
+    whole_px = sum(rs[0]["whole_pixels"] for rs in runs.values())
+    sect_px = sum(rs[0]["sections_pixels"] for rs in runs.values())
+    whole_s = sum(m["whole_s"] for m in med.values())
+    sect_s = sum(m["sections_s"] for m in med.values())
+    figures = {
+        "command": "python bench/preprocess.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_before": load_before,
+                    "loadavg_after": os.getloadavg()},
+        "data": {"source": source, "bricks": bricks}, "where": args.sections, "spec": spec.to_dict(),
+        "sources": n, "per_brick": {b: rs for b, rs in runs.items()},
+        "decompressed_pixels": {"whole": whole_px, "sections": sect_px, "ratio": whole_px / max(sect_px, 1)},
+        "ms_per_source": {"whole": 1e3 * whole_s / n, "sections": 1e3 * sect_s / n, "ratio": whole_s / sect_s},
+        "bit_identical": all(r["equal"] for rs in runs.values() for r in rs),
+        "notes": "1 Numba thread; wall time per brick is the median of --repeats; files in the OS page cache",
+    }
+    print(f"{cpu_model()}; load average before {load_before[0]:.2f}, after {figures['machine']['loadavg_after'][0]:.2f}; "
+          f"{len(bricks)} brick(s); --where {args.sections!r}: {n} sources; cutouts {spec.angular_size:g}\" -> "
+          f"{spec.out_size} px")
+    print(f"decompressed pixels (image + invvar, g r z): whole {whole_px:,}, sections {sect_px:,} "
+          f"({figures['decompressed_pixels']['ratio']:.1f}x fewer)")
+    ms = figures["ms_per_source"]
+    print(f"wall ms per source (read + catalogue + cut + cutouts): whole {ms['whole']:.2f}, sections "
+          f"{ms['sections']:.2f} ({ms['ratio']:.1f}x faster); cutouts bit-identical: {figures['bit_identical']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if figures["bit_identical"] else 1
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 def summarise(runs: list[dict], threads: int) -> dict:
@@ -175,6 +267,11 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, help=f"data cache directory (default {DEFAULT_DATA}/b<N>-s<PX>-seed<S>[-d<D>])")
     ap.add_argument("--out-size", type=int, default=64, help="cutout side in output pixels (default 64)")
     ap.add_argument("--angular-size", type=float, default=32.0, help="cutout side in arcsec (default 32)")
+    ap.add_argument("--stars", type=float, help="stars per full-brick area (default: the simulator's)")
+    ap.add_argument("--sections", metavar="WHERE",
+                    help="instead: section reads against whole-brick reads for the sources passing this cut "
+                         "(e.g. \"mag_r < 19\"): decompressed pixels and wall time per source")
+    ap.add_argument("--repeats", type=int, default=3, help="--sections: timed runs per brick (median; default 3)")
     args = ap.parse_args(argv)
 
     import numba
@@ -182,14 +279,17 @@ def main(argv=None) -> int:
     from galaxalign_batch.preprocess import CutoutSpec, warmup
     from galaxalign_batch.survey import layout
 
-    tag = f"b{args.bricks}-s{args.size}-seed{args.seed}" + (f"-d{args.density:g}" if args.density is not None else "")
+    tag = f"b{args.bricks}-s{args.size}-seed{args.seed}" + (f"-d{args.density:g}" if args.density is not None else "") \
+        + (f"-st{args.stars:g}" if args.stars is not None else "")
     root = args.data or DEFAULT_DATA / tag
-    source = make_data(root, args.bricks, args.size, args.seed, args.density)
+    source = make_data(root, args.bricks, args.size, args.seed, args.density, args.stars)
     bricks = layout.list_bricks(root)[: args.bricks]
     if not bricks:
         print(f"no bricks under {root}", file=sys.stderr)
         return 1
     spec = CutoutSpec(angular_size=args.angular_size, out_size=args.out_size)
+    if args.sections:
+        return sections_main(args, root, bricks, spec, source, argv)
     load_before = os.getloadavg()
     import astropy.nddata  # noqa: F401  imports are not timed (one-time per process)
     import fitsio  # noqa: F401

@@ -159,7 +159,7 @@ def _targets_csv(path):
 
 
 def test_targets_go_to_their_primary_brick_once_and_outside_ones_are_listed(overlap_tree, tmp_path):
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.selection import make_selection
     from galaxalign_batch.survey.targets import assign_targets, read_targets
 
@@ -245,6 +245,16 @@ def test_section_reads_give_the_whole_bricks_cutouts_bit_for_bit(damaged_brick):
         assert a.pixels.tobytes() == b.pixels.tobytes()
         assert a.masked_fraction.tobytes() == b.masked_fraction.tobytes()
         assert (a.masked_fraction > 0).sum() >= 3  # the damage is inside the cutouts
+    # many sources: the kernel consults its 16-px invalid-pixel blocks, and the margin widens to match
+    rng = np.random.default_rng(0)
+    xd, yd = np.concatenate([x, rng.uniform(0, 1000, 90)]), np.concatenate([y, rng.uniform(0, 1000, 90)])
+    spec = CutoutSpec(angular_size=30.0, out_size=32)
+    step = spec.step(whole.pixscale)
+    assert len(xd) * ((spec.out_size - 1) * step + 5) ** 2 > 1000 * 1000  # preprocess.cutouts' use_blocks
+    part = read_brick_sections(frame, xd, yd, spec)
+    a = make_cutouts(whole.image, whole.valid, xd, yd, whole.pixscale, spec, bands=whole.bands, wcs=whole.wcs)
+    b = make_cutouts(part.image, part.valid, xd, yd, part.pixscale, spec, bands=part.bands, wcs=part.wcs)
+    assert a.pixels.tobytes() == b.pixels.tobytes() and a.masked_fraction.tobytes() == b.masked_fraction.tobytes()
 
 
 def test_coverage_rule_needs_the_margin(damaged_brick):
@@ -282,7 +292,8 @@ def local_ray():
 
 
 def _run(tiles_root, out, **kw):
-    from galaxalign_batch.engine import embed_tiles, resolve_tiles
+    from galaxalign_batch.engine import embed_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.selection import make_selection
 
     tiles = resolve_tiles([str(tiles_root)])
@@ -363,4 +374,12 @@ def test_where_run_keeps_columns_and_join_outputs_them(tmp_path, local_ray):
         _run(root, tmp_path / "x.zarr", keep_columns="type,nope")
     with pytest.raises(ConfigError, match="no column shape_q"):
         _run(root, tmp_path / "x.zarr", where="shape_q > 1")
+    # verify checks the kept columns too: a lost chunk of one is reported
+    from galaxalign_batch.store.verify import verify_store
+
+    assert verify_store(tmp_path / "cut.zarr").ok
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(tmp_path / "cut.zarr", damaged)
+    (damaged / "shape_r" / "c" / "0").unlink()
+    assert any("array shape_r" in p.text for p in verify_store(damaged).problems)
     shutil.rmtree(tmp_path / "sky")

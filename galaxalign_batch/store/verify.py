@@ -117,7 +117,9 @@ def _check_array(store: EmbeddingStore, name: str, n: int, report: VerifyReport)
     sharded = shard != chunk
     per_shard = shard // chunk
     root = Path(store.path)
-    strict = name in ROW_ARRAYS if store.format_version >= 2 else name in ("embedding", "object_id", "tile")
+    kept = {c.name for c in getattr(store, "extra_columns", ())}  # written with every chunk, like the others
+    strict = (name in ROW_ARRAYS or name in kept) if store.format_version >= 2 else name in ("embedding", "object_id",
+                                                                                             "tile")
     for s0 in range(0, n, shard):
         s1 = min(s0 + shard, n)
         key = store.chunk_key(name, s0)
@@ -233,9 +235,10 @@ def verify_store(path: str | os.PathLike, *, repair: bool = False, step_rows: in
         f.endswith(PARTIAL_SUFFIX) for _, _, files in os.walk(store.path) for f in files)
     n = store.n_rows
 
-    # the arrays exist and are long enough
+    # the arrays exist and are long enough (the standard ones and the kept catalogue columns)
+    row_arrays = ROW_ARRAYS + tuple(c.name for c in getattr(store, "extra_columns", ()))
     short = False
-    for name in ROW_ARRAYS:
+    for name in row_arrays:
         if name not in store.group:
             report.problems.append(Problem(f"array {name} is missing", first_row=0))
             short = True
@@ -253,10 +256,10 @@ def verify_store(path: str | os.PathLike, *, repair: bool = False, step_rows: in
         return _finish(store, table, report, repair)
 
     # every committed chunk: present, decodable
-    for name in ROW_ARRAYS:
+    for name in row_arrays:
         _check_array(store, name, n, report)
     emb_arr = store.group["embedding"]
-    report.checked.append(f"{len(ROW_ARRAYS)} row arrays, {-(-n // _chunk_rows(emb_arr)[1]) if n else 0} shard "
+    report.checked.append(f"{len(row_arrays)} row arrays, {-(-n // _chunk_rows(emb_arr)[1]) if n else 0} shard "
                           f"file(s) each, {len(schema.TILE_COLUMNS)} tile arrays")
 
     # values: ids, tile column, norms (one shard at a time)

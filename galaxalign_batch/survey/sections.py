@@ -14,13 +14,13 @@ list or a cut asks for a few dozen sources. :func:`read_brick_sections` instead
    is decompressed once and no other, and applies the coverage rule on the component;
 4. returns a :class:`~galaxalign_batch.survey.tile.Tile` of the brick's full size whose pixels outside
    the tiles read are zero and invalid; its arrays are allocated zeroed by the OS (pages never
-   written cost no memory).
+   written cost no memory). Cut the same sources from it (the margin depends on how many there are).
 
 Cutouts from such a tile equal cutouts from the whole brick **bit for bit** (tested): every pixel a
 cutout reads is in a rectangle; the coverage rule labels exact-zero regions of at least
 :data:`~galaxalign_batch.survey.tile.MIN_ZERO_REGION` px, and a region reaching a pixel of the cutout
-has that many pixels within the margin when it has them at all; the margin (16 px) also covers the
-16 px blocks of the kernel's invalid-pixel map. Differences from a whole read: a band that is NaN
+has that many pixels within the margin when it has them at all; when the kernel consults its 16-px
+invalid-pixel blocks (many sources) the margin is 16 px, so that it sees whole blocks. Differences from a whole read: a band that is NaN
 everywhere else is not an error (nothing outside the tiles read is looked at); maskbits are not read.
 """
 
@@ -145,6 +145,17 @@ def reach_px(spec, pixscale: float, rotated: bool = True) -> int:
     return int(math.ceil(0.5 * (spec.out_size - 1) * step + 0.5 * step + ntaps + 2))
 
 
+def margin_px(n: int, spec, pixscale: float, shape: tuple[int, int]) -> int:
+    """The margin read around each cutout's reach: :data:`~galaxalign_batch.survey.tile.MIN_ZERO_REGION`
+    for the coverage rule, or :data:`MARGIN` (16) when ``make_cutouts`` of these ``n`` sources will consult its
+    16-px invalid-pixel blocks (it does when their windows add up to more than the image: dense selections)."""
+    from galaxalign_batch.preprocess.kernels import taps_per_axis
+
+    step = spec.step(pixscale)
+    uses_blocks = n * ((spec.out_size - 1) * step + taps_per_axis(step)) ** 2 > shape[0] * shape[1]
+    return MARGIN if uses_blocks else MIN_ZERO_REGION
+
+
 @dataclass
 class Component:
     """4-connected compression tiles read together: ``runs`` are (y0, y1, x0, x1) pixel rectangles (one per
@@ -218,7 +229,7 @@ def plan(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec) -> list[Componen
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     rotated = orientation(spec, frame.wcs, x, y, pixscale)[1] if len(x) else np.zeros(0, bool)
     reach = np.where(rotated, reach_px(spec, pixscale, True), reach_px(spec, pixscale, False))
-    tiles = needed_tiles(x, y, reach, frame.shape, frame.tile_dims)
+    tiles = needed_tiles(x, y, reach, frame.shape, frame.tile_dims, margin_px(len(x), spec, pixscale, frame.shape))
     return components(tiles, frame.shape, frame.tile_dims)
 
 
