@@ -383,3 +383,21 @@ def test_where_run_keeps_columns_and_join_outputs_them(tmp_path, local_ray):
     (damaged / "shape_r" / "c" / "0").unlink()
     assert any("array shape_r" in p.text for p in verify_store(damaged).problems)
     shutil.rmtree(tmp_path / "sky")
+
+
+def test_cli_refuses_a_bad_cut_or_a_lost_target_list_before_ray(overlap_tree, tmp_path, caplog):
+    """One line, exit 1, no store and no Ray: a --where that is not a cut; a list with no target on a tile."""
+    import sys
+
+    from galaxalign_batch.cli import main
+
+    out = tmp_path / "s.zarr"
+    assert main(["embed", "--tiles", str(overlap_tree), "--model", "tiny", "--out", str(out),
+                 "--where", "__import__('os').system('true')"]) == 1
+    assert "a function call is not allowed" in caplog.text
+    far = _write_csv(tmp_path / "far.csv", ["ra", "dec"], [["10.0", "-5.0"]])
+    assert main(["embed", "--tiles", str(overlap_tree), "--model", "tiny", "--out", str(out),
+                 "--targets", str(far)]) == 1
+    assert "none of its 1 targets lies on a tile" in caplog.text
+    assert not out.exists() and (tmp_path / "s.zarr.targets-outside.csv").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
