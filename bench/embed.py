@@ -75,7 +75,7 @@ def engine_work(root: Path, enc) -> dict:
     fastest any schedule of that work can go: the ceiling the engine is measured against."""
     import torch
 
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.prepare import prepare_tile
 
     t = {"read": 0.0, "preprocess": 0.0, "model": 0.0}
@@ -114,6 +114,14 @@ class BrickSources(torch.utils.data.IterableDataset):
                 yield torch.from_numpy(np.ascontiguousarray(p.pixels[i]))
 
 
+def _one_thread_worker(_):
+    """A loader worker cuts on one thread (Numba, torch), as an engine tile task does."""
+    import numba
+
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+
+
 def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dict:
     """The DataLoader pipeline (see :class:`BrickSources`): ``workers`` loader processes, the model in the
     main process on torch's default threads (one per core), one Zarr write at the end. ``seconds`` from
@@ -121,14 +129,15 @@ def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dic
     import torch
     import zarr
 
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
 
     torch.set_num_threads(os.cpu_count() or 1)
     refs = resolve_tiles([str(root)])
     t0 = time.perf_counter()
     # spawn: Numba's OpenMP layer in this process makes fork() unsafe (GNU OpenMP terminates the child)
     loader = torch.utils.data.DataLoader(BrickSources(refs, enc.spec), batch_size=batch, num_workers=workers,
-                                         prefetch_factor=4, multiprocessing_context="spawn")
+                                         prefetch_factor=4, multiprocessing_context="spawn",
+                                         worker_init_fn=_one_thread_worker)
     embs, n, t_first, model_s = [], 0, None, 0.0
     for x in loader:
         t_first = t_first or time.perf_counter()
@@ -148,7 +157,8 @@ def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dic
 def engine(root: Path, cpus: int, out: Path) -> dict:
     import ray
 
-    from galaxalign_batch.engine import embed_tiles, resolve_tiles
+    from galaxalign_batch.engine import embed_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -262,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=2400, help="brick side in px (3600 = full brick)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-cpus", default=None, metavar="N,M",
+                    help="Ray CPUs of the engine runs (default: 1 and all cores; all cores is always run)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU encoder stage (see above)")
     ap.add_argument("--model", default="ViT-B-16", help="--device cuda: open_clip model name (random weights)")
     ap.add_argument("--sources", type=int, default=30000, help="--device cuda: sources to encode")
@@ -288,7 +300,8 @@ def main(argv=None) -> int:
         own = engine_work(args.data, enc)
         cores = os.cpu_count() or 1
         loader = dataloader(args.data, enc, cores, work / "dataloader.zarr")
-        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr") for c in sorted({1, cores})}
+        cpus = sorted({int(c) for c in args.engine_cpus.split(",")} | {cores}) if args.engine_cpus else sorted({1, cores})
+        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr") for c in cpus}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = lambda r: r["sources"] / r["seconds"]  # noqa: E731
@@ -301,7 +314,7 @@ def main(argv=None) -> int:
     print(f"engine work per source on one core (sequential): read {ms['read']:.2f} ms, preprocess "
           f"{ms['preprocess']:.2f} ms, model {ms['model']:.2f} ms (batch 64); baseline: "
           f"{1e3 * base['seconds'] / base['sources']:.2f} ms")
-    for c in sorted({1, cores}):
+    for c in cpus:
         ceiling = base["seconds"] / (own["seconds"] / c)
         print(f"ceiling with {c} core(s), no start-up, perfect overlap: {ceiling:.1f}x baseline")
     model_ceiling = cores * 1e3 / ms["model"]  # the model alone on every core, 1 thread each, batch 64

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     import ray
     from astropy.table import Table, join
 
-    from galaxalign_batch.engine import embed_tiles, resolve_tiles
+    from galaxalign_batch.engine import embed_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.morphology import regress, validate
     from galaxalign_batch.morphology.catalog import jobs_from_store, measure_jobs, read_table, write_table
     from galaxalign_batch.simulate import simulate_survey

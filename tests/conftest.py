@@ -32,7 +32,7 @@ def torch_one_thread():
 def simulated_sky_store(tmp: Path, seed: int) -> Path:
     """One simulated 512-px brick (real tiles to re-make cutouts from) embedded in this process with
     the tiny model into ``tmp/sky.zarr`` (~175 rows), as `embed` would write it."""
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.encoder import load_encoder
     from galaxalign_batch.engine.prepare import prepare_tile
     from galaxalign_batch.simulate import simulate_survey

@@ -29,7 +29,7 @@ def _checkpoint(tmp, mode: str, seed: int):
 
 def _embed(survey, ckpt, out):
     """What `embed` does, in this process: cutouts of every Tractor source, encoded, committed per tile."""
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.encoder import load_encoder
     from galaxalign_batch.engine.prepare import prepare_tile
 

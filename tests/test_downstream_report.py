@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A simulated survey embedded with an (untrained) tiny tri-modal checkpoint, in this process."""
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.encoder import load_encoder
     from galaxalign_batch.engine.prepare import prepare_tile
     from galaxalign_batch.model.checkpoint import save_model

@@ -145,7 +145,7 @@ def test_not_an_image_and_missing_model(synth, tmp_path):
 @pytest.fixture(scope="module")
 def cube_store(tmp_path_factory, cutouts_dir):
     """Detected sources of two real DECaLS cutout cubes, embedded with the tiny encoder (no Ray)."""
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.encoder import load_encoder
     from galaxalign_batch.engine.prepare import prepare_tile
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from galaxalign_batch.engine import resolve_tiles
+from galaxalign_batch.survey.tiles import resolve_tiles
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.survey.images import ImageRef
 

@@ -9,7 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from galaxalign_batch.engine import embed_tiles, resolve_tiles  # noqa: E402
+from galaxalign_batch.engine import embed_tiles  # noqa: E402
+from galaxalign_batch.survey.tiles import resolve_tiles
 from galaxalign_batch.engine.encoder import load_encoder  # noqa: E402
 from galaxalign_batch.engine.prepare import prepare_tile  # noqa: E402
 from galaxalign_batch.errors import ConfigError  # noqa: E402

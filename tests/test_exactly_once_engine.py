@@ -16,7 +16,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from galaxalign_batch.engine import embed_tiles, resolve_tiles  # noqa: E402
+from galaxalign_batch.engine import embed_tiles  # noqa: E402
+from galaxalign_batch.survey.tiles import resolve_tiles
 from galaxalign_batch.store import io as store_io, open_store  # noqa: E402
 from galaxalign_batch.store.verify import verify_store  # noqa: E402
 

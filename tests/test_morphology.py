@@ -96,7 +96,7 @@ def test_detected_ids_are_the_stores(tmp_path, cutouts_dir):
     path), not after the file stem, so its catalogue joins the store by object_id."""
     import shutil
 
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.engine.prepare import prepare_tile
     from galaxalign_batch.morphology.catalog import jobs_from_tiles
     from galaxalign_batch.preprocess import CutoutSpec

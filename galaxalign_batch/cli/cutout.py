@@ -59,7 +59,7 @@ class _Tiles:
     """The tiles named by ``--tiles``; bricks of survey roots are opened only when a target is on them."""
 
     def __init__(self, specs: list[str]):
-        from galaxalign_batch.engine.tiles import resolve_tiles
+        from galaxalign_batch.survey.tiles import resolve_tiles
 
         self.refs = resolve_tiles(specs)
         if not self.refs:

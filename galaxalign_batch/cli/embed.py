@@ -17,7 +17,8 @@ DEFAULT_STORE = "runs/sky-embeddings.zarr"
 
 
 def run(args: argparse.Namespace) -> int:
-    from galaxalign_batch.engine import embed_tiles, resolve_tiles
+    from galaxalign_batch.engine import embed_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.survey.bands import parse_bands
 
     tiles_args = args.tiles

@@ -1,6 +1,8 @@
-"""The embedding engine: tiles -> sources -> cutouts -> embeddings -> store, distributed with Ray."""
+"""The embedding engine: tiles -> sources -> cutouts -> embeddings -> store, distributed with Ray.
 
-from galaxalign_batch.engine.tiles import TileRef, resolve_tiles
+Tiles come from :func:`galaxalign_batch.survey.tiles.resolve_tiles`.
+"""
+
 from galaxalign_batch.engine.pipeline import EmbedSummary, embed_tiles
 
-__all__ = ["TileRef", "resolve_tiles", "EmbedSummary", "embed_tiles"]
+__all__ = ["EmbedSummary", "embed_tiles"]

@@ -30,7 +30,7 @@ from galaxalign_batch import progress
 from galaxalign_batch.engine import images, preflight
 from galaxalign_batch.engine.encoder import describe_model, model_identity
 from galaxalign_batch.engine.selection import check_resume
-from galaxalign_batch.engine.tiles import TileRef
+from galaxalign_batch.survey.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.store import EmbeddingStore, lock as store_lock
 from galaxalign_batch.store.embedding_store import as_str

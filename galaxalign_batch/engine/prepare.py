@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from galaxalign_batch.engine.tiles import TileRef
+from galaxalign_batch.survey.tiles import TileRef
 from galaxalign_batch.errors import TileError
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
 from galaxalign_batch.store import schema

@@ -1,6 +1,6 @@
 """Label-free pretraining of an open_clip model on survey sources: a foundation for GalaxAlign.
 
-What it reads: survey tiles through the same path as ``embed`` (``engine.tiles.resolve_tiles``,
+What it reads: survey tiles through the same path as ``embed`` (``survey.tiles.resolve_tiles``,
 ``engine.prepare.read_tile``, ``survey.sources_for``, ``preprocess.make_cutouts``). Each source is
 cut once per pass at 1.5x the model's angular size (same pixel scale and stretch), so that two
 random **views** can be resampled from it: rotation by any angle, mirror, zoom 0.85-1.2, shift up to
@@ -256,7 +256,7 @@ def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``."""
-    from galaxalign_batch.engine.tiles import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.model.inputs import resolve_device
     from galaxalign_batch.model.train import _param_groups, _schedule
     from galaxalign_batch.ops import trimodal_contrastive_loss

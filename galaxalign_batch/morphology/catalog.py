@@ -219,7 +219,7 @@ def jobs_from_store(store, roots: Sequence[str] | None = None, limit: int | None
 
 def jobs_from_tiles(paths: Sequence[str], bricks=None, catalog: str = "auto", limit: int | None = None) -> list[Job]:
     """One :class:`Job` per tile of ``--tiles`` paths, sources from :func:`galaxalign_batch.survey.sources_for`."""
-    from galaxalign_batch.engine import resolve_tiles
+    from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.survey import open_tile, sources_for
 
     jobs, left = [], limit

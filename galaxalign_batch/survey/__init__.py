@@ -1,4 +1,5 @@
-"""Survey I/O: Legacy Survey bricks, viewer cutout cubes, Tractor catalogs and source detection.
+"""Survey I/O: which files are tiles (files, folders, globs, survey roots, releases), Legacy Survey
+bricks, viewer cutout cubes, Tractor catalogs and source detection.
 
 ``open_tile`` reads any supported input into a :class:`Tile`; ``sources_for`` gives its sources.
 See ``docs/survey.md`` for the coverage rule, object ids and errors.
@@ -15,6 +16,7 @@ from galaxalign_batch.survey.bricks import parse_brick_filename, read_brick, rea
 from galaxalign_batch.survey.cubes import read_cube
 from galaxalign_batch.survey.sources import detect_sources, read_tractor, sources_for
 from galaxalign_batch.survey.tile import MIN_ZERO_REGION, Tile
+from galaxalign_batch.survey.tiles import TileRef, resolve_tiles
 
 
 def open_tile(path: str | os.PathLike, brick: str | None = None) -> Tile:
@@ -33,6 +35,6 @@ def open_tile(path: str | os.PathLike, brick: str | None = None) -> Tile:
 
 
 __all__ = [
-    "Tile", "TileError", "open_tile", "read_brick", "read_brick_files", "read_brick_at", "read_cube",
+    "TileRef", "resolve_tiles", "Tile", "TileError", "open_tile", "read_brick", "read_brick_files", "read_brick_at", "read_cube",
     "read_tractor", "detect_sources", "sources_for", "layout", "MIN_ZERO_REGION",
 ]

@@ -223,7 +223,7 @@ class Assignment:
 
 
 def assign_targets(targets: Targets, tiles, geometry=read_geometry) -> Assignment:
-    """Assign every target to one tile of ``tiles`` (:class:`~galaxalign_batch.engine.tiles.TileRef`),
+    """Assign every target to one tile of ``tiles`` (:class:`~galaxalign_batch.survey.tiles.TileRef`),
     by the rules of this module's docstring. Tiles whose header cannot be read are left out (the
     engine reports them when it reads them); their targets fall to other tiles or outside."""
     from galaxalign_batch.survey import layout
