@@ -385,11 +385,15 @@ def test_where_run_keeps_columns_and_join_outputs_them(tmp_path, local_ray):
     shutil.rmtree(tmp_path / "sky")
 
 
-def test_cli_refuses_a_bad_cut_or_a_lost_target_list_before_ray(overlap_tree, tmp_path, caplog):
+def test_cli_refuses_a_bad_cut_or_a_lost_target_list_before_ray(overlap_tree, tmp_path, caplog, monkeypatch):
     """One line, exit 1, no store and no Ray: a --where that is not a cut; a list with no target on a tile."""
-    import sys
-
     from galaxalign_batch.cli import main
+    from galaxalign_batch.engine import pipeline
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(pipeline, "_init_ray", no_ray)
 
     out = tmp_path / "s.zarr"
     assert main(["embed", "--tiles", str(overlap_tree), "--model", "tiny", "--out", str(out),
@@ -400,4 +404,3 @@ def test_cli_refuses_a_bad_cut_or_a_lost_target_list_before_ray(overlap_tree, tm
                  "--targets", str(far)]) == 1
     assert "none of its 1 targets lies on a tile" in caplog.text
     assert not out.exists() and (tmp_path / "s.zarr.targets-outside.csv").exists()
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
