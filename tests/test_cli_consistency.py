@@ -12,7 +12,7 @@ from galaxalign_batch.cli import SUBCOMMANDS, _options, build_parser, main
 
 # Options built by galaxalign_batch.cli._options; their dest names.
 SHARED = ["store", "tiles", "bricks", "survey", "sources", "device", "seed", "stretch", "force", "force_unlock",
-          "batch_rows", "threads", "resume", "no_resume", "angular_size"]
+          "batch_rows", "threads", "resume", "no_resume", "angular_size", "address"]
 # Documented differences (docs/cli.md): simulate --bricks N is how many bricks to make; embed --stretch
 # defaults to the model's own stretch, and embed --angular-size is what an RGB picture spans (no default).
 EXCEPTIONS = {("simulate", "bricks"), ("embed", "stretch"), ("embed", "angular_size")}
@@ -86,6 +86,9 @@ USAGE_ERRORS = [
     ["evaluate"], ["verify"], ["classify"], ["search"], ["search", "--store", "s"], ["join"], ["report"],
     ["fewshot"], ["fewshot", "--store", "s"], ["label"], ["morphology", "--out", "t.csv"],
     ["morphology", "--store", "s", "--tiles", "t", "--out", "t.csv"], ["cutout", "--tiles", "t", "--out", "a.png"],
+    ["embed", "--tiles", "t"],
+    ["search", "--store", "s", "--text", "a spiral", "--symbol", "d.png"],
+    ["search", "--store", "s", "--queries", "q.txt", "--plot", "g.png"],
 ]
 
 
@@ -106,6 +109,8 @@ def test_deprecated_spellings_still_work_and_warn(caplog):
     args = commands["label"].parse_args(["--store", "s", "--task", "t", "--head", "mlp"])
     assert args.kind == "mlp"
     args = commands["morphology"].parse_args(["--store", "s", "--out", "t.csv", "--catalog", "detect"])
+    assert args.sources == "detect"
+    args = commands["embed"].parse_args(["--catalog", "detect"])
     assert args.sources == "detect"
     args = commands["join"].parse_args(["--store", "s", "--catalog", "c.csv", "--out", "o.parquet", "--workers", "3"])
     assert args.threads == 3

@@ -12,6 +12,7 @@ The vocabulary (docs/cli.md):
 - ``--sources auto|detect|PATH``: where the sources of tiles come from (the Tractor catalogue,
   detection, or one catalogue file); ``--catalog FILE`` is always *your* catalogue (``join``).
 - ``--model``: the model (checkpoint, foundation, open_clip spec), ``--device auto|cpu|cuda``.
+- ``--address``: a Ray cluster to run on (``auto`` or host:port; default: this machine, as before).
 - ``--workers N``: worker processes (``train``: Ray Train workers); ``--threads N``: threads of this
   process. ``--seed S``, ``--stretch``, ``--force``, ``--force-unlock``, ``--batch-rows``.
 
@@ -30,7 +31,7 @@ from galaxalign_batch.errors import ConfigError
 __all__ = [
     "HelpFormatter", "CommandParser", "UsageError", "add_store", "add_tiles", "add_bricks", "add_survey",
     "add_sources", "add_angular_size", "add_device", "add_seed", "add_stretch", "add_force", "add_force_unlock",
-    "add_batch_rows", "add_threads", "add_resume", "STRETCHES", "DEVICES",
+    "add_batch_rows", "add_threads", "add_resume", "add_address", "STRETCHES", "DEVICES",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -154,3 +155,9 @@ def add_resume(p) -> None:
     r = p.add_mutually_exclusive_group()
     r.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints (default: resume if any)")
     r.add_argument("--no-resume", action="store_true", help="start afresh, deleting OUT/checkpoints")
+
+
+def add_address(p, *, help: str = "run on a Ray cluster ('auto' or host:port; 'local': a private local Ray "
+                                  "instance); default: on this machine without Ray") -> argparse.Action:
+    """``--address``: the Ray cluster to join (galaxalign_batch.cluster.init_ray's policy)."""
+    return p.add_argument("--address", default=None, help=help)

@@ -6,6 +6,8 @@ Public API (imported lazily, so ``import galaxalign_batch.downstream`` stays lig
 - :func:`run_query` + :func:`search_store` (exact or faiss index), :func:`plot_grid`;
   :func:`build_index` / :func:`get_index`;
 - :func:`join_catalog` (positional or key join to Parquet), :func:`match_positions`, :func:`read_catalog`;
+  :func:`join_partitioned` (HEALPix partitions, streamed catalogue, local threads or Ray tasks) and
+  :func:`read_partitioned`;
 - :func:`write_report` (self-contained HTML);
 - errors: :class:`QueryError`, :class:`CatalogError`, :class:`ModelMismatchError`.
 """
@@ -25,6 +27,8 @@ _EXPORTS = {
     "get_index": "galaxalign_batch.downstream.index",
     "join_catalog": "galaxalign_batch.downstream.join",
     "match_positions": "galaxalign_batch.downstream.join",
+    "join_partitioned": "galaxalign_batch.downstream.partitioned",
+    "read_partitioned": "galaxalign_batch.downstream.partitioned",
     "read_catalog": "galaxalign_batch.downstream.catalogs",
     "write_report": "galaxalign_batch.downstream.report",
     "classification_of": "galaxalign_batch.downstream.common",
