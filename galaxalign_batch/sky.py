@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["parse_angle_arcsec", "radec_to_xyz", "chord_from_arcsec", "arcsec_from_chord"]
+__all__ = ["parse_angle_arcsec", "radec_to_xyz", "chord_from_arcsec", "arcsec_from_chord", "viewer_url", "VIEWER"]
+
+#: The Legacy Survey sky viewer: a link per source in search tables and reports.
+VIEWER = "https://www.legacysurvey.org/viewer"
 
 
 def parse_angle_arcsec(text: str | float, what: str = "radius") -> float:
@@ -50,3 +53,8 @@ def chord_from_arcsec(arcsec: float | np.ndarray) -> np.ndarray | float:
 def arcsec_from_chord(chord: np.ndarray | float) -> np.ndarray | float:
     """The angle in arcsec between two unit vectors ``chord`` apart (inverse of :func:`chord_from_arcsec`)."""
     return np.degrees(2.0 * np.arcsin(np.clip(np.asarray(chord, dtype=np.float64) / 2.0, 0.0, 1.0))) * 3600.0
+
+
+def viewer_url(ra: float, dec: float, *, layer: str = "ls-dr10", zoom: int = 16) -> str:
+    """The Legacy Survey viewer centred on (ra, dec) in degrees: ``VIEWER?ra=...&dec=...&layer=...&zoom=...``."""
+    return f"{VIEWER}?ra={float(ra) % 360.0:.6f}&dec={float(dec):.6f}&layer={layer}&zoom={int(zoom)}"

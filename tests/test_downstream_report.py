@@ -74,8 +74,11 @@ def test_report_is_self_contained_with_truth(setup, tmp_path):
     summary = write_report(setup["store"], out, roots=[str(setup["survey"])], examples=3)
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    # nothing outside the file: no external links, scripts, stylesheets or images
-    assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page and "<link" not in page
+    # nothing loaded from outside the file: no scripts, stylesheets or images; the only links are the
+    # examples' Legacy Survey viewer positions (followed by a click, never loaded by the page)
+    assert not re.search(r'src="(?!data:)', page) and "<script" not in page and "<link" not in page
+    assert not re.search(r'href="(?!https://www\.legacysurvey\.org/viewer\?ra=[0-9.]+&amp;dec=-?[0-9.]+&amp;'
+                         r'layer=ls-dr10&amp;zoom=16")', page)
     imgs = _images(page)
     assert all(i.startswith("data:image/png;base64,") for i in imgs)
     from PIL import Image
@@ -88,6 +91,7 @@ def test_report_is_self_contained_with_truth(setup, tmp_path):
     counts = np.bincount(s.read("label"), minlength=10)
     n_examples = int(np.minimum(counts, 3).sum())
     assert page.count('<div class="thumb"><img') == n_examples and "no tile" not in page
+    assert page.count('href="https://www.legacysurvey.org/viewer?') == n_examples
     # figures: histogram, sky map, embedding map, confusion matrix + thumbnails
     assert len(imgs) == 4 + n_examples
     acc, n = _truth_accuracy(setup)

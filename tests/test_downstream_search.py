@@ -63,7 +63,7 @@ def test_object_query_finds_itself_first_and_matches_brute_force(synth):
         want = np.argsort(-scores, kind="stable")[:8]
         np.testing.assert_allclose(res.scores, scores[want], rtol=0, atol=1e-5)
         assert set(res.rows.tolist()) == set(want.tolist())
-        assert list(res.table.columns) == ["rank", "object_id", "ra", "dec", "score"]
+        assert list(res.table.columns) == ["rank", "object_id", "ra", "dec", "score", "viewer"]
 
 
 def test_ids_are_found_inside_their_tile_or_by_scanning(synth):

@@ -23,6 +23,7 @@ from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import Classification, classification_of
 from galaxalign_batch.preprocess.pictures import png_base64, to_rgb8
+from galaxalign_batch.sky import viewer_url
 from galaxalign_batch.store import EmbeddingStore, open_readable, schema
 from galaxalign_batch.store.cutouts import TileOpener, brick_of_key, survey_roots
 
@@ -386,8 +387,11 @@ def _examples_section(store: EmbeddingStore, cls: Classification, per_class: int
     missing = sum(v is None for v in cut.values())
     ids = dict(zip(wanted.tolist(), store.read("object_id", wanted).astype(object))) if len(wanted) else {}
     conf = dict(zip(wanted.tolist(), store.read("confidence", wanted).tolist())) if len(wanted) else {}
+    links = (dict(zip(wanted.tolist(), (viewer_url(a, b) for a, b in zip(store.read("ra", wanted),
+                                                                          store.read("dec", wanted)))))
+             if len(wanted) else {})
     html_parts = ["<h2>Examples per class</h2><p>The most confident sources of each class; cutouts re-made "
-                  "from the tiles (north up).</p>"]
+                  "from the tiles (north up); each id links to the Legacy Survey viewer at its position.</p>"]
     for c, name in enumerate(cls.classes):
         rows = top.get(c, np.zeros(0, np.int64))
         html_parts.append(f"<h3>{html.escape(name)} <small>({html.escape(cls.labels[c])})</small></h3>")
@@ -399,7 +403,8 @@ def _examples_section(store: EmbeddingStore, cls: Classification, per_class: int
             pix = cut.get(r)
             img = (f'<img src="{png_base64(to_rgb8(pix, orientation))}">' if pix is not None
                    else '<div class="missing">no tile</div>')
-            cells.append(f'<div class="thumb">{img}<br>{html.escape(str(ids[r]))}<br>p={conf[r]:.2f}</div>')
+            cells.append(f'<div class="thumb">{img}<br><a href="{html.escape(links[r])}" rel="noopener noreferrer" '
+                         f'title="Legacy Survey viewer">{html.escape(str(ids[r]))}</a><br>p={conf[r]:.2f}</div>')
         html_parts.append('<div class="thumbs">' + "".join(cells) + "</div>")
     if missing:
         notes.append(f"{missing} example thumbnail(s) could not be re-made: their tiles were not found "

@@ -1,9 +1,13 @@
-"""`search`: the stored galaxies most similar to a query (a stored object, a sky position, or an image).
+"""`search`: the stored galaxies most similar to a query, in the three modalities of the model.
 
-Similarity is the inner product of L2-normalised embeddings (cosine). Exact search streams the
-store's ``embedding`` array through the fused top-k kernel (:func:`galaxalign_batch.ops.similarity_topk`,
-ties by lower row); an approximate faiss index (``galaxalign_batch.downstream.index``) serves
-stores above ~10^7 rows. A query that is a stored row finds itself first (score ~1).
+A query is a stored object, a sky position, an image (through the image tower), a text (through the
+text tower) or a drawn symbol (through the symbol encoder); the towers are those of the store's
+model (:mod:`galaxalign_batch.downstream.towers`). Similarity is the inner product of L2-normalised
+embeddings (cosine). Exact search streams the store's ``embedding`` array through the fused top-k
+kernel (:func:`galaxalign_batch.ops.similarity_topk`, ties by lower row), every query of a batch in
+the same pass; an approximate faiss index (``galaxalign_batch.downstream.index``) serves stores
+above ~10^7 rows. A query that is a stored row finds itself first (score ~1). Optionally, results
+closer on the sky than ``dedup`` arcsec to a better-scoring result are one object (kept once).
 """
 
 from __future__ import annotations
@@ -19,22 +23,23 @@ from galaxalign_batch import progress
 from galaxalign_batch.downstream.common import QueryError, classification_of
 from galaxalign_batch.downstream.index import APPROX_THRESHOLD, KINDS, get_index
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.sky import arcsec_from_chord, radec_to_xyz
+from galaxalign_batch.sky import arcsec_from_chord, chord_from_arcsec, radec_to_xyz, viewer_url
 from galaxalign_batch.store import EmbeddingStore, schema
 
 log = logging.getLogger(__name__)
 
 INDEX_CHOICES = ("auto", "exact") + KINDS
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fit", ".fts", ".fits.gz")
+QUERY_KINDS = ("object", "near", "image", "text", "symbol")
 
 
 @dataclass
 class Query:
-    kind: str  # object | near | image
+    kind: str  # object | near | image | text | symbol
     text: str  # how the user gave it
     vector: np.ndarray  # (D,) float32
     row: int | None = None  # the stored row, when the query is one
-    pixels: np.ndarray | None = None  # the query picture (3, S, S) when it came from a file
+    pixels: np.ndarray | None = None  # the query picture (3, S, S): an image in the store's convention, or a symbol
     note: str = ""
 
 
@@ -48,9 +53,11 @@ class SearchResult:
     extra: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
+        """The query, the method and the table (without the viewer links, which the CSV has)."""
         head = [f"query: {self.query.kind} {self.query.text}" + (f" ({self.query.note})" if self.query.note else ""),
                 f"search: {self.method}"]
-        return head + self.table.to_string(index=False, float_format=lambda v: f"{v:.6f}").splitlines()
+        shown = self.table.drop(columns=[c for c in ("viewer",) if c in self.table])
+        return head + shown.to_string(index=False, float_format=lambda v: f"{v:.6f}").splitlines()
 
 
 # ---------------------------------------------------------------------------------------------- queries
@@ -237,16 +244,184 @@ def query_image(store: EmbeddingStore, path: str, model: str | None, device: str
     return Query("image", os.fspath(path), vec.astype(np.float32), pixels=pixels)
 
 
+class QueryModels:
+    """The store's model, loaded once for every query that needs it (image, text, symbol) of a batch."""
+
+    def __init__(self, store: EmbeddingStore, model: str | None, device: str = "cpu"):
+        self.store, self.model, self.device = store, model, device
+        self._encoder = None
+        self._towers = None
+
+    def encoder(self):
+        from galaxalign_batch.downstream.classify import check_model
+        from galaxalign_batch.engine.encoder import load_encoder
+
+        if self._encoder is None:
+            enc = load_encoder(self.model, device=self.device)
+            check_model(self.store, enc.identity)
+            self._encoder = enc
+        return self._encoder
+
+    def towers(self, need: str):
+        from galaxalign_batch.downstream.towers import load_towers
+
+        if self._towers is None:
+            self._towers = load_towers(self.store, self.model, need=need, device=self.device)
+        return self._towers
+
+
+def query_text(store: EmbeddingStore, text: str, model: str | None, device: str = "cpu", *,
+               models: QueryModels | None = None) -> Query:
+    """A text (``"barred spiral galaxy with two arms"``) through the store's model's text tower."""
+    text = " ".join(str(text).split())
+    if not text:
+        raise ConfigError("--text: empty text")
+    towers = (models or QueryModels(store, model, device)).towers("text")
+    vec = towers.encode_text([text])[0]
+    return Query("text", text, _unit(vec, "text"), note=f"text tower of the {towers.describe}")
+
+
+def query_symbol(store: EmbeddingStore, path: str, model: str | None, device: str = "cpu", *,
+                 models: QueryModels | None = None) -> Query:
+    """A drawn symbol (an image file: a sketch, dark on light or light on dark) through the symbol encoder."""
+    from galaxalign_batch.downstream.towers import read_sketch
+
+    towers = (models or QueryModels(store, model, device)).towers("symbol")
+    pixels = read_sketch(path, towers.symbol_size)
+    vec = towers.encode_symbols(pixels[None])[0]
+    if towers.symbol_note:
+        log.warning("--symbol: %s", towers.symbol_note)
+    note = "symbol encoder of the " + towers.describe if not towers.symbol_note else towers.symbol_note
+    return Query("symbol", os.fspath(path), _unit(vec, "symbol"), pixels=pixels, note=note)
+
+
+def _unit(vec: np.ndarray, what: str) -> np.ndarray:
+    v = np.asarray(vec, np.float32)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0:
+        raise QueryError(f"the {what} embedding is not finite or zero")
+    return v / norm
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+def read_queries(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The queries of a ``--queries`` file: ``[(kind, value), ...]`` in file order.
+
+    A text file, one query per line: ``KIND VALUE`` with KIND one of object, near, image, text,
+    symbol (``text barred spiral galaxy with two arms``, ``object 10000/1501p022/17``,
+    ``near 150.12,2.25``); blank lines and lines starting with ``#`` are skipped. Or a CSV
+    (``.csv``) with a header naming the columns ``kind`` and ``query``, one query per row. Image and
+    symbol paths are taken relative to the file's folder when they are not found as given.
+    """
+    import csv
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--queries {path}: no such file")
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--queries {path}: cannot read as UTF-8 text ({e})") from None
+    items: list[tuple[str, str, int]] = []
+    if path.lower().endswith(".csv"):
+        rows = list(csv.reader(text.splitlines()))
+        if not rows:
+            raise ConfigError(f"--queries {path}: empty")
+        header = [h.strip().lower() for h in rows[0]]
+        if "kind" not in header or "query" not in header:
+            raise ConfigError(f"--queries {path}: a CSV needs the columns kind and query in its header "
+                              f"(found: {', '.join(rows[0])})")
+        ik, iq = header.index("kind"), header.index("query")
+        for n, row in enumerate(rows[1:], start=2):
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(ik, iq):
+                raise ConfigError(f"--queries {path}: line {n} has {len(row)} field(s), the header {len(header)}")
+            items.append((row[ik].strip().lower(), row[iq].strip(), n))
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            kind, _, value = line.partition(" ")
+            items.append((kind.strip().lower().rstrip(":"), value.strip(), n))
+    out = []
+    base = os.path.dirname(os.path.abspath(path))
+    for kind, value, n in items:
+        if kind not in QUERY_KINDS:
+            raise ConfigError(f"--queries {path}: line {n}: unknown query kind {kind!r} (one of {', '.join(QUERY_KINDS)}, "
+                              "then the query, e.g. 'text barred spiral galaxy' or 'object 10000/1501p022/17')")
+        if not value:
+            raise ConfigError(f"--queries {path}: line {n}: {kind} without a value")
+        if kind in ("image", "symbol") and not os.path.isabs(value) and not os.path.exists(value):
+            candidate = os.path.join(base, value)
+            if os.path.exists(candidate):
+                value = candidate
+        out.append((kind, value))
+    if not out:
+        raise ConfigError(f"--queries {path}: no query in the file")
+    return out
+
+
+def run_queries(store: EmbeddingStore, items: Sequence[tuple[str, str]], *, model: str | None = None,
+                radius_arcsec: float = 5.0, device: str = "cpu") -> list[Query]:
+    """The :class:`Query` of every ``(kind, value)`` (see :func:`read_queries`); the model is loaded once."""
+    models = QueryModels(store, model, device)
+    return [_one_query(store, kind, value, models, radius_arcsec) for kind, value in items]
+
+
+def _one_query(store: EmbeddingStore, kind: str, value: str, models: QueryModels, radius_arcsec: float) -> Query:
+    if kind == "object":
+        return query_object(store, value)
+    if kind == "near":
+        return query_near(store, value, radius_arcsec)
+    if kind == "text":
+        return query_text(store, value, models.model, models.device, models=models)
+    if kind == "symbol":
+        return query_symbol(store, value, models.model, models.device, models=models)
+    if kind == "image":
+        if not models.model:
+            return query_image(store, value, None)  # the one-line error naming the store's model
+        pixels = read_query_image(value, store.cutout_spec)
+        vec = models.encoder().encode(pixels[None])[0]
+        return Query("image", os.fspath(value), vec.astype(np.float32), pixels=pixels)
+    raise ConfigError(f"unknown query kind {kind!r} (one of {', '.join(QUERY_KINDS)})")
+
+
+def batch_table(results: Sequence["SearchResult"]):
+    """One table of a batch's results: ``query_index``, ``query`` (kind and value), then each result's columns."""
+    import pandas as pd
+
+    parts = []
+    for i, r in enumerate(results):
+        t = r.table.copy()
+        t.insert(0, "query", f"{r.query.kind} {r.query.text}")
+        t.insert(0, "query_index", i)
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 # ---------------------------------------------------------------------------------------------- the search
 
 def search_store(store: EmbeddingStore, query: Query, k: int = 10, *, index: str = "auto",
-                 rebuild_index: bool = False, target_recall: float = 0.95) -> SearchResult:
-    """The ``k`` stored rows most similar to ``query`` with a table of their ids, positions, scores, labels."""
-    import pandas as pd
-    import torch
+                 rebuild_index: bool = False, target_recall: float = 0.95,
+                 dedup_arcsec: float | None = None) -> SearchResult:
+    """The ``k`` stored rows most similar to ``query`` with a table of their ids, positions, scores, labels.
 
-    from galaxalign_batch import ops
+    ``dedup_arcsec``: a result closer on the sky than this to a better-scoring result is the same
+    object and is left out (counted in the ``duplicates`` column of the one kept); more candidates
+    are taken so that ``k`` distinct objects remain when the store has them.
+    """
+    return search_many(store, [query], k, index=index, rebuild_index=rebuild_index, target_recall=target_recall,
+                       dedup_arcsec=dedup_arcsec)[0]
 
+
+def search_many(store: EmbeddingStore, queries: Sequence[Query], k: int = 10, *, index: str = "auto",
+                rebuild_index: bool = False, target_recall: float = 0.95,
+                dedup_arcsec: float | None = None) -> list[SearchResult]:
+    """:func:`search_store` for several queries, in one pass over the store (exact) or one index search."""
     n = store.n_rows
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"-k must be a positive integer, got {k!r}")
@@ -254,34 +429,110 @@ def search_store(store: EmbeddingStore, query: Query, k: int = 10, *, index: str
         raise ConfigError(f"-k {k} is larger than the store ({n} rows)")
     if index not in INDEX_CHOICES:
         raise ConfigError(f"--index must be one of {', '.join(INDEX_CHOICES)}, got {index!r}")
-    if query.vector.shape != (store.dim,):
-        raise QueryError(f"query vector has shape {query.vector.shape}, the store's embeddings are ({store.dim},)")
+    if dedup_arcsec is not None and not (np.isfinite(dedup_arcsec) and dedup_arcsec > 0):
+        raise ConfigError(f"--dedup must be a positive angle in arcsec, got {dedup_arcsec!r}")
+    if not queries:
+        return []
+    for query in queries:
+        if query.vector.shape != (store.dim,):
+            raise QueryError(f"query vector has shape {query.vector.shape}, the store's embeddings are ({store.dim},)")
     kind = index
     if kind == "auto":
         kind = "ivf" if n >= APPROX_THRESHOLD else "exact"
-    q = query.vector[None].astype(np.float32)
-    extra: dict = {}
-    if kind == "exact":
-        _, shard = store.chunking
-        scores, rows = ops.similarity_topk(torch.from_numpy(q), store.embeddings, k, chunk_rows=shard)
-        scores, rows = scores.numpy()[0], rows.numpy()[0]
-        method = f"exact ({n} rows, fused top-k)"
-    else:
-        idx = get_index(store, kind, rebuild=rebuild_index, target_recall=target_recall)
-        scores, rows = idx.search(q, k)
-        scores, rows = scores[0], rows[0]
-        keep = rows >= 0
-        scores, rows = scores[keep], rows[keep]
-        method = idx.describe()
-        extra["index"] = idx.meta
-    table = pd.DataFrame({"rank": np.arange(len(rows)), "object_id": store.read("object_id", rows),
-                          "ra": store.read("ra", rows), "dec": store.read("dec", rows),
-                          "score": scores.astype(np.float64)})
+    q = np.stack([query.vector for query in queries]).astype(np.float32)
+    idx = get_index(store, kind, rebuild=rebuild_index, target_recall=target_recall) if kind != "exact" else None
+    method = f"exact ({n} rows, fused top-k)" if idx is None else idx.describe()
+    extra: dict = {} if idx is None else {"index": idx.meta}
+    fetch = k if dedup_arcsec is None else min(n, max(4 * k, k + 16))
+    pending = list(range(len(queries)))
+    picked: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    while pending:
+        scores, rows = _top(store, q[pending], fetch, idx)
+        again = []
+        for i, sc, rw in zip(pending, scores, rows):
+            keep = rw >= 0
+            sc, rw = sc[keep], rw[keep].astype(np.int64)
+            if dedup_arcsec is None:
+                picked[i] = (rw[:k], sc[:k], np.zeros(0, np.int64))
+                continue
+            kept, dup = dedup_on_sky(store, rw, dedup_arcsec, k)
+            if len(kept) < k and fetch < n and len(rw) == fetch:
+                again.append(i)  # too many duplicates among the candidates: look further
+            else:
+                picked[i] = (rw[kept], sc[kept], dup)
+        pending = again
+        fetch = min(n, 4 * fetch)
+    if dedup_arcsec is not None:
+        method += f", results within {dedup_arcsec:g} arcsec of a better one merged"
+    out = []
     cls = classification_of(store)
+    for i, query in enumerate(queries):
+        rows, scores, dup = picked[i]
+        out.append(SearchResult(query, rows, np.asarray(scores, np.float32), _table(store, rows, scores, dup, cls,
+                                                                                 dedup_arcsec is not None),
+                                method, dict(extra)))
+    return out
+
+
+def _top(store: EmbeddingStore, q: np.ndarray, k: int, idx) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, rows) of each query row of ``q`` (Q, D): exact through the fused kernel, or the index."""
+    import torch
+
+    from galaxalign_batch import ops
+
+    if idx is None:
+        _, shard = store.chunking
+        scores, rows = ops.similarity_topk(torch.from_numpy(np.ascontiguousarray(q)), store.embeddings, k,
+                                           chunk_rows=shard)
+        return scores.numpy(), rows.numpy()
+    scores, rows = idx.search(q, k)
+    return np.asarray(scores), np.asarray(rows)
+
+
+def dedup_on_sky(store: EmbeddingStore, rows: np.ndarray, arcsec: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy suppression of sky duplicates among ``rows`` (best score first).
+
+    Returns ``(kept, duplicates)``: the positions in ``rows`` of at most ``k`` results none of which
+    lies within ``arcsec`` of a better-scoring kept one, and for each kept one how many of ``rows``
+    were merged into it (within ``arcsec`` of it; of two kept ones, the nearer).
+    """
+    rows = np.asarray(rows, np.int64)
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(rows)
+    ra, dec = np.empty(len(rows)), np.empty(len(rows))
+    ra[order], dec[order] = store.read("ra", rows[order]), store.read("dec", rows[order])
+    xyz = radec_to_xyz(ra, dec)
+    limit = float(chord_from_arcsec(arcsec))
+    kept: list[int] = []
+    dup: list[int] = []
+    for i in range(len(rows)):
+        if kept:
+            d = np.linalg.norm(xyz[kept] - xyz[i], axis=1)
+            j = int(np.argmin(d))
+            if d[j] < limit:
+                dup[j] += 1
+                continue
+        if len(kept) == k:
+            continue  # only duplicates of the k kept ones are counted from here on
+        kept.append(i)
+        dup.append(0)
+    return np.asarray(kept, np.int64), np.asarray(dup, np.int64)
+
+
+def _table(store: EmbeddingStore, rows: np.ndarray, scores: np.ndarray, dup: np.ndarray, cls, with_dup: bool):
+    import pandas as pd
+
+    ra, dec = store.read("ra", rows), store.read("dec", rows)
+    table = pd.DataFrame({"rank": np.arange(len(rows)), "object_id": store.read("object_id", rows), "ra": ra,
+                          "dec": dec, "score": np.asarray(scores, np.float64)})
     if cls is not None:
         table["label"] = cls.key_of(store.read("label", rows))
         table["confidence"] = store.read("confidence", rows).astype(np.float64)
-    return SearchResult(query, np.asarray(rows, np.int64), np.asarray(scores, np.float32), table, method, extra)
+    if with_dup:
+        table["duplicates"] = np.asarray(dup, np.int64)
+    table["viewer"] = [viewer_url(a, b) for a, b in zip(ra, dec)]
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- picture grid
@@ -305,8 +556,8 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
         qpix = result.query.pixels
     else:
         qpix = cut.get(result.query.row)
-    qtext = os.path.basename(result.query.text) if result.query.kind == "image" else result.query.text
-    panels.append((f"query\n{_short(qtext)}", qpix))
+    qtext = os.path.basename(result.query.text) if result.query.kind in ("image", "symbol") else result.query.text
+    panels.append((f"query\n{_short(qtext)}", qpix if result.query.kind != "text" else _TEXT_PANEL))
     t = result.table
     for i, row in enumerate(result.rows):
         title = f"#{i}  {t['score'].iloc[i]:.3f}"
@@ -318,11 +569,18 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
     fig, axes = plt.subplots(nrow, ncol, figsize=(2.0 * ncol, 2.4 * nrow), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (title, pix) in zip(axes.flat, panels):
-        if pix is None:
+    for i, (ax, (title, pix)) in enumerate(zip(axes.flat, panels)):
+        if pix is _TEXT_PANEL:
+            import textwrap
+
+            ax.text(0.5, 0.5, "\n".join(textwrap.wrap(result.query.text, 22)[:6]), ha="center", va="center",
+                    fontsize=8, style="italic")
+            title = "query (text)"
+        elif pix is None:
             ax.text(0.5, 0.5, "tile not found", ha="center", va="center", fontsize=8)
-        else:
-            ax.imshow(to_rgb8(pix, store.cutout_spec.orientation), interpolation="nearest")
+        else:  # a drawn symbol is shown as drawn; cutouts north up
+            orientation = "north-up" if i == 0 and result.query.kind == "symbol" else store.cutout_spec.orientation
+            ax.imshow(to_rgb8(pix, orientation), interpolation="nearest")
         ax.set_title(title, fontsize=8)
     path = os.fspath(path)
     tmp = path + ".tmp.png"
@@ -331,10 +589,13 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
     finally:
         plt.close(fig)
     os.replace(tmp, path)
-    missing = sum(p is None for _, p in panels)
+    missing = sum(p is None for _, p in panels)  # the text panel is not a picture
     if missing:
         log.warning("%d of %d pictures could not be re-made (tiles not found: pass --survey ROOT)", missing, len(panels))
     return path
+
+
+_TEXT_PANEL = np.zeros((3, 1, 1), np.float32)  # marks the query panel of a text query (no picture)
 
 
 def _short(text: str, n: int = 28) -> str:
@@ -342,14 +603,15 @@ def _short(text: str, n: int = 28) -> str:
 
 
 def run_query(store: EmbeddingStore, *, object_id: str | None = None, near: str | None = None,
-              image: str | None = None, model: str | None = None, radius_arcsec: float = 5.0,
-              device: str = "cpu") -> Query:
-    """The :class:`Query` of exactly one of ``object_id``, ``near``, ``image``."""
-    given = [x for x in (object_id, near, image) if x is not None]
+              image: str | None = None, text: str | None = None, symbol: str | None = None,
+              model: str | None = None, radius_arcsec: float = 5.0, device: str = "cpu") -> Query:
+    """The :class:`Query` of exactly one of ``object_id``, ``near``, ``image``, ``text``, ``symbol``."""
+    given = [(k, v) for k, v in (("object", object_id), ("near", near), ("image", image), ("text", text),
+                                 ("symbol", symbol)) if v is not None]
     if len(given) != 1:
-        raise ConfigError("give exactly one query: --object ID, --near RA,DEC or --image FILE")
-    if object_id is not None:
-        return query_object(store, object_id)
-    if near is not None:
-        return query_near(store, near, radius_arcsec)
-    return query_image(store, image, model, device)
+        raise ConfigError("give exactly one query: --object ID, --near RA,DEC, --image FILE, --text TEXT or "
+                          "--symbol FILE")
+    kind, value = given[0]
+    if kind == "image":
+        return query_image(store, value, model, device)
+    return _one_query(store, kind, value, QueryModels(store, model, device), radius_arcsec)
