@@ -318,3 +318,44 @@ def test_cli_writes_a_folder_and_refuses_address_with_one_file(store_path, catal
     _same(read_partitioned(out), reference)
     assert main(["join", "--store", store_path, "--catalog", catalog, "--out", str(tmp_path / "a.parquet"),
                  "--address", "local"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- classify, fewshot
+
+@pytest.mark.slow
+def test_classify_and_fewshot_on_the_cluster_equal_the_local_run(loopback_cluster, tmp_path):
+    """The row batches are Ray tasks on both nodes; the lock holder writes them in order: the same arrays."""
+    import shutil
+
+    from galaxalign_batch.downstream.classify import Scorer, classify_store, zero_shot_probs
+    from galaxalign_batch.fewshot.apply import apply_head
+    from galaxalign_batch.fewshot.heads import fit_head
+
+    rng = np.random.default_rng(3)
+    ra, dec = _regions(rng, 3000)
+    local = make_store(tmp_path / "local.zarr", ra, dec, rows_per_chunk=128)
+    remote = str(tmp_path / "remote.zarr")
+    shutil.copytree(local, remote)
+    protos = rng.normal(size=(3, DIM)).astype(np.float32)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    args = (protos, 20.0, "auto")
+
+    def scorer():
+        return Scorer(MODEL, "text", ["a", "b", "c"], ["A", "B", "C"],
+                      lambda st, a, b: zero_shot_probs(a, b, st.path, *args), task=lambda: (zero_shot_probs, args))
+
+    s1 = classify_store(local, scorer(), batch_rows=256)
+    s2 = classify_store(remote, scorer(), batch_rows=256, address=loopback_cluster)
+    assert s1.counts == s2.counts and sum(s1.counts.values()) == 3000
+    a, b = open_store(local), open_store(remote)
+    for name in ("probs", "label", "confidence"):
+        assert np.array_equal(a.read(name), b.read(name)), name
+
+    X = a.read_embeddings(slice(0, 300)).astype(np.float32)
+    head = fit_head(X, (X[:, 0] > 0).astype(int), ["neg", "pos"], validate=False,
+                    source={"model": MODEL})
+    apply_head(local, head, "sign", batch_rows=256)
+    apply_head(remote, head, "sign", batch_rows=256, address=loopback_cluster)
+    a, b = open_store(local), open_store(remote)
+    for name in ("probs", "label", "confidence"):
+        assert np.array_equal(a.read(f"fewshot/sign/{name}"), b.read(f"fewshot/sign/{name}")), name

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     with locked(args.store, args.force_unlock):  # one writer per store: refuse before loading the model
         scorer = scorer_from_checkpoint(args.model, store, args.method, device=device, roots=args.survey)
-        summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force)
+        summary = classify_store(args.store, scorer, batch_rows=args.batch_rows, force=args.force,
+                                 address=args.address)
     for line in summary.lines():
         print(line)
     return 0
@@ -57,4 +58,6 @@ def register(sub) -> None:
     opt.add_device(p)
     opt.add_force(p)
     opt.add_force_unlock(p)
+    opt.add_address(p, help="score the row batches as Ray tasks on this cluster ('auto' or host:port; 'local': a "
+                            "private local Ray instance); this process writes them into the store. Default: here")
     p.set_defaults(func=run)

@@ -83,7 +83,8 @@ def _run(args: argparse.Namespace, store, name) -> int:
         print(validation_line(head))
     if args.apply or args.head:
         summary = ap.apply_head(args.store, head, name or ap.head_name(head_file), head_file=head_file,
-                                batch_rows=args.batch_rows, force=args.force, force_unlock=args.force_unlock)
+                                batch_rows=args.batch_rows, force=args.force, force_unlock=args.force_unlock,
+                                address=args.address)
         for line in summary.lines():
             print(line)
     return 0
@@ -119,4 +120,6 @@ def register(sub) -> None:
     opt.add_batch_rows(p)
     opt.add_force(p, help="apply again even if the store is up to date")
     opt.add_force_unlock(p)
+    opt.add_address(p, help="with --apply/--head: compute the row batches as Ray tasks on this cluster ('auto' or "
+                            "host:port; 'local': a private local Ray instance); default: here")
     p.set_defaults(func=run, kind_given=False)

@@ -49,6 +49,9 @@ class Scorer:
     score: Callable[[EmbeddingStore, int, int], np.ndarray]  # (store, start, stop) -> (stop-start, K) float32
     batch_rows: int | None = None  # preferred batch size (rows); None: one shard
     extra: dict = field(default_factory=dict)  # recorded in the classification attribute
+    # for a cluster: () -> (fn, args), fn(start, stop, store_path, *args) -> (stop-start, K) probabilities, a
+    # module-level function (Ray ships it by name); None: this scorer runs only here
+    task: Callable[[], tuple] | None = None
 
 
 @dataclass
@@ -133,8 +136,24 @@ def scorer_from_checkpoint(path: str | os.PathLike, store: EmbeddingStore, metho
         feats = torch.from_numpy(np.ascontiguousarray(st.read_embeddings(slice(start, stop)))).to(prototypes.device)
         return ops.prototype_probs(feats, prototypes, scale, impl=impl).cpu().numpy()
 
+    def task() -> tuple:
+        if "p" not in cache:
+            cache["p"] = model.class_prototypes(method).detach()
+        return zero_shot_probs, (cache["p"].float().cpu().numpy(), scale, impl)
+
     return Scorer(identity, method, vocab.keys, vocab.labels, score,
-                  extra={"logit_scale": scale, "vocabulary": vocab.name, "vocabulary_digest": vocab.digest()})
+                  extra={"logit_scale": scale, "vocabulary": vocab.name, "vocabulary_digest": vocab.digest()},
+                  task=task)
+
+
+def zero_shot_probs(start: int, stop: int, store_path: str, prototypes: np.ndarray, scale: float,
+                    impl: str = "auto") -> np.ndarray:
+    """Task (any node): the zero-shot probabilities of store rows [start, stop) (float32 (n, K))."""
+    from galaxalign_batch import ops
+
+    store = open_store(store_path)
+    feats = torch.from_numpy(np.ascontiguousarray(store.read_embeddings(slice(start, stop))))
+    return ops.prototype_probs(feats, torch.from_numpy(prototypes), scale, impl=impl).cpu().numpy()
 
 
 def _head_scorer(model, identity: dict, store: EmbeddingStore, roots: Sequence[str] | None) -> Scorer:
@@ -170,18 +189,21 @@ def _writer(store: EmbeddingStore, scorer: Scorer, n: int) -> DerivedWriter:
 
 
 def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None = None,
-                   force: bool = False, force_unlock: bool = False) -> ClassifySummary:
+                   force: bool = False, force_unlock: bool = False, address: str | None = None) -> ClassifySummary:
     """Classify every committed row of the store at ``path`` with ``scorer`` (see the module docstring).
 
-    Holds the store's lock (one writer per store, docs/store.md) while it runs.
+    Holds the store's lock (one writer per store, docs/store.md) while it runs. ``address``: score the row
+    batches as Ray tasks on that cluster (``auto``, host:port, or ``local``); this process, the lock holder,
+    writes them in order through the store's DerivedWriter.
     """
     from galaxalign_batch.store.lock import locked
 
     with locked(path, force_unlock):
-        return _classify_store(path, scorer, batch_rows=batch_rows, force=force)
+        return _classify_store(path, scorer, batch_rows=batch_rows, force=force, address=address)
 
 
-def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None, force: bool) -> ClassifySummary:
+def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int | None, force: bool,
+                    address: str | None = None) -> ClassifySummary:
     t0 = time.perf_counter()
     store = open_store(path, "r+")
     if not os.path.isdir(store.path):
@@ -211,7 +233,20 @@ def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int 
             raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {len(scorer.classes)})")
         return probability_columns(probs)
 
-    writer.write(score, step=batch_rows or scorer.batch_rows, desc="classify")  # whole chunks, each written once
+    step = batch_rows or scorer.batch_rows
+    if address and scorer.task is None:
+        log.warning("--address: method %s re-runs the model on re-made cutouts here, not on the cluster",
+                    scorer.method)
+    if address and scorer.task is not None:
+        from galaxalign_batch.downstream.distributed import make_executor, ordered_batches
+
+        fn, args = scorer.task()
+        with make_executor(address) as ex:
+            tasks = ordered_batches(ex, _scored_columns, writer.batches(step), store.path, len(scorer.classes), fn,
+                                    *args)
+            writer.write(tasks, step=step, desc=f"classify ({ex.slots} Ray CPUs)")
+    else:
+        writer.write(score, step=step, desc="classify")  # whole chunks, each written once
 
     meta = {"method": scorer.method, "classes": list(scorer.classes), "labels": list(scorer.labels),
             "model": dict(scorer.identity), "rows": n, "software_version": __version__,
@@ -220,6 +255,14 @@ def _classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int 
     store = open_store(path, "r")
     return ClassifySummary(store.path, n, scorer.method, list(scorer.classes), _counts(store, scorer.classes),
                            time.perf_counter() - t0, resumed_from=resumed)
+
+
+def _scored_columns(start: int, stop: int, store_path: str, k: int, fn, *args) -> dict[str, np.ndarray]:
+    """Task: ``probs``, ``label``, ``confidence`` of rows [start, stop) by ``fn``."""
+    probs = np.asarray(fn(start, stop, store_path, *args), dtype=np.float32)
+    if probs.shape != (stop - start, k):
+        raise ConfigError(f"scorer returned shape {probs.shape}, expected ({stop - start}, {k})")
+    return probability_columns(probs)
 
 
 def _counts(store: EmbeddingStore, classes: list[str]) -> dict[str, int]:

@@ -103,18 +103,28 @@ def fewshot_results(store: EmbeddingStore) -> dict[str, dict]:
 
 
 def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str | None = None,
-               batch_rows: int | None = None, force: bool = False, force_unlock: bool = False) -> ApplySummary:
+               batch_rows: int | None = None, force: bool = False, force_unlock: bool = False,
+               address: str | None = None) -> ApplySummary:
     """Write the head's probabilities for every committed row of the store at ``path`` (module docstring).
 
-    Holds the store's lock (one writer per store, docs/store.md) while it runs.
+    Holds the store's lock (one writer per store, docs/store.md) while it runs. ``address``: the row batches
+    are computed as Ray tasks on that cluster and written here, in order.
     """
     from galaxalign_batch.store.lock import locked
 
     with locked(path, force_unlock):
-        return _apply_head(path, head, name, head_file=head_file, batch_rows=batch_rows, force=force)
+        return _apply_head(path, head, name, head_file=head_file, batch_rows=batch_rows, force=force,
+                           address=address)
 
 
-def _apply_head(path, head: Head, name: str, *, head_file, batch_rows, force) -> ApplySummary:
+def head_columns(start: int, stop: int, store_path: str, head: Head) -> dict[str, np.ndarray]:
+    """Task (any node): the head's ``probs``, ``label``, ``confidence`` for store rows [start, stop)."""
+    store = open_store(store_path)
+    return probability_columns(head.predict_proba(np.asarray(store.read_embeddings(slice(start, stop)),
+                                                             dtype=np.float32)))
+
+
+def _apply_head(path, head: Head, name: str, *, head_file, batch_rows, force, address=None) -> ApplySummary:
     t0 = time.perf_counter()
     name = check_name(name)
     store = open_store(path, "r+")
@@ -135,9 +145,16 @@ def _apply_head(path, head: Head, name: str, *, head_file, batch_rows, force) ->
     resumed = done
     if done:
         log.info("%s: resuming head %r at row %d of %d", store.path, name, done, n)
-    writer.write(lambda start, stop: probability_columns(head.predict_proba(
-                     np.asarray(store.read_embeddings(slice(start, stop)), dtype=np.float32))),
-                 step=batch_rows, desc=f"fewshot {name}")
+    if address:
+        from galaxalign_batch.downstream.distributed import make_executor, ordered_batches
+
+        with make_executor(address) as ex:
+            writer.write(ordered_batches(ex, head_columns, writer.batches(batch_rows), store.path, head),
+                         step=batch_rows, desc=f"fewshot {name} ({ex.slots} Ray CPUs)")
+    else:
+        writer.write(lambda start, stop: probability_columns(head.predict_proba(
+                         np.asarray(store.read_embeddings(slice(start, stop)), dtype=np.float32))),
+                     step=batch_rows, desc=f"fewshot {name}")
     meta = {"classes": list(head.classes), "kind": head.kind, "head": head.digest, "head_file": head_file,
             "rows": n, "validation": head.validation, "counts": head.counts, "temperature": head.temperature,
             "model": store.attrs.get("model"), "software_version": __version__,

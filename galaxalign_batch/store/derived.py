@@ -215,6 +215,14 @@ class DerivedWriter:
         self._remove_dir(self.partial)
         self._part = None
 
+    def batches(self, step: int | None = None) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` row batches :meth:`write` will ask ``compute`` for, in order (rows not yet done;
+        ``step`` rounded down to whole chunks, at least one, default one shard), so that they can be computed
+        ahead, e.g. as tasks on a cluster."""
+        chunk, shard = self.store.chunking
+        step = max(chunk, int(step or shard) // chunk * chunk)
+        return [(start, min(start + step, self.n)) for start in range(self._done, self.n, step)]
+
     def write(self, compute: Callable[[int, int], Mapping[str, np.ndarray]], *, step: int | None = None,
               desc: str | None = None) -> None:
         """Compute and write rows ``rows_done..N`` in batches of whole chunks.
@@ -233,12 +241,9 @@ class DerivedWriter:
 
         if self._part is None:
             raise RuntimeError("DerivedWriter.write before begin()")
-        chunk, shard = self.store.chunking
-        step = max(chunk, int(step or shard) // chunk * chunk)
         bar = progress.bar(total=self.n, initial=self._done, desc=desc or self.what, unit="row")
         try:
-            for start in range(self._done, self.n, step):
-                stop = min(start + step, self.n)
+            for start, stop in self.batches(step):
                 values = compute(start, stop)
                 missing = {a.name for a in self.arrays} - set(values)
                 if missing:
