@@ -264,15 +264,32 @@ def assign_targets(targets: Targets, tiles, geometry=read_geometry) -> Assignmen
                 owner[todo[inside]] = i
     left = np.flatnonzero(valid & (owner < 0))
     if len(left):
+        # candidates: the bricks of the run around each target's position (half a cell away in RA and Dec:
+        # a brick image reaches 0.006 deg beyond its cell), and every tile that is not a brick (cubes)
+        cand: dict[int, list[np.ndarray]] = {}
+        if by_brick:
+            ra, dec = targets.ra[left], targets.dec[left]
+            step = 0.5 * layout.ROW_HEIGHT
+            cosd = np.maximum(np.cos(np.radians(dec)), 0.01)
+            for dra in (-step, 0.0, step):
+                for ddec in (-step, 0.0, step):
+                    names = layout.brick_name(np.mod(ra + dra / cosd, 360.0), np.clip(dec + ddec, -90.0, 90.0))
+                    for b in np.unique(names):
+                        for i in by_brick.get(str(b), ()):
+                            cand.setdefault(i, []).append(np.flatnonzero(names == b))
+        for i, ref in enumerate(tiles):
+            if brick_of(ref) is None:
+                cand[i] = [np.arange(len(left))]
         best = np.full(len(left), 0.0)
-        for i in range(len(tiles)):
+        for i in sorted(cand):
             g = geom(i)
             if g is None:
                 continue
-            d = g.edge_distance(targets.ra[left], targets.dec[left])
-            better = d > best
-            owner[left[better]] = i
-            best[better] = d[better]
+            k = np.unique(np.concatenate(cand[i]))
+            d = g.edge_distance(targets.ra[left[k]], targets.dec[left[k]])
+            better = d > best[k]
+            owner[left[k[better]]] = i
+            best[k[better]] = d[better]
     per_tile = {tiles[i].name: np.flatnonzero(owner == i) for i in np.unique(owner[owner >= 0]).tolist()}
     outside = np.flatnonzero(owner < 0)
     reasons = np.where(valid[outside], "outside every tile", "no valid position").astype(str)
