@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class, angular_size=args.angular_size, cutout_size=args.cutout_size,
         stretch=args.stretch, symbol_bank=args.symbol_bank, max_steps_per_epoch=args.max_steps_per_epoch,
         resume="yes" if args.resume else "no" if args.no_resume else "auto", tensorboard=args.tensorboard,
-        threads=args.threads)
+        threads=args.threads, store=args.store, survey=tuple(args.survey or ()))
     summary = train(cfg)
     if summary:
         print(json.dumps({k: summary[k] for k in ("model", "epochs", "global_step", "seconds", "val_accuracy")
@@ -56,7 +56,12 @@ def register(sub) -> None:
                     "OUT/checkpoints (a rerun resumes from it). See docs/model.md.")
     g = p.add_argument_group("data and output")
     g.add_argument("--data", required=True, help="the simulator's labelled set (dir with labelled/manifest.json), a dir of class "
-                                  "subfolders, a CSV (filepath,label) or a Galaxy10 DECaLS .h5")
+                                  "subfolders, a CSV (filepath,label), a Galaxy10 DECaLS .h5, a label file "
+                                  "(object_id,label) with --store, or a JSON data spec {\"labels\", \"store\"}")
+    opt.add_store(g, required=False,
+                  help="with --data LABELS.csv (object_id,label, as 'label --export' writes): the store those objects "
+                       "are from; each is cut from the tile the store records for it")
+    opt.add_survey(g, help="survey root(s) holding the store's bricks (with --store; repeat for several)")
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument("--vocabulary", default="galaxy10", help="built-in vocabulary name or TOML file")
     g.add_argument("--symbols", default=None, help="folder of your own symbol images (one subfolder or file prefix "

@@ -6,7 +6,10 @@
   centre with the training :class:`CutoutSpec`, exactly as ``embed`` cuts survey tiles;
 - a directory with one subfolder per class (named by class key or label text) of image files;
 - a CSV file with columns ``filepath,label`` (paths relative to the CSV's directory);
-- astroNN's Galaxy10 DECaLS HDF5 layout: ``images`` (N, 256, 256, 3) uint8 and ``ans`` (N,).
+- astroNN's Galaxy10 DECaLS HDF5 layout: ``images`` (N, 256, 256, 3) uint8 and ``ans`` (N,);
+- labels on an embedding store: a CSV ``object_id,label`` (``label --export``) with the store
+  (``store=``), or a JSON data spec naming both; each object is cut from the tile the store records
+  for it with the run's :class:`CutoutSpec` (:mod:`galaxalign_batch.model.store_labels`).
 
 RGB files and HDF5 images are already stretched: they are only resized (bilinear, antialiased) to
 the model's input size, so their angular scale is whatever it was in the source. Sources without
@@ -81,8 +84,20 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-def source_kind(path: str | os.PathLike) -> str:
+def source_kind(path: str | os.PathLike, store: str | os.PathLike | None = None) -> str:
+    from galaxalign_batch.model.store_labels import is_data_spec, is_label_file
+
     p = Path(path)
+    if store is not None:
+        if not is_label_file(p):
+            raise ConfigError(f"{p}: with --store, --data is a label file: a CSV with a header naming object_id and "
+                              "label (what 'label --export' writes)")
+        return "store-labels"
+    if is_data_spec(p):
+        return "store-labels"
+    if is_label_file(p):
+        raise ConfigError(f"{p}: a label file of object ids (object_id,label): give the store they are from with "
+                          "--store STORE.zarr, or a data spec {\"labels\": ..., \"store\": ...} as --data")
     if p.is_dir():
         if (p / "labelled" / "manifest.json").is_file() or (p / "manifest.json").is_file():
             return "simulated"
@@ -93,22 +108,36 @@ def source_kind(path: str | os.PathLike) -> str:
             return "csv"
         if suffix in (".h5", ".hdf5"):
             return "hdf5"
-        raise ConfigError(f"{p}: unknown data file type {suffix!r} (expected a directory, .csv, .h5 or .hdf5)")
+        raise ConfigError(f"{p}: unknown data file type {suffix!r} (expected a directory, .csv, .h5, .hdf5 or a .json "
+                          "data spec naming a store)")
     raise ConfigError(f"{p}: data not found")
 
 
 def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec, seed: int = 0,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, limit_per_class: int | None = None) -> Dataset:
-    """Load a labelled source with its splits; RGB images are resized to ``spec.out_size``."""
-    kind = source_kind(path)
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, limit_per_class: int | None = None,
+                 store: str | os.PathLike | None = None, survey: list[str] | tuple[str, ...] | None = None) -> Dataset:
+    """Load a labelled source with its splits; RGB images are resized to ``spec.out_size``.
+
+    ``store``: ``path`` is a label file (``object_id,label``) of that store's objects, cut from its
+    tiles (``survey``: roots where its bricks are looked for)."""
+    kind = source_kind(path, store)
     path = Path(path)
     desc = {"kind": kind, "path": str(path.resolve()), "seed": seed, "val_fraction": val_fraction,
             "test_fraction": test_fraction, "limit_per_class": limit_per_class}
-    if kind == "simulated":
+    if kind == "store-labels":
+        from galaxalign_batch.model.store_labels import load_store_labels, read_data_spec
+
+        labels_path, store_path, roots = (str(path), str(store), list(survey or [])) if store is not None else \
+            read_data_spec(path)
+        if store is None and survey:
+            roots = list(survey) + roots
+        images, labels, extra = load_store_labels(labels_path, store_path, vocab, spec, roots=roots)
+        desc.update(extra)
+    elif kind == "simulated":
         splits, extra = _load_simulated(path, vocab, spec, limit_per_class, seed)
         desc.update(extra)
         return Dataset(splits, desc)
-    if kind in ("folders", "csv"):
+    elif kind in ("folders", "csv"):
         load = _load_folders if kind == "folders" else _load_csv
         images, labels = load(path, vocab, spec.out_size)
         desc["image_scale"] = "as in the source files (RGB, resized to the model input; not re-cut at a fixed angular size)"

@@ -201,7 +201,12 @@ def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLi
         spec = CutoutSpec.from_dict(model.info["cutout_spec"])
         key = (json.dumps(spec.to_dict(), sort_keys=True), model.vocabulary.digest())
         if key not in cache:  # checkpoints with the same preprocessing share the loaded images
-            cache[key] = load_dataset(data, model.vocabulary, spec=spec, **split_ref).split(split)
+            from galaxalign_batch.model.store_labels import is_label_file
+
+            # a label file of store objects: the store (and survey roots) the checkpoint was trained on
+            on_store = {"store": training.get("store"), "survey": training.get("survey")} \
+                if is_label_file(data) and training.get("store") else {}
+            cache[key] = load_dataset(data, model.vocabulary, spec=spec, **split_ref, **on_store).split(split)
         subset = cache[key]
         log.info("evaluating %s (%s) on %d %s images", name, model.mode, len(subset), split)
         r = evaluate_model(model, subset.images, subset.labels, ks, batch_size)

@@ -126,6 +126,10 @@ def absolute_paths(cfg_dict: dict) -> dict:
     d["out"] = str(Path(d["out"]).resolve())
     if d.get("symbols"):
         d["symbols"] = str(Path(d["symbols"]).resolve())
+    if d.get("store"):
+        d["store"] = str(Path(d["store"]).resolve())
+    if d.get("survey"):
+        d["survey"] = [str(Path(r).resolve()) for r in d["survey"]]
     for key in ("vocabulary", "pretrained"):
         if d.get(key) and Path(d[key]).is_file():
             d[key] = str(Path(d[key]).resolve())

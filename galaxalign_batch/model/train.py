@@ -55,9 +55,9 @@ METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_sca
 # Settings that must agree between a run and the checkpoint it resumes from.
 RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "align_epochs", "epochs_stage1", "epochs_stage2", "epochs",
                "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class", "schedule",
-               "withhold_classes")
+               "withhold_classes", "store")
 SCHEDULES = ("stage", "run")
-PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols")  # compared as resolved paths on resume
+PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols", "store")  # compared as resolved paths on resume
 
 
 @dataclass
@@ -107,11 +107,14 @@ class TrainConfig:
     tensorboard: bool = False
     max_failures: int = 2                  # Ray Train worker-failure retries
     threads: int | None = None             # torch CPU threads of a local run (default: torch's choice)
+    store: str | None = None               # data is a label file (object_id,label) of this store's objects
+    survey: tuple[str, ...] = ()           # roots where the store's bricks are looked for
 
     def __post_init__(self) -> None:
         self.weights = tuple(float(w) for w in self.weights)
         self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
         self.withhold_classes = tuple(str(k) for k in (self.withhold_classes or ()))
+        self.survey = tuple(str(r) for r in (self.survey or ()))
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("weights", "stage1_weights"):
@@ -380,7 +383,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
 
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
     data = load_dataset(cfg.data, model.vocabulary, spec=spec, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                        test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class)
+                        test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class, store=cfg.store,
+                        survey=cfg.survey)
     model.info["data"] = data.description
     train, val = data.split("train"), data.split("val")
     withheld = withheld_ids(cfg, model.vocabulary)
