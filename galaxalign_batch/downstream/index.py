@@ -10,6 +10,11 @@ the index at increasing ``nprobe`` / ``efSearch``; the smallest setting whose re
 ``target_recall`` is kept, and the recall table is saved with the index. Files:
 ``STORE.ivf.faiss`` + ``STORE.ivf.json`` (the JSON is written last: it marks a complete index).
 An index whose row count, model or dimension differ from the store's is stale and rebuilt.
+
+Beyond one machine's memory (codes over ``SHARD_BYTES``, or ``shard_rows`` given), ``ivf`` is built as
+HEALPix shards (:func:`build_sharded_index`): one quantizer trained on a sample, each shard filled by a
+task that streams only its sky region's chunks (``STORE.ivf.shard-NNNN.faiss``, rows as ids); the JSON
+lists the shards. A query fans out over the shards (memory-mapped) and merges their top-k.
 """
 
 from __future__ import annotations
@@ -76,15 +81,24 @@ def load_index(store: EmbeddingStore, kind: str) -> ApproxIndex | None:
     if kind not in KINDS:
         raise ConfigError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
     path, meta_path = index_paths(store, kind)
-    if not (os.path.isfile(path) and os.path.isfile(meta_path)):
+    if not os.path.isfile(meta_path):
         return None
     with open(meta_path) as f:
         meta = json.load(f)
+    sharded = bool(meta.get("shards"))
+    if not sharded and not os.path.isfile(path):
+        return None
     model_id = (store.attrs.get("model") or {}).get("id")
     if (meta.get("format") != FORMAT or meta.get("rows") != store.n_rows or meta.get("model_id") != model_id
             or meta.get("dim") != store.dim):
         log.info("%s is stale (built for %s rows of model %s; the store has %d rows of %s): rebuilding",
                  path, meta.get("rows"), meta.get("model_id"), store.n_rows, model_id)
+        return None
+    if sharded:
+        found = ShardedIndex(kind, None, meta, path)
+        if all(os.path.isfile(f) for f in found.shard_files()):
+            return found
+        log.info("%s: a shard file is missing: rebuilding", meta_path)
         return None
     return ApproxIndex(kind, faiss.read_index(path), meta, path)
 
@@ -123,8 +137,12 @@ def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
 
 
 def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None = None, hnsw_m: int = 32,
-                target_recall: float = 0.95, n_eval: int = 256, seed: int = 0) -> ApproxIndex:
-    """Build, evaluate and save an index of ``kind`` for every committed row of ``store``."""
+                target_recall: float = 0.95, n_eval: int = 256, seed: int = 0, shard_rows: int | None = None,
+                address: str | None = None) -> ApproxIndex:
+    """Build, evaluate and save an index of ``kind`` for every committed row of ``store``.
+
+    ``ivf`` is built in HEALPix shards (:func:`build_sharded_index`, on a Ray cluster with ``address``) when
+    ``shard_rows`` is given or its codes would exceed :data:`SHARD_BYTES`."""
     import faiss
 
     if kind not in KINDS:
@@ -135,6 +153,9 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
     n, d = store.n_rows, store.dim
     if n < 2:
         raise ConfigError(f"{store.path}: an index needs at least 2 rows")
+    if kind == "ivf" and (shard_rows or n * d * 2 > SHARD_BYTES):
+        return build_sharded_index(store, shard_rows=int(shard_rows or SHARD_BYTES // (2 * d)), nlist=nlist,
+                                   target_recall=target_recall, n_eval=n_eval, seed=seed, address=address)
     sq = faiss.ScalarQuantizer.QT_fp16
     if kind == "ivf":
         nlist = int(nlist or max(1, min(65536, round(4 * np.sqrt(n)))))
@@ -194,6 +215,182 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
     os.replace(meta_path + ".tmp", meta_path)
     result.meta = meta
     log.info("built %s", result.describe())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- sharded IVF
+
+#: An IVF index whose codes (rows x D x 2 bytes) would exceed this is built as HEALPix shards (GALAXALIGN_INDEX_SHARD_BYTES).
+SHARD_BYTES = int(float(os.environ.get("GALAXALIGN_INDEX_SHARD_BYTES", 8 << 30)))
+SHARD_MAP_ORDER = 10  # the sky map's order (3.4' pixels); shards are whole pixels of a coarser order
+
+
+class ShardedIndex(ApproxIndex):
+    """An IVF index cut into HEALPix shards sharing one trained quantizer: ``STORE.ivf.shard-NNNN.faiss`` (rows
+    as ids). A search fans out (one shard at a time here, memory-mapped; or as tasks on an executor) and merges
+    the shards' top-k (equal scores: the lower row)."""
+
+    executor = None
+
+    def shard_files(self) -> list[str]:
+        base = os.path.dirname(self.path)
+        return [os.path.join(base, s["file"]) for s in self.meta["shards"]]
+
+    def search(self, queries, k, param=None):
+        nprobe = int(param if param is not None else self.meta["param"])
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        items = [(f, q, k, nprobe) for f in self.shard_files()]
+        if self.executor is not None:
+            parts = [r for _, r in sorted(self.executor.imap_unordered(search_shard, items), key=lambda t: t[0])]
+        else:
+            parts = [search_shard(*it) for it in items]
+        return merge_topk(parts, k)
+
+    def set_param(self, value: int) -> None:
+        self.meta["param"] = int(value)
+
+
+def search_shard(path: str, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """Task: the top-k of one shard (memory-mapped, so only the lists probed are paged in)."""
+    import faiss
+
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+    index.nprobe = int(nprobe)
+    return index.search(queries, k)
+
+
+def merge_topk(parts, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of several (scores, rows) top-k lists per query: higher score first, equal scores lower row."""
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    rows = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
+    scores = np.where(rows < 0, -np.inf, scores)
+    key_rows = np.where(rows < 0, np.iinfo(np.int64).max, rows)
+    out_s = np.empty((len(scores), k), np.float32)
+    out_r = np.full((len(scores), k), -1, np.int64)
+    for i in range(len(scores)):
+        order = np.lexsort((key_rows[i], -scores[i]))[:k]
+        out_s[i, :len(order)], out_r[i, :len(order)] = scores[i, order], rows[i, order]
+    out_s[out_r < 0] = -np.inf
+    return out_s, out_r
+
+
+def fill_shard(store_path: str, trained: str, ranges: list, pixels: np.ndarray, shift: int, out: str) -> dict:
+    """Task: add the store rows whose pixel (``healpix >> shift``) is in ``pixels`` to a copy of the trained
+    empty index, reading only ``ranges``; written to ``out`` atomically."""
+    import faiss
+
+    from galaxalign_batch.downstream.distributed import process_bytes_read
+    from galaxalign_batch.store import open_store
+
+    r0 = process_bytes_read()
+    store = open_store(store_path)
+    index = faiss.read_index(trained)
+    added = 0
+    for a, b in ranges:
+        hp = np.asarray(store.read("healpix", slice(a, b))) >> shift
+        keep = np.flatnonzero(np.isin(hp, pixels))
+        if not len(keep):
+            continue
+        x = np.ascontiguousarray(store.read_embeddings(slice(a, b))[keep], dtype=np.float32)
+        index.add_with_ids(x, (a + keep).astype(np.int64))
+        added += len(keep)
+    faiss.write_index(index, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return {"file": os.path.basename(out), "rows": added, "bytes_read": process_bytes_read() - r0}
+
+
+def build_sharded_index(store: EmbeddingStore, *, shard_rows: int, nlist: int | None = None,
+                        target_recall: float = 0.95, n_eval: int = 256, seed: int = 0, address: str | None = None,
+                        threads: int | None = None) -> ShardedIndex:
+    """An IVF index of the store in HEALPix shards of at most ``shard_rows`` rows (a dense pixel stays whole).
+
+    One quantizer and fp16 scalar quantizer are trained on a sample (40 x nlist rows of whole chunks) by this
+    process; each shard is filled by a task (Ray with ``address``, else threads) that reads only the chunks
+    holding its pixels (the join's sky map); ``nprobe`` is tuned on ``n_eval`` rows against exact search as for
+    the one-file index. Memory: this process the sample and one query batch; a task one shard's codes."""
+    import faiss
+
+    from galaxalign_batch.downstream.distributed import make_executor
+    from galaxalign_batch.downstream.partitioned import _row_ranges, choose_order, map_rows
+    from galaxalign_batch.store import schema
+
+    t0 = time.perf_counter()
+    n, d = store.n_rows, store.dim
+    nlist = int(nlist or max(1, min(65536, round(4 * np.sqrt(n)))))
+    nlist = min(nlist, n)
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    sample = _training_sample(store, min(n, max(40 * nlist, 10_000)), seed)
+    index.train(sample)
+    del sample
+    path, meta_path = index_paths(store, "ivf")
+    trained = path + ".trained"
+    faiss.write_index(index, trained)
+    chunk, shard = store.chunking
+    shift = 2 * (schema.HEALPIX_ORDER - SHARD_MAP_ORDER)
+    with make_executor(address, threads) as ex:
+        step = max(shard, (1 << 20) // shard * shard)
+        maps = [r for _, r in ex.imap_unordered(map_rows, [(store.path, a, min(a + step, n), shift)
+                                                          for a in range(0, n, step)])]
+        pix = np.concatenate([m["pix"] for m in maps])
+        chunks = np.concatenate([m["chunk"] for m in maps])
+        counts = np.concatenate([m["rows"] for m in maps])
+        order = choose_order(pix, counts, SHARD_MAP_ORDER, shard_rows)
+        coarse = pix >> (2 * (SHARD_MAP_ORDER - order))
+        cpix, inv = np.unique(coarse, return_inverse=True)
+        crows = np.bincount(inv, weights=counts)
+        groups, cur, cur_rows = [], [], 0.0  # consecutive nested pixels (compact on the sky) up to shard_rows
+        for p_, r_ in zip(cpix, crows):
+            if cur and cur_rows + r_ > shard_rows:
+                groups.append(cur)
+                cur, cur_rows = [], 0.0
+            cur.append(int(p_))
+            cur_rows += r_
+        if cur:
+            groups.append(cur)
+        items = []
+        for i, g in enumerate(groups):
+            chs = np.unique(chunks[np.isin(coarse, g)])
+            items.append((store.path, trained, _row_ranges(chs, chunk, n), np.asarray(g, np.int64),
+                          2 * (schema.HEALPIX_ORDER - order), f"{path[:-len('.faiss')]}.shard-{i:04d}.faiss"))
+        filled = [None] * len(items)
+        for i, r in ex.imap_unordered(fill_shard, items):
+            filled[i] = r
+    os.remove(trained)
+    if sum(r["rows"] for r in filled) != n:
+        raise RuntimeError(f"sharded index: {sum(r['rows'] for r in filled)} rows added, the store has {n}")
+    build_seconds = time.perf_counter() - t0
+    meta = {"format": FORMAT, "kind": "ivf", "rows": n, "dim": d, "model_id": (store.attrs.get("model") or {}).get("id"),
+            "param_name": "nprobe", "settings": {"nlist": nlist, "shard_rows": shard_rows, "healpix_order": order},
+            "shards": [{"file": r["file"], "rows": r["rows"], "pixels": g} for r, g in zip(filled, groups)],
+            "target_recall": target_recall, "build_seconds": round(build_seconds, 2),
+            "bytes_read": int(sum(r["bytes_read"] for r in filled)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result = ShardedIndex("ivf", None, dict(meta, param=1), path)
+    params = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p <= nlist] or [1]
+    rng = np.random.default_rng(seed + 1)
+    eval_rows = np.sort(rng.choice(n, size=min(n_eval, n), replace=False))
+    queries = np.ascontiguousarray(store.read("embedding", eval_rows), dtype=np.float32)
+    kmax = min(max(RECALL_KS), n)
+    exact = _exact_neighbours(store, queries, kmax)
+    table: dict[str, dict[str, float]] = {}
+    chosen = params[-1]
+    for p in params:
+        _, approx = result.search(queries, kmax, p)
+        table[str(p)] = {str(k): round(recall_at(approx, exact, min(k, n)), 4) for k in RECALL_KS if k <= n}
+        if table[str(p)][str(min(10, n))] >= target_recall:
+            chosen = p
+            break
+    meta.update(param=int(chosen), n_eval=int(len(eval_rows)), recall=table)
+    with open(meta_path + ".tmp", "w") as f:  # written last: marks a complete index
+        json.dump(meta, f, indent=1)
+    os.replace(meta_path + ".tmp", meta_path)
+    if os.path.exists(path):  # a one-file index of an earlier build
+        os.remove(path)
+    result.meta = meta
+    log.info("built %s (%d shards)", result.describe(), len(groups))
     return result
 
 
