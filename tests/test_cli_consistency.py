@@ -89,6 +89,9 @@ USAGE_ERRORS = [
     ["embed", "--tiles", "t"],
     ["search", "--store", "s", "--text", "a spiral", "--symbol", "d.png"],
     ["search", "--store", "s", "--queries", "q.txt", "--plot", "g.png"],
+    ["morphology", "--store", "s"], ["morphology", "--tiles", "t", "--regress", "m.parquet"],
+    ["morphology", "--store", "s", "--regress", "m.parquet", "--out", "t.csv"],
+    ["morphology", "--store", "s", "--out", "t.csv", "--targets", "sersic_n"],
 ]
 
 

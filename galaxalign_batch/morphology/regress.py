@@ -25,7 +25,7 @@ DEFAULT_TARGETS = ("concentration", "asymmetry", "smoothness", "gini", "m20", "r
                    "sersic_rhalf_circ")
 LOG_TARGETS = frozenset({"rpetro_circ", "rhalf_circ", "rhalf_ellip", "sersic_rhalf", "sersic_rhalf_circ", "sersic_n",
                          "true_sersic", "true_r_half"})
-SERSIC_TARGETS = frozenset({"sersic_n", "sersic_rhalf", "sersic_ellip", "sersic_rhalf_circ"})
+SERSIC_TARGETS = frozenset({"sersic_n", "sersic_rhalf", "sersic_ellip", "sersic_rhalf_circ", "axis_ratio"})
 METHODS = ("ridge", "mlp")
 MLP_ALPHA = 1.0
 
