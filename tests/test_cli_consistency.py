@@ -92,6 +92,7 @@ USAGE_ERRORS = [
     ["morphology", "--store", "s"], ["morphology", "--tiles", "t", "--regress", "m.parquet"],
     ["morphology", "--store", "s", "--regress", "m.parquet", "--out", "t.csv"],
     ["morphology", "--store", "s", "--out", "t.csv", "--targets", "sersic_n"],
+    ["restore"], ["restore", "--tiles", "t", "--out", "d"], ["restore", "--model", "h.safetensors", "--out", "d"],
 ]
 
 

@@ -1,0 +1,261 @@
+"""`restore`: the denoising head applied to whole survey tiles, written as FITS cubes.
+
+A tile (a Legacy Survey brick, 3600 px a side, or a viewer cutout cube) is far larger than the
+stamps the head was trained on, and a head with foundation features takes the encoder's tokens of a
+cutout *centred on its stamp*. So a tile is restored in overlapping **windows** of ``window`` px
+(default 128, the training stamps' size), each denoised as one stamp (its own centre for the
+encoder's cutout), and only each window's core (the window less ``margin`` px on every side that
+is not a tile edge) is kept: every output pixel comes from a window in which it lies at least
+``margin`` px from the window's border (or at the tile's own edge).
+
+Noise: the head needs each stamp's per-band noise sigma (nanomaggies per pixel). With an inverse
+variance map (bricks) it is the median of ``1 / sqrt(invvar)`` over the window's covered pixels;
+without one (viewer cubes) one value per band for the whole tile, scikit-image's wavelet estimate
+(``estimate_sigma``) over the tile's covered region.
+
+Pixels without coverage are given to the head as 0 and written as NaN. The output is a cube
+``(3, H, W)`` float32 in nanomaggies with the tile's WCS and ``BANDS = 'grz'``, which ``embed``,
+``cutout`` and :func:`galaxalign_batch.survey.open_tile` read like any cutout cube.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from galaxalign_batch.errors import ConfigError, GalaxAlignError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["restore_tile", "restore_tiles", "window_starts", "RestoreSummary", "HEAD_BANDS"]
+
+HEAD_BANDS = ("g", "r", "z")
+SUFFIX = "-restored.fits"
+
+
+def window_starts(n: int, window: int, margin: int) -> list[int]:
+    """First pixels of windows of ``window`` px covering ``0..n`` so that consecutive cores
+    (``margin`` px in from each inner border) meet; the last window ends at ``n``."""
+    if n <= window:
+        return [0]
+    step = window - 2 * margin
+    if step < 1:
+        raise ConfigError(f"--window {window} must be larger than twice the margin {margin}")
+    starts = list(range(0, n - window, step))
+    starts.append(n - window)
+    return sorted(set(starts))
+
+
+def _core(start: int, size: int, n: int, margin: int, prev_end: int) -> tuple[int, int]:
+    """[a, b) of the tile's pixels that a window at ``start`` writes: from where the previous core
+    ended (or the tile's edge) to ``margin`` before its end (or the tile's edge)."""
+    a = prev_end
+    b = n if start + size >= n else start + size - margin
+    return a, max(a, b)
+
+
+def tile_sigma(tile, idx: list[int]) -> np.ndarray | None:
+    """Per-band noise of the whole tile from its covered pixels (wavelet MAD), for tiles without invvar."""
+    from skimage.restoration import estimate_sigma
+
+    out = []
+    for i in idx:
+        plane = tile.image[i]
+        ok = tile.valid[i]
+        rows = np.flatnonzero(ok.any(axis=1))
+        cols = np.flatnonzero(ok.any(axis=0))
+        if not len(rows):
+            out.append(np.nan)
+            continue
+        box = plane[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        out.append(float(estimate_sigma(box)))
+    return np.asarray(out, np.float64)
+
+
+def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size: int = 16) -> tuple[np.ndarray, dict]:
+    """The restored ``(3, H, W)`` float32 image of ``tile`` (NaN without coverage) and what was done."""
+    from galaxalign_batch.restoration.head import denoise
+
+    missing = [b for b in HEAD_BANDS if b not in tile.bands]
+    if missing:
+        raise ConfigError(f"{tile.path}: the tile has bands {''.join(tile.bands)}; the denoising head needs "
+                          f"{''.join(HEAD_BANDS)} (missing {''.join(missing)})")
+    if head.config.bands != len(HEAD_BANDS):
+        raise ConfigError(f"the head takes {head.config.bands} band(s); restore handles g, r, z heads")
+    idx = [tile.bands.index(b) for b in HEAD_BANDS]
+    image = np.ascontiguousarray(tile.image[idx], np.float32)
+    valid = tile.valid[idx]
+    image = np.where(valid, image, 0.0).astype(np.float32)
+    _, h, w = image.shape
+    if min(h, w) < 8:
+        raise ConfigError(f"{tile.path}: a {w} x {h} px tile is too small to restore (at least 8 x 8)")
+    ratio = tile.pixscale / head.config.pixscale
+    if abs(ratio - 1) > 0.05:
+        log.warning("%s: %.3g\"/px, the head was trained at %.3g\"/px: the U-Net sees structure at another scale",
+                    tile.path, tile.pixscale, head.config.pixscale)
+    invvar = tile.invvar[idx] if tile.invvar is not None else None
+    whole = None if invvar is not None else tile_sigma(tile, idx)
+    if whole is not None and not np.all(np.isfinite(whole) & (whole > 0)):
+        raise ConfigError(f"{tile.path}: cannot estimate the noise of band(s) "
+                          f"{''.join(b for b, s in zip(HEAD_BANDS, whole) if not (np.isfinite(s) and s > 0))}")
+    win_y, win_x = min(window, h), min(window, w)
+    ys, xs = window_starts(h, win_y, margin), window_starts(w, win_x, margin)
+    out = np.full((3, h, w), np.nan, np.float32)
+    jobs = []  # (y0, x0, core y range, core x range)
+    prev_y = 0
+    for y0 in ys:
+        ya, yb = _core(y0, win_y, h, margin, prev_y)
+        prev_y = yb
+        prev_x = 0
+        for x0 in xs:
+            xa, xb = _core(x0, win_x, w, margin, prev_x)
+            prev_x = xb
+            if yb > ya and xb > xa:
+                jobs.append((y0, x0, ya, yb, xa, xb))
+    sig_used = []
+    from galaxalign_batch.progress import bar
+
+    for k in bar(range(0, len(jobs), batch_size), total=-(-len(jobs) // batch_size), desc=f"restoring {tile.name}",
+                 unit="batch"):
+        part = jobs[k:k + batch_size]
+        stamps = np.stack([image[:, y0:y0 + win_y, x0:x0 + win_x] for y0, x0, *_ in part])
+        sig = np.empty((len(part), 3), np.float64)
+        for j, (y0, x0, *_) in enumerate(part):
+            if invvar is None:
+                sig[j] = whole
+                continue
+            iv = invvar[:, y0:y0 + win_y, x0:x0 + win_x]
+            for b in range(3):
+                good = iv[b][(iv[b] > 0) & np.isfinite(iv[b])]
+                sig[j, b] = float(np.median(1.0 / np.sqrt(good))) if len(good) else np.nan
+        # a window without inverse variance in a band (no coverage there): the tile's median for that band
+        bad = ~np.isfinite(sig)
+        if bad.any():
+            fallback = _median_sigma(invvar)
+            sig[bad] = np.broadcast_to(fallback, sig.shape)[bad]
+        sig_used.append(sig)
+        restored = denoise(head, stamps, sig, batch_size=batch_size, pixscale=tile.pixscale)
+        for j, (y0, x0, ya, yb, xa, xb) in enumerate(part):
+            out[:, ya:yb, xa:xb] = restored[j][:, ya - y0:yb - y0, xa - x0:xb - x0]
+    out[~valid] = np.nan
+    sig_all = np.concatenate(sig_used) if sig_used else np.zeros((0, 3))
+    info = {"windows": len(jobs), "window": [win_y, win_x], "margin": margin,
+            "sigma": "invvar (per window, median 1/sqrt(invvar))" if invvar is not None else "wavelet estimate (tile)",
+            "sigma_median": [float(v) for v in np.median(sig_all, axis=0)] if len(sig_all) else None}
+    return out, info
+
+
+def _median_sigma(invvar: np.ndarray | None) -> np.ndarray:
+    s = np.full(3, np.nan)
+    if invvar is None:
+        return s
+    for b in range(3):
+        good = invvar[b][(invvar[b] > 0) & np.isfinite(invvar[b])]
+        if len(good):
+            s[b] = float(np.median(1.0 / np.sqrt(good)))
+    if not np.all(np.isfinite(s)):
+        raise ConfigError("the tile has no inverse variance in some band: nothing to normalise the noise by")
+    return s
+
+
+@dataclass
+class RestoreSummary:
+    out: str
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"restored {len(self.written)} tile(s) into {self.out} in {self.seconds:.1f} s"
+               + (f"; {len(self.skipped)} already there (--force redoes them)" if self.skipped else "")]
+        out += [f"  {p}" for p in self.written]
+        if self.failed:
+            out.append(f"{len(self.failed)} tile(s) failed:")
+            out += [f"  {name}: {why}" for name, why in self.failed]
+        return out
+
+
+def output_name(ref, used: set[str]) -> str:
+    """``BRICK-restored.fits`` or ``STEM-restored.fits``; a name already taken gets the tile key's digest."""
+    base = ref.brick or Path(ref.path).name.removesuffix(".fz").removesuffix(".gz").removesuffix(".fits")
+    name = base + SUFFIX
+    if name in used:
+        name = f"{base}-{hashlib.sha256(ref.name.encode()).hexdigest()[:8]}{SUFFIX}"
+    used.add(name)
+    return name
+
+
+def write_cube(path: str | os.PathLike, data: np.ndarray, tile, cards: dict) -> None:
+    """``data`` (3, H, W) as a cutout cube with ``tile``'s WCS, written atomically."""
+    from astropy.io import fits
+
+    header = tile.wcs.to_header()
+    header["BANDS"] = ("".join(HEAD_BANDS), "planes")
+    for i, b in enumerate(HEAD_BANDS):
+        header[f"BAND{i}"] = b
+    header["BUNIT"] = ("nanomaggy", "restored surface brightness per pixel")
+    for k, v in cards.items():
+        header[k] = v
+    path = os.fspath(path)
+    tmp = path + ".partial"
+    fits.PrimaryHDU(np.asarray(data, np.float32), header=header).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+
+
+def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str | os.PathLike, *,
+                  bricks: Sequence[str] | None = None, device: str = "cpu", window: int = 128, margin: int = 16,
+                  batch_size: int = 16, force: bool = False) -> RestoreSummary:
+    """Restore every tile of ``tiles`` (as ``--tiles`` resolves them) with the head at ``head_path`` into ``out``.
+
+    A tile whose output exists is skipped (``force`` redoes it); a tile that cannot be read or
+    restored is reported in the summary and the others go on.
+    """
+    from galaxalign_batch.model.spec import file_digest
+    from galaxalign_batch.restoration.head import load_head, read_head_info
+    from galaxalign_batch.survey import open_tile
+    from galaxalign_batch.survey.tiles import resolve_tiles
+
+    t0 = time.perf_counter()
+    if window < 16 or margin < 0 or 2 * margin >= window:
+        raise ConfigError(f"--window must be at least 16 px and more than twice the margin, got {window}, {margin}")
+    head_path = os.fspath(head_path)
+    if not os.path.isfile(head_path):
+        raise ConfigError(f"{head_path}: no such denoising head file")
+    read_head_info(head_path)  # a clear error for a file that is no head, before the tiles are listed
+    refs = resolve_tiles(list(tiles), bricks)
+    if not refs:
+        raise ConfigError(f"--tiles {' '.join(tiles)}: no tiles found")
+    head = load_head(head_path, device=device)
+    digest = file_digest(head_path)
+    os.makedirs(out, exist_ok=True)
+    summary = RestoreSummary(os.fspath(out))
+    used: set[str] = set()
+    for ref in refs:
+        dest = os.path.join(out, output_name(ref, used))
+        if os.path.exists(dest) and not force:
+            summary.skipped.append(dest)
+            continue
+        try:
+            if str(ref.path).lower().endswith((".png", ".jpg", ".jpeg")):
+                raise ConfigError("a picture has no calibrated flux: restore takes FITS tiles")
+            tile = open_tile(ref.path, ref.brick)
+            data, info = restore_tile(head, tile, window=window, margin=margin, batch_size=batch_size)
+            write_cube(dest, data, tile, {"RESTORED": ("galaxalign-batch restore", "denoising head"),
+                                          "HEADSHA": (digest, "sha256[:16] of the head file"),
+                                          "TILEKEY": ref.name[-68:],
+                                          "WINDOW": (info["window"][1], "px"), "MARGIN": (margin, "px"),
+                                          "SIGMA": info["sigma"][:68]})
+            summary.written.append(dest)
+        except GalaxAlignError as e:
+            log.warning("tile %s failed: %s", ref.name, e)
+            summary.failed.append((ref.name, " ".join(str(e).split())))
+    summary.seconds = time.perf_counter() - t0
+    return summary
