@@ -209,6 +209,21 @@ def test_batch_queries_from_a_file_and_viewer_links(models, tmp_path, capsys):
         read_queries(tmp_path / "bad.csv")
 
 
+def test_an_open_clip_store_is_searched_through_clips_text_tower(tmp_path):
+    from galaxalign_batch.model.config import create_clip, tokenizer_for
+    from galaxalign_batch.model.spec import TINY, TINY_SEED, model_identity
+
+    rng = np.random.default_rng(2)
+    emb = _unit(rng.normal(size=(50, 128)))
+    path = _store(tmp_path / "t.zarr", emb, rng.uniform(10, 11, 50), rng.uniform(0, 1, 50), model_identity("tiny"))
+    q = run_query(open_store(path), text="a merging pair of galaxies", model="tiny")
+    torch.manual_seed(TINY_SEED)
+    clip, cfg, _ = create_clip(TINY)
+    want = clip.eval().encode_text(tokenizer_for(TINY, cfg)(["a merging pair of galaxies"]), normalize=True)
+    np.testing.assert_allclose(q.vector, want.detach().numpy()[0], atol=1e-5)
+    assert "open_clip" in q.note
+
+
 def test_cli_text_and_refusal_are_one_line(models, tmp_path, capsys, caplog):
     from PIL import Image
 

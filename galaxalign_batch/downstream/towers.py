@@ -34,7 +34,7 @@ from galaxalign_batch.store import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Towers", "load_towers", "read_sketch", "symbol_size"]
+__all__ = ["Towers", "load_towers", "read_sketch"]
 
 
 @dataclass
@@ -140,10 +140,6 @@ def _open_clip_towers(spec, device: str) -> Towers:
     ident = model_identity(spec)
     return Towers(ident, f"open_clip {ident['name']}", size, text, symbols,
                   "symbols through the image tower: an open_clip model never learnt symbols")
-
-
-def symbol_size(towers: Towers) -> int:
-    return towers.symbol_size
 
 
 def read_sketch(path: str | os.PathLike, size: int) -> np.ndarray:
