@@ -15,10 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from galaxalign_batch.errors import TileError
-from galaxalign_batch.preprocess import CutoutSpec
 from galaxalign_batch.store import schema
 from galaxalign_batch.survey.images import ImageRef
+
+if TYPE_CHECKING:  # the preprocessing (Numba) is imported by the tasks, not by a driver with nothing to do
+    from galaxalign_batch.preprocess import CutoutSpec
 
 IMAGES_PER_TASK = 64
 

@@ -7,21 +7,42 @@ See ``docs/survey.md`` for the coverage rule, object ids and errors.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 from galaxalign_batch.errors import TileError
-from galaxalign_batch.survey import layout
-from galaxalign_batch.survey.bricks import parse_brick_filename, read_brick, read_brick_at, read_brick_files
-from galaxalign_batch.survey.cubes import read_cube
-from galaxalign_batch.survey.sources import detect_sources, read_tractor, sources_for
-from galaxalign_batch.survey.tile import MIN_ZERO_REGION, Tile
-from galaxalign_batch.survey.tiles import TileRef, resolve_tiles
+
+# Imported on first use (PEP 562), so that importing a light module of this package (layout, tiles,
+# images) does not import astropy, fitsio, scipy and sep: a re-run of embed with nothing to do takes
+# a second or two instead of several (docs/engine.md).
+_EXPORTS = {
+    "layout": "galaxalign_batch.survey.layout",
+    "parse_brick_filename": "galaxalign_batch.survey.bricks", "read_brick": "galaxalign_batch.survey.bricks",
+    "read_brick_at": "galaxalign_batch.survey.bricks", "read_brick_files": "galaxalign_batch.survey.bricks",
+    "read_cube": "galaxalign_batch.survey.cubes",
+    "detect_sources": "galaxalign_batch.survey.sources", "read_tractor": "galaxalign_batch.survey.sources",
+    "sources_for": "galaxalign_batch.survey.sources",
+    "MIN_ZERO_REGION": "galaxalign_batch.survey.tile", "Tile": "galaxalign_batch.survey.tile",
+    "TileRef": "galaxalign_batch.survey.tiles", "resolve_tiles": "galaxalign_batch.survey.tiles",
+}
 
 
-def open_tile(path: str | os.PathLike, brick: str | None = None) -> Tile:
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(_EXPORTS[name])
+        value = module if name == "layout" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_tile(path: str | os.PathLike, brick: str | None = None):
     """Open a tile: ``open_tile(root, brick)`` for a brick of a survey tree, ``open_tile(file)`` for
     a Legacy Survey coadd file (any band: the whole g r z brick is read) or a cutout cube."""
+    from galaxalign_batch.survey.bricks import parse_brick_filename, read_brick, read_brick_at
+    from galaxalign_batch.survey.cubes import read_cube
+
     p = Path(path)
     if brick is not None:
         if not p.is_dir():

@@ -12,28 +12,15 @@ import numpy as np
 
 from galaxalign_batch.errors import TileError
 from galaxalign_batch.survey import layout
+from galaxalign_batch.survey.layout import BRICK_FILE_RE, parse_brick_filename  # noqa: F401 (re-exported)
 from galaxalign_batch.survey.tile import (
     Tile, celestial_wcs, coverage, header_summary, image_hdu_index, open_fits, read_hdu,
 )
 
 log = logging.getLogger(__name__)
 
-#: ``legacysurvey-<brick>-<kind>-<band>.fits[.fz]`` and ``legacysurvey-<brick>-maskbits.fits[.fz]``
-BRICK_FILE_RE = re.compile(r"^legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?:(?P<kind>image|invvar)-(?P<band>[A-Za-z0-9]+)"
-                           r"|(?P<maskbits>maskbits))\.fits(?:\.fz)?$")
-
 #: pixels may differ by this much between the WCSs of two bands before they count as disagreeing
 WCS_TOLERANCE_PX = 1e-3
-
-
-def parse_brick_filename(path: str | os.PathLike) -> dict | None:
-    """``{"brick", "kind", "band"}`` for a Legacy Survey coadd file name (kind ``maskbits`` has band None)."""
-    m = BRICK_FILE_RE.match(Path(path).name)
-    if not m:
-        return None
-    if m["maskbits"]:
-        return {"brick": m["brick"], "kind": "maskbits", "band": None}
-    return {"brick": m["brick"], "kind": m["kind"], "band": m["band"]}
 
 
 def _read_plane(path: Path):

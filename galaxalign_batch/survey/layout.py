@@ -219,3 +219,18 @@ def list_bricks(root: str | os.PathLike) -> list[str]:
 def is_survey_root(path: str | os.PathLike) -> bool:
     """True if ``path`` is a directory laid out like a Legacy Survey release (``coadd/`` with bricks)."""
     return Path(path).is_dir() and bool(list_bricks(path))
+
+
+#: ``legacysurvey-<brick>-<kind>-<band>.fits[.fz]`` and ``legacysurvey-<brick>-maskbits.fits[.fz]``
+BRICK_FILE_RE = re.compile(r"^legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?:(?P<kind>image|invvar)-(?P<band>[A-Za-z0-9]+)"
+                           r"|(?P<maskbits>maskbits))\.fits(?:\.fz)?$")
+
+
+def parse_brick_filename(path: str | os.PathLike) -> dict | None:
+    """``{"brick", "kind", "band"}`` for a Legacy Survey coadd file name (kind ``maskbits`` has band None)."""
+    m = BRICK_FILE_RE.match(Path(path).name)
+    if not m:
+        return None
+    if m["maskbits"]:
+        return {"brick": m["brick"], "kind": "maskbits", "band": None}
+    return {"brick": m["brick"], "kind": m["kind"], "band": m["band"]}

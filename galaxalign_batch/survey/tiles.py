@@ -51,7 +51,7 @@ def tile_key(path: str | os.PathLike, brick: str | None = None) -> str:
     for a file, its resolved absolute path, or for a loose brick file (outside a tree) its resolved
     folder joined with the brick name. Keys are stable: the same file or brick always has the same key,
     whatever path, symlink or other tiles named it."""
-    from galaxalign_batch.survey.bricks import parse_brick_filename
+    from galaxalign_batch.survey.layout import parse_brick_filename
 
     if brick is not None:
         return brick_key(path, brick)
@@ -91,7 +91,7 @@ def _expand_one(spec: str) -> list[str]:
 def is_product(path: str) -> bool:
     """A Legacy Survey file that is not a tile by itself: anything of a brick but its ``-image-<band>``
     files (model, resid, chi2, nexp, depth, invvar, maskbits, ...) and the release's catalogues."""
-    from galaxalign_batch.survey.bricks import parse_brick_filename
+    from galaxalign_batch.survey.layout import parse_brick_filename
 
     name = os.path.basename(path)
     parsed = parse_brick_filename(name)
@@ -102,7 +102,7 @@ def _add_file(refs: dict[str, TileRef], path: str) -> int:
     """A cutout cube is its own tile; the files of one Legacy Survey brick (bands, invvar, maskbits)
     are one tile, opened through any of its image files. Other Legacy Survey products and catalogues
     are skipped (returns 1)."""
-    from galaxalign_batch.survey.bricks import parse_brick_filename
+    from galaxalign_batch.survey.layout import parse_brick_filename
 
     real = os.path.realpath(path)
     if is_product(real):
