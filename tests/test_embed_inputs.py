@@ -208,12 +208,13 @@ def test_pictures_embed_skip_a_corrupt_one_resume_and_rerun_without_ray(pictures
     store = open_store(out)
     assert sorted(map(str, store.read("object_id"))) == ["broken", "gal0", "gal1", "gal2", "gal3", "gal4"]
 
-    # nothing left: no Ray, no torch, a few seconds (25-47 s with Ray's start-up before)
+    # nothing left: no Ray, no torch (25-47 s with Ray's start-up before). The target is 5 s (1.7-3.5 s
+    # measured on a shared 2-core machine at load 7-8); the bound leaves room for a loaded CI machine
     stdout, err, wall = _cli(*args)
     assert "rc 0 ray-imported False torch-imported False" in stdout, (stdout, err)
     assert "tiles: 0 embedded, 6 already done" in stdout and "Ray not started" in stdout
     seconds = float(stdout.split("seconds")[-1])
-    assert seconds < 5.0 and wall < 15.0, (seconds, wall)
+    assert seconds < 10.0 and wall < 20.0, (seconds, wall)
     assert open_store(out).n_rows == 6
 
 
