@@ -164,6 +164,22 @@ def test_stretch_choice_is_recorded_and_a_trained_one_warned():
     assert "ignored" in notes[0]
 
 
+def test_a_resumed_store_keeps_its_stretch():
+    from types import SimpleNamespace
+
+    from galaxalign_batch.engine.preflight import check_stretch
+
+    plain = SimpleNamespace(attrs={"cutout_spec": {"stretch": "lupton"}})
+    check_stretch("s.zarr", plain, None)
+    check_stretch("s.zarr", plain, "viewer")  # the viewer's stretch is lupton
+    with pytest.raises(ConfigError, match="made with stretch lupton, not asinh"):
+        check_stretch("s.zarr", plain, "asinh")
+    chosen = SimpleNamespace(attrs={"cutout_spec": {"stretch": "gz-decals"}, "model_cutout_spec": {"stretch": "lupton"}})
+    check_stretch("s.zarr", chosen, "gz-decals")
+    with pytest.raises(ConfigError, match="give --stretch gz-decals again"):
+        check_stretch("s.zarr", chosen, None)
+
+
 def test_embed_without_model_on_tiles_refuses(pictures, tmp_path):
     out, err, _ = _cli("--tiles", str(pictures), "--out", str(tmp_path / "s.zarr"))
     assert "rc 1 ray-imported False" in out, (out, err)
