@@ -16,6 +16,11 @@ with the fp32 ``IndexFlatIP`` search, or with ``--faiss-fp16`` also faiss's fp16
     python bench/kernels.py [--json PATH] [--device cpu|cuda] [--loss-sizes 1024,4096,16384]
                             [--topk-rows 500000] [--skip-loss] [--skip-topk] [--faiss-fp16]
 
+On a CPU, ``--dtypes fp32,bf16`` runs both input types in one run: the bf16 fused loss (AVX512-BF16
+kernels where the CPU has them, ``GALAXALIGN_CPU_BF16=0`` for the float32 upcast) is printed against the
+fp32 fused loss, the fp32 and bf16 composites, and the machine's fp32 and bf16 GEMM (``torch.mm``), wall
+and per core in process CPU time.
+
 Ratios are against the baseline measured in the same run.
 """
 
@@ -56,6 +61,7 @@ def machine(device: str) -> dict:
         from galaxalign_batch import _core
 
         info["core_isa"] = _core.similarity_isa()
+        info["core_bf16"] = getattr(_core, "similarity_bf16", lambda: "")()
         info["core_build"] = dict(_core.build_info())
     except ImportError:
         info["core_isa"] = None
@@ -163,7 +169,13 @@ def loss_case(impl: str, batch: int, reps: int, device: str, dtype: str = "fp32"
         step(feats)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
+    extra = {}
+    if dev.type == "cpu" and impl == "fused" and dtype == "bf16":
+        from galaxalign_batch.ops import backends
+
+        extra["bf16_kernels"] = backends.cpu_bf16_kernels()  # "" = upcast to fp32 (GALAXALIGN_CPU_BF16=0)
     return {
+        **extra,
         "impl": impl, "batch": batch, "dtype": dtype, "loss": value, "first_step_s": first,
         "time_s": min(times) if times else first, "timed_steps": len(times) or 1,
         "cpu_s": min(cpu_times) if cpu_times else first_cpu,
@@ -171,38 +183,50 @@ def loss_case(impl: str, batch: int, reps: int, device: str, dtype: str = "fp32"
     }
 
 
+_GEMM_CPU_RATE: dict[str, float] = {}  # dtype -> the CPU GEMM's TFLOP/s per core in process CPU time
+
+
 def _gemm_tflops(dtype: str, device: str) -> float | None:
     """This machine's own GEMM throughput (TFLOP/s) in ``dtype``, the yardstick: an 8192^3 product on a
-    GPU; on a CPU a 2048^3 fp32 ``torch.mm`` (MKL/oneDNN) with the benchmark's thread count, best of 5."""
+    GPU; on a CPU a 2048^3 ``torch.mm`` (MKL for fp32, oneDNN for bf16: AVX512-BF16 where the CPU has it)
+    with the benchmark's thread count, best of 5. On a CPU the rate in process CPU time (per busy core, what
+    a shared machine distorts least) is kept in ``_GEMM_CPU_RATE``."""
     dev = torch.device(device)
     size, reps = (8192, 10) if dev.type == "cuda" else (2048, 1)
     torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
-    a = torch.randn(size, size, device=dev).to(DTYPES[dtype] if dev.type == "cuda" else torch.float32)
+    cpu_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(size, size, device=dev).to(DTYPES[dtype] if dev.type == "cuda" else cpu_dtype)
     b = torch.randn(size, size, device=dev).to(a.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
     sync()
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(1 if dev.type == "cuda" else 5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             a @ b
         sync()
-        best = min(best, time.perf_counter() - t0)
+        best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     torch.set_float32_matmul_precision("highest")
+    if dev.type == "cpu":
+        _GEMM_CPU_RATE[dtype] = reps * 2 * size**3 / best_cpu / 1e12
     return reps * 2 * size**3 / best / 1e12
 
 
 def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str]) -> list[dict]:
     rows = []
+    if device == "cpu" and "bf16" in dtypes:  # the bf16 path is compared with the fp32 GEMM as well
+        _gemm_tflops("fp32", device)
     for dtype in dtypes:
         peak = _gemm_tflops(dtype, device)
         if device == "cuda":
             print(f"  {dtype} GEMM 8192^3 on this device: {peak:.0f} TFLOP/s", flush=True)
         else:
-            print(f"  fp32 GEMM 2048^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
-                  f"{peak * 1e3:.1f} GFLOP/s", flush=True)
+            gemm = "bf16" if dtype == "bf16" else "fp32"
+            print(f"  {gemm} GEMM 2048^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
+                  f"{peak * 1e3:.1f} GFLOP/s wall, {_GEMM_CPU_RATE[dtype] * 1e3:.1f} GFLOP/s per core in CPU time",
+                  flush=True)
         for batch in sizes:
             reps = 5 if batch <= 1024 else 3 if batch <= 4096 else 0 if device == "cpu" else 3
             pair = {}
@@ -216,6 +240,8 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str])
                 print(f"  loss {dtype} B={batch:6d} {impl:10s} " + _fmt_loss(pair[impl]), flush=True)
             c = pair.get("composite", {"error": "not run"})
             summary = {"batch": batch, "dtype": dtype, "gemm_tflops": peak, **pair}
+            if device == "cpu" and dtype == "bf16":
+                summary["bf16_kernels"] = pair.get("fused", {}).get("bf16_kernels", "")
             for impl in impls:
                 f = pair[impl]
                 if impl == "composite" or "error" in f:
@@ -236,6 +262,11 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str])
                 if "fraction_of_gemm_peak" in f:
                     rate = f"{f['tflops']:.0f} TFLOP/s" if device == "cuda" else f"{f['tflops'] * 1e3:.1f} GFLOP/s"
                     line += f"; {rate} = {f['fraction_of_gemm_peak']:.2f} of the {dtype} GEMM"
+                    if device == "cpu":  # per core in process CPU time, against the GEMMs measured the same way
+                        f["cpu_tflops"] = 3 * 4 * 2.0 * batch * batch * D / f["cpu_s"] / 1e12
+                        f["cpu_fraction_of_gemm"] = {k: f["cpu_tflops"] / v for k, v in _GEMM_CPU_RATE.items()}
+                        line += (f"; CPU time: {f['cpu_tflops'] * 1e3:.1f} GFLOP/s per core = "
+                                 + ", ".join(f"{v:.2f} of the {k} GEMM" for k, v in f["cpu_fraction_of_gemm"].items()))
                 print(line, flush=True)
             if device == "cpu" and "error" not in c and "error" not in pair.get("fused", {"error": 1}):
                 f = pair["fused"]
@@ -243,6 +274,24 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str])
                                memory_ratio=f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1),
                                loss_abs_diff=abs(f["loss"] - c["loss"]))
             rows.append(summary)
+    if device == "cpu":  # bf16 against fp32 in the same run: the fused paths and the composites
+        by = {(r["dtype"], r["batch"]): r for r in rows}
+        for batch in sizes:
+            b16, f32 = by.get(("bf16", batch), {}), by.get(("fp32", batch), {})
+            fb = b16.get("fused", {})
+            if "error" in fb or "time_s" not in fb:
+                continue
+            parts = []
+            for label, other in (("fp32 fused", f32.get("fused")), ("fp32 composite", f32.get("composite")),
+                                 ("bf16 composite", b16.get("composite"))):
+                if other and "time_s" in other:
+                    parts.append(f"{other['time_s'] / fb['time_s']:.2f}x ({other['cpu_s'] / fb['cpu_s']:.2f}x CPU time) "
+                                 f"the {label}")
+                    b16.setdefault("bf16_vs", {})[label] = {"wall": other["time_s"] / fb["time_s"],
+                                                             "cpu": other["cpu_s"] / fb["cpu_s"]}
+            if parts:
+                print(f"  => B={batch}: bf16 fused ({b16.get('bf16_kernels') or 'upcast to fp32'}) is " + ", ".join(parts),
+                      flush=True)
     return rows
 
 

@@ -1,7 +1,7 @@
-// Entry points of the CPU similarity kernels. simd_kernels.inc is compiled three times, once per
+// Entry points of the CPU similarity kernels. simd_kernels.inc is compiled four times, once per
 // instruction-set level (isa_v2: x86-64-v2/SSE4.2, isa_v3: x86-64-v3/AVX2+FMA+F16C, isa_v4:
-// x86-64-v4/AVX-512); similarity.cpp picks one table at run time from the CPU's features, so no
-// AVX2 or AVX-512 instruction runs on a CPU without it.
+// x86-64-v4/AVX-512, isa_v4bf16: v4 + AVX512-BF16 for the bf16 loss); similarity.cpp picks the tables
+// at run time from the CPU's features, so no AVX2, AVX-512 or BF16 instruction runs on a CPU without it.
 #pragma once
 #include <cstdint>
 
@@ -31,6 +31,14 @@ using TopkUpdateFn = void (*)(const float* queries, int64_t n, int64_t d, const 
 using PrototypeProbsFn = void (*)(const float* features, int64_t n, int64_t d, const float* prototypes,
                                   int64_t k, float scale, float* out, int threads);
 
+// bf16 inputs (row-major n x d bfloat16 bits), fp32 statistics, gradients and accumulation: the same
+// contracts as LossForwardFn<float> / LossBackwardFn<float>. Only the AVX512-BF16 table has them.
+using LossForwardBf16Fn = void (*)(const uint16_t* a, const uint16_t* b, int64_t n, int64_t d, float scale,
+                                   float* lse_row, float* lse_col, int threads);
+using LossBackwardBf16Fn = void (*)(const uint16_t* a, const uint16_t* b, int64_t n, int64_t d, float scale,
+                                    const float* lse_row, const float* lse_col, float coef, float* grad_a,
+                                    float* grad_b, double* grad_scale, int threads);
+
 struct KernelTable {
   const char* isa;
   LossForwardFn<float> loss_forward_f32;
@@ -39,6 +47,8 @@ struct KernelTable {
   LossBackwardFn<double> loss_backward_f64;
   TopkUpdateFn topk_update;
   PrototypeProbsFn prototype_probs;
+  LossForwardBf16Fn loss_forward_bf16;    // nullptr except in isa_v4bf16
+  LossBackwardBf16Fn loss_backward_bf16;  // nullptr except in isa_v4bf16
 };
 
 namespace isa_v2 {
@@ -48,6 +58,9 @@ namespace isa_v3 {
 const KernelTable& kernel_table();
 }
 namespace isa_v4 {
+const KernelTable& kernel_table();
+}
+namespace isa_v4bf16 {  // kernels_v4bf16.cpp: x86-64-v4 + AVX512-BF16 (its bf16 loss is what is used)
 const KernelTable& kernel_table();
 }
 

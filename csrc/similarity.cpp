@@ -50,6 +50,16 @@ bool prefer_v4() {
 #endif
 }
 
+bool cpu_has_bf16() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return cpu_has_v4() && __builtin_cpu_supports("avx512bf16") &&
+         isa_v4bf16::kernel_table().loss_forward_bf16 != nullptr;  // nullptr: the compiler lacked -mavx512bf16
+#else
+  return false;
+#endif
+}
+
 const KernelTable* active = nullptr;
 
 // The best level this CPU runs, or the one GALAXALIGN_CPU_ISA names (v2, v3, v4): a named level the CPU
@@ -73,6 +83,34 @@ const KernelTable& table() {
     }
   }
   return *active;
+}
+
+// The bf16 loss kernels (AVX512-BF16), or nullptr when bf16 inputs are upcast to float32 instead.
+// GALAXALIGN_CPU_BF16: 1 forces them (an error when the CPU lacks AVX512-BF16), 0 turns them off; unset
+// or auto uses them when the CPU has AVX512-BF16 and GALAXALIGN_CPU_ISA does not force v2 or v3 (a forced
+// lower level means no AVX-512 code at all).
+const KernelTable* bf16_active = nullptr;
+bool bf16_resolved = false;
+
+const KernelTable* bf16_table() {
+  if (!bf16_resolved) {
+    const char* env = std::getenv("GALAXALIGN_CPU_BF16");
+    const std::string want = env != nullptr ? env : "";
+    const char* isa_env = std::getenv("GALAXALIGN_CPU_ISA");
+    const std::string isa = isa_env != nullptr ? isa_env : "";
+    if (want == "1") {
+      if (!cpu_has_bf16()) throw std::runtime_error("GALAXALIGN_CPU_BF16=1 but this CPU (or build) lacks AVX512-BF16");
+      bf16_active = &isa_v4bf16::kernel_table();
+    } else if (want == "0") {
+      bf16_active = nullptr;
+    } else if (want.empty() || want == "auto") {
+      bf16_active = cpu_has_bf16() && isa != "v2" && isa != "v3" ? &isa_v4bf16::kernel_table() : nullptr;
+    } else {
+      throw std::runtime_error("GALAXALIGN_CPU_BF16 must be 0, 1 or auto, got '" + want + "'");
+    }
+    bf16_resolved = true;
+  }
+  return bf16_active;
 }
 
 template <typename T>
@@ -154,6 +192,69 @@ void bind_loss(py::module_& m) {
       "adds into grad_a, grad_b and returns the gradient for scale.");
 }
 
+// bf16 inputs arrive as their uint16 bits (numpy has no bfloat16: tensor.view(torch.uint16).numpy()).
+const KernelTable& require_bf16() {
+  const KernelTable* t = bf16_table();
+  if (t == nullptr) throw py::value_error("the bf16 loss kernels are not in use (no AVX512-BF16, or GALAXALIGN_CPU_BF16=0)");
+  return *t;
+}
+
+void bind_loss_bf16(py::module_& m) {
+  m.def(
+      "trimodal_loss_forward_bf16",
+      [](const CArray<uint16_t>& a, const CArray<uint16_t>& b, double scale, CArray<float>& lse_row,
+         CArray<float>& lse_col, int threads) {
+        require(a.ndim() == 2 && a.shape(0) >= 1 && a.shape(1) >= 1, "a must be a non-empty (n, d) array");
+        const int64_t n = a.shape(0), d = a.shape(1);
+        check_matrix(b, "b", n, d);
+        check_vector(lse_row, "lse_row", n);
+        check_vector(lse_col, "lse_col", n);
+        require(threads >= 1, "threads must be >= 1");
+        const KernelTable& t = require_bf16();
+        const uint16_t* ap = a.data();
+        const uint16_t* bp = b.data();
+        float* rp = lse_row.mutable_data();
+        float* cp = lse_col.mutable_data();
+        py::gil_scoped_release release;
+        t.loss_forward_bf16(ap, bp, n, d, static_cast<float>(scale), rp, cp, threads);
+      },
+      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("scale"), py::arg("lse_row").noconvert(),
+      py::arg("lse_col").noconvert(), py::arg("threads"),
+      "trimodal_loss_forward for bf16 features (uint16 bits), fp32 statistics: AVX512-BF16 tile products.");
+  m.def(
+      "trimodal_loss_backward_bf16",
+      [](const CArray<uint16_t>& a, const CArray<uint16_t>& b, double scale, const CArray<float>& lse_row,
+         const CArray<float>& lse_col, double coef, CArray<float>& grad_a, CArray<float>& grad_b, int threads) {
+        require(a.ndim() == 2 && a.shape(0) >= 1 && a.shape(1) >= 1, "a must be a non-empty (n, d) array");
+        const int64_t n = a.shape(0), d = a.shape(1);
+        check_matrix(b, "b", n, d);
+        check_vector(lse_row, "lse_row", n);
+        check_vector(lse_col, "lse_col", n);
+        check_matrix(grad_a, "grad_a", n, d);
+        check_matrix(grad_b, "grad_b", n, d);
+        require(threads >= 1, "threads must be >= 1");
+        const KernelTable& t = require_bf16();
+        const uint16_t* ap = a.data();
+        const uint16_t* bp = b.data();
+        const float* rp = lse_row.data();
+        const float* cp = lse_col.data();
+        float* gap = grad_a.mutable_data();
+        float* gbp = grad_b.mutable_data();
+        double grad_scale = 0.0;
+        {
+          py::gil_scoped_release release;
+          t.loss_backward_bf16(ap, bp, n, d, static_cast<float>(scale), rp, cp, static_cast<float>(coef), gap, gbp,
+                               &grad_scale, threads);
+        }
+        return grad_scale;
+      },
+      py::arg("a").noconvert(), py::arg("b").noconvert(), py::arg("scale"), py::arg("lse_row").noconvert(),
+      py::arg("lse_col").noconvert(), py::arg("coef"), py::arg("grad_a").noconvert(), py::arg("grad_b").noconvert(),
+      py::arg("threads"),
+      "trimodal_loss_backward for bf16 features (uint16 bits): fp32 gradients added into grad_a, grad_b "
+      "(the softmax weights enter the gradient products in bf16); returns the gradient for scale.");
+}
+
 void topk_update(const CArray<float>& queries, const py::array& chunk, int64_t offset, CArray<float>& best_score,
                  CArray<int64_t>& best_index, int threads) {
   require(queries.ndim() == 2 && queries.shape(0) >= 1 && queries.shape(1) >= 1,
@@ -212,6 +313,10 @@ void register_similarity(py::module_& m) {
         "Instruction-set level of the similarity kernels in use (GALAXALIGN_CPU_ISA=v2|v3|v4 forces one).");
   m.def("cpu_supports_v3", &cpu_has_v3, "Whether this CPU runs the x86-64-v3 (AVX2+FMA+F16C) kernels.");
   m.def("cpu_supports_v4", &cpu_has_v4, "Whether this CPU runs the x86-64-v4 (AVX-512) kernels.");
+  bind_loss_bf16(m);
+  m.def("similarity_bf16", []() { const KernelTable* t = bf16_table(); return std::string(t != nullptr ? t->isa : ""); },
+        "The bf16 loss kernels in use ('' when bf16 inputs are upcast to float32); GALAXALIGN_CPU_BF16=0|1|auto.");
+  m.def("cpu_supports_bf16", &cpu_has_bf16, "Whether this CPU (and build) runs the AVX512-BF16 loss kernels.");
 }
 
 }  // namespace galaxalign

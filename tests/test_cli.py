@@ -36,6 +36,7 @@ def test_info_runs_and_reports_core():
     assert info["core"]["openmp"] > 0
     assert info["cpu_kernels"].startswith("x86-64-v")  # the level chosen at run time
     assert info["cpu_kernels"].split()[0] in info["cpu_levels_supported"]
+    assert info["cpu_bf16_kernels"] in ("x86-64-v4 + AVX512-BF16", "none (bf16 upcast to float32)")
     assert info["core_threads"] >= 1
 
 

@@ -237,7 +237,9 @@ def test_fused_half_inputs_upcast_on_cpu(dtype):
     feats = [x.to(dtype) for x in _features(120, 40, seed=8)]
     got = _loss_and_grads(feats, 12.0, None, (1.0, 1.0, 1.0), "fused")
     ref = _loss_and_grads([x.double() for x in feats], 12.0, None, (1.0, 1.0, 1.0), "reference")
-    # Computed in float32 from the half-precision inputs; gradients are returned in the input dtype.
+    # Computed in float32 from the half-precision inputs (bf16 on a CPU with AVX512-BF16: the bf16 kernels,
+    # fp32 accumulation, tested on their own in test_bf16_inputs_match_reference); gradients are returned in
+    # the input dtype.
     assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-5)
     for g_ref, g_got in zip(ref[1], got[1]):
         assert g_got.dtype == dtype
@@ -350,6 +352,102 @@ def test_isa_level_the_cpu_lacks_is_an_error():
     code = "from galaxalign_batch import _core; _core.similarity_isa()"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "GALAXALIGN_CPU_ISA must be v2, v3, v4 or auto" in result.stderr
+
+
+# bf16 features on the CPU: with GALAXALIGN_CPU_BF16=1 the AVX512-BF16 kernels (vdpbf16ps, fp32
+# accumulation), with 0 the upcast to float32. Run in a fresh process per mode (the choice is made once per
+# process), on the float64 cases above plus the float32 ones, against the float64 reference on the same
+# (bf16-representable) values. Tolerances, bf16 kernels: the products of two bf16 are exact in fp32, so the
+# loss carries only fp32 accumulation error (rel 1e-5); the softmax weights enter the gradient products
+# rounded to bf16 (2^-9 relative) and the gradients are returned in bf16 (another 2^-9), so each feature
+# gradient is held to 8e-3 of its largest element (measured: up to 4e-3); the scale's gradient comes from
+# the fp32 tiles (rel 1e-4, abs 1e-5).
+BF16_CASES = CASES + [(300, 512, "few", 30.0, (1.0, 0.5, 0.25)), (1000, 40, None, 25.0, (1.0, 1.0, 1.0))]
+_BF16_CHECK = """
+import json, sys, torch, torch.nn.functional as F
+from galaxalign_batch import _core
+from galaxalign_batch.ops import trimodal_contrastive_loss as L
+calls = []
+for name in ("trimodal_loss_forward_bf16", "trimodal_loss_backward_bf16"):
+    setattr(_core, name, (lambda fn, name: lambda *a: calls.append(name) or fn(*a))(getattr(_core, name), name))
+torch.set_num_threads(2)
+worst = {"loss_rel": 0.0, "grad_of_max": 0.0, "scale_rel": 0.0}
+for n, d, kind, scale, weights in json.loads(sys.argv[1]):
+    g = torch.Generator().manual_seed(n + d)
+    feats = [F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).bfloat16() for _ in range(3)]
+    ids = None if kind is None else torch.full((n,), 4) if kind == "one" else torch.arange(n) if kind == "own" \
+        else torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(n))
+    w_it, w_is, w_st = weights
+    used = (w_it != 0 or w_is != 0, w_it != 0 or w_st != 0, w_is != 0 or w_st != 0)
+    def run(dt, impl):
+        leaves = [x.to(dt).clone().requires_grad_() if u else None for x, u in zip(feats, used)]
+        s = torch.tensor(scale, dtype=torch.float64 if dt == torch.float64 else torch.float32, requires_grad=True)
+        loss = L(*leaves, s, class_ids=ids, weights=weights, impl=impl)
+        loss.backward()
+        return loss.detach().double(), [None if x is None else x.grad for x in leaves], s.grad.double()
+    ref, got = run(torch.float64, "reference"), run(torch.bfloat16, "fused")
+    again = run(torch.bfloat16, "fused")
+    assert torch.equal(got[0], again[0]) and all(a is None or torch.equal(a, b) for a, b in zip(got[1], again[1]))
+    assert got[0].dtype == torch.float64 and abs(got[0] - ref[0]) <= 1e-5 * abs(ref[0]) + 1e-6, (n, d, got[0], ref[0])
+    worst["loss_rel"] = max(worst["loss_rel"], float(abs(got[0] - ref[0]) / abs(ref[0])))
+    for g_ref, g_got in zip(ref[1], got[1]):
+        if g_ref is None:
+            assert g_got is None
+            continue
+        assert g_got.dtype == torch.bfloat16
+        diff, top = float((g_got.double() - g_ref).abs().max()), float(g_ref.abs().max())
+        assert diff <= 8e-3 * top + 1e-7, (n, d, diff, top)  # n = 1: the loss and its gradients are 0
+        worst["grad_of_max"] = max(worst["grad_of_max"], diff / top if top > 0 else 0.0)
+    assert abs(got[2] - ref[2]) <= 1e-4 * abs(ref[2]) + 1e-5, (n, d, got[2], ref[2])
+    worst["scale_rel"] = max(worst["scale_rel"], float(abs(got[2] - ref[2]) / abs(ref[2])))
+print(json.dumps({"bf16_kernels": _core.similarity_bf16(), "calls": sorted(set(calls)), "worst": worst}))
+"""
+
+
+def _cpu_supports_bf16() -> bool:
+    from galaxalign_batch import _core
+
+    return bool(getattr(_core, "cpu_supports_bf16", lambda: False)())
+
+
+@needs_core
+@pytest.mark.parametrize("mode", ["1", "0"])
+def test_bf16_inputs_match_reference(mode):
+    """bf16 features: the AVX512-BF16 kernels (GALAXALIGN_CPU_BF16=1) and the float32 upcast (=0) against
+    the float64 reference, same cases as float64/float32 above; every gradient, bitwise repeatable."""
+    import json
+
+    if mode == "1" and not _cpu_supports_bf16():
+        pytest.skip("this CPU (or build) has no AVX512-BF16")
+    env = dict(os.environ, GALAXALIGN_CPU_BF16=mode)
+    env.pop("GALAXALIGN_CPU_ISA", None)
+    result = subprocess.run([sys.executable, "-c", _BF16_CHECK, json.dumps(BF16_CASES)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if mode == "1":  # the bf16 kernels ran, forward and backward
+        assert report["bf16_kernels"].startswith("x86-64-v4 + AVX512-BF16")
+        assert report["calls"] == ["trimodal_loss_backward_bf16", "trimodal_loss_forward_bf16"]
+    else:  # upcast to float32: the bf16 kernels never ran
+        assert report["bf16_kernels"] == "" and report["calls"] == []
+
+
+@needs_core
+def test_bf16_switch_errors():
+    code = "from galaxalign_batch import _core; print(repr(_core.similarity_bf16()))"
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GALAXALIGN_CPU_BF16="yes"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "GALAXALIGN_CPU_BF16 must be 0, 1 or auto" in bad.stderr
+    forced = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GALAXALIGN_CPU_BF16="1"),
+                            capture_output=True, text=True, timeout=60)
+    if _cpu_supports_bf16():
+        assert forced.returncode == 0 and "AVX512-BF16" in forced.stdout
+    else:  # a forced path the CPU lacks is an error, never a silent fallback
+        assert forced.returncode != 0 and "lacks AVX512-BF16" in forced.stderr
+    # A forced lower instruction-set level means no AVX-512 code: auto leaves bf16 off under it.
+    lower = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GALAXALIGN_CPU_ISA="v2", GALAXALIGN_CPU_BF16="auto"),
+                           capture_output=True, text=True, timeout=60)
+    assert lower.returncode == 0 and lower.stdout.strip() == "''"
 
 
 @needs_core

@@ -19,6 +19,10 @@ def collect() -> dict:
         info["cpu_kernels"] = _core.similarity_isa()
     except RuntimeError as e:
         info["cpu_kernels"] = f"error: {e}"
+    try:  # bf16 loss kernels (AVX512-BF16; GALAXALIGN_CPU_BF16=0|1|auto), "" = bf16 inputs upcast to float32
+        info["cpu_bf16_kernels"] = getattr(_core, "similarity_bf16", lambda: "")() or "none (bf16 upcast to float32)"
+    except RuntimeError as e:
+        info["cpu_bf16_kernels"] = f"error: {e}"
     info["cpu_levels_supported"] = ["x86-64-v2"] + [f"x86-64-{lv}" for lv in ("v3", "v4")
                                                     if getattr(_core, f"cpu_supports_{lv}", lambda: False)()]
     info["cuda_available"] = torch.cuda.is_available()

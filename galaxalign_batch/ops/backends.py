@@ -51,7 +51,8 @@ def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtyp
     """``"fused"`` or ``"reference"`` for ``impl`` on ``device``; warns once when ``auto`` falls back on a GPU.
 
     CUDA kernels take float32/bfloat16/float16 (float64 CUDA tensors use the reference); CPU kernels
-    compute in float64 or float32 (half types are upcast to float32).
+    compute in float64 or float32 (half types are upcast to float32), and the loss takes bfloat16 as it
+    is where the CPU has AVX512-BF16 (:func:`cpu_bf16_kernels`).
     """
     if impl not in IMPLS:
         raise ConfigError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -93,6 +94,15 @@ def cuda_topk_path() -> str:
     if path not in CUDA_LOSS_PATHS:
         raise ConfigError(f"GALAXALIGN_CUDA_TOPK must be one of {CUDA_LOSS_PATHS}, got {path!r}")
     return path
+
+
+def cpu_bf16_kernels() -> str:
+    """The CPU's bf16 loss kernels in use (``"x86-64-v4 + AVX512-BF16"``), or ``""`` when bf16 features are
+    upcast to float32: chosen by ``_core`` from the CPU (AVX512-BF16) and ``GALAXALIGN_CPU_BF16`` (0, 1, auto)."""
+    core = module_for(torch.device("cpu"))
+    if core is None or not hasattr(core, "similarity_bf16"):
+        return ""
+    return core.similarity_bf16()
 
 
 def cpu_threads() -> int:

@@ -40,10 +40,22 @@ def _cuda() -> Any:
 # Contrastive loss
 
 
+def _bf16_bits(x: torch.Tensor):
+    """A contiguous bfloat16 CPU tensor as a numpy view of its uint16 bits (numpy has no bfloat16)."""
+    return x.detach().view(torch.uint16).numpy()
+
+
 def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
     if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
         return blocked.pair_lse_forward(a, b, scale.float())
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16:  # AVX512-BF16 kernels: fp32 statistics
+        lse_row = torch.empty(n, dtype=torch.float32)
+        lse_col = torch.empty(n, dtype=torch.float32)
+        backends.module_for(a.device).trimodal_loss_forward_bf16(
+            _bf16_bits(a), _bf16_bits(b), float(scale), lse_row.numpy(), lse_col.numpy(), backends.cpu_threads()
+        )
+        return lse_row, lse_col
     if a.device.type == "cpu":
         lse_row = torch.empty(n, dtype=a.dtype)
         lse_col = torch.empty(n, dtype=a.dtype)
@@ -65,6 +77,11 @@ def _lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, grad_
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into grad_a/grad_b; return d/dscale."""
     if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
         return blocked.pair_lse_backward_into(a, b, scale.float(), lse_row, lse_col, coef, grad_a, grad_b).float()
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16:  # fp32 gradient buffers
+        return backends.module_for(a.device).trimodal_loss_backward_bf16(
+            _bf16_bits(a), _bf16_bits(b), float(scale), lse_row.numpy(), lse_col.numpy(), coef,
+            grad_a.numpy(), grad_b.numpy(), backends.cpu_threads(),
+        )
     if a.device.type == "cpu":
         return backends.module_for(a.device).trimodal_loss_backward(
             a.detach().numpy(), b.detach().numpy(), float(scale), lse_row.numpy(), lse_col.numpy(), coef,
@@ -144,7 +161,8 @@ class TrimodalLoss(torch.autograd.Function):
         scale, features, per_pair = saved[0], saved[1:1 + ctx.n_features], saved[1 + ctx.n_features:]
         n = features[0].shape[0]
         g, s = float(grad), float(scale)
-        acc_dtype = features[0].dtype if features[0].device.type == "cpu" else torch.float32
+        cpu_exact = features[0].device.type == "cpu" and features[0].dtype in (torch.float32, torch.float64)
+        acc_dtype = features[0].dtype if cpu_exact else torch.float32  # CUDA, and bf16 on a CPU: fp32 buffers
         grads = [torch.zeros(f.shape, dtype=acc_dtype, device=f.device) for f in features]
         grad_scale = torch.zeros((), dtype=scale.dtype, device=scale.device)
         for p, (ia, ib, w) in enumerate(ctx.pairs):
@@ -166,8 +184,9 @@ def fused_trimodal_loss(image, text, symbol, logit_scale, class_ids, weights) ->
     dtype = named[present[0]].dtype
     for name in present[1:]:
         dtype = torch.promote_types(dtype, named[name].dtype)
-    if device.type == "cpu":
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if device.type == "cpu":  # float64, float32, or bfloat16 where the AVX512-BF16 kernels run; else float32
+        if dtype not in (torch.float64, torch.bfloat16) or (dtype == torch.bfloat16 and not backends.cpu_bf16_kernels()):
+            dtype = torch.float32
     elif dtype not in backends.CUDA_DTYPES:
         dtype = torch.float32
     position = {name: i for i, name in enumerate(present)}
