@@ -182,7 +182,7 @@ def test_a_resumed_store_keeps_its_stretch():
 
 def test_embed_without_model_on_tiles_refuses(pictures, tmp_path):
     out, err, _ = _cli("--tiles", str(pictures), "--out", str(tmp_path / "s.zarr"))
-    assert "rc 1 ray-imported False" in out, (out, err)
+    assert "rc 2 ray-imported False" in out, (out, err)  # a usage error (docs/cli.md)
     assert "--model is required with --tiles" in err and "RANDOM weights" in err
     assert not (tmp_path / "s.zarr").exists()
 

@@ -86,6 +86,30 @@ def test_store_equals_single_process_embeddings(cube_store):
         np.testing.assert_allclose(emb[rows], local, atol=2e-3, rtol=0)  # float16 storage
 
 
+def test_the_in_process_executor_writes_the_same_store(cube_store, cubes, tmp_path):
+    """executor="local" (no Ray): the same rows, ids and embeddings as the Ray run, the same failed tile,
+    and a re-run that skips what is done; a resume with the other executor continues the same store."""
+    out, ray_summary = cube_store
+    local = tmp_path / "local.zarr"
+    first = resolve_tiles([str(cubes)])
+    summary = embed_tiles(first[:3], "tiny", local, batch_size=64, executor="local")
+    assert not summary.ray_started and summary.tiles_done + len(summary.tiles_failed) == 3
+    done = summary.tiles_done
+    summary = embed_tiles(first, "tiny", local, batch_size=64, executor="ray")  # resumed by the other executor
+    assert summary.ray_started and summary.tiles_skipped == done and summary.tiles_done == 4 - done
+    again = embed_tiles(first, "tiny", local, batch_size=64, executor="local")
+    assert again.tiles_done == 0 and again.tiles_skipped == 4
+    a, b = open_store(out), open_store(local)
+    assert a.failed_tiles() == b.failed_tiles() and b.attrs["complete"] is True
+    ids_a, ids_b = a.read("object_id"), b.read("object_id")
+    assert sorted(ids_a) == sorted(ids_b) and len(set(ids_b)) == len(ids_b)
+    order = {k: i for i, k in enumerate(ids_b)}
+    rows = [order[k] for k in ids_a]
+    np.testing.assert_array_equal(a.read("embedding"), b.read("embedding")[rows])
+    with pytest.raises(ConfigError, match="executor must be one of"):
+        embed_tiles(first, "tiny", tmp_path / "x.zarr", executor="threads")
+
+
 def test_rerun_does_only_what_is_missing(cube_store, cubes):
     out, first = cube_store
     again = embed_tiles(resolve_tiles([str(cubes)]), "tiny", out, batch_size=64)

@@ -226,9 +226,9 @@ def test_bad_values_and_a_held_lock_are_refused_before_ray_starts(cubes, tmp_pat
     out = tmp_path / "s.zarr"
     base = ["--tiles", str(cubes), "--out", str(out), "--model", "tiny"]
     cases = [
-        (base + ["--catalog", str(tmp_path / "missing.fits")], "--catalog " + str(tmp_path / "missing.fits")),
-        (base + ["--catalog", str(cubes / "example_a.fits")], "no table HDU (not a Tractor catalog)"),
-        (["--tiles", str(cubes), "--out", str(out), "--model", "nope:"], "--model 'nope:'"),
+        (base + ["--sources", str(tmp_path / "missing.fits")], "--sources " + str(tmp_path / "missing.fits")),
+        (base + ["--sources", str(cubes / "example_a.fits")], "no table HDU (not a Tractor catalog)"),
+        (["--tiles", str(cubes), "--out", str(out), "--model", "nope:"], "model 'nope:': expected NAME:TAG"),
         (["--tiles", str(cubes), "--out", str(cubes / "example_a.fits"), "--model", "tiny"], "exists and is not a store"),
         (base + ["--max-image-pixels", "0"], "--max-image-pixels must be a positive"),
     ]
@@ -270,6 +270,7 @@ import resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a 10 GiB allocation would fail
 from galaxalign_batch.errors import TileError
 from galaxalign_batch.survey import open_tile
+import astropy.io.fits, astropy.wcs, fitsio  # noqa: F401,E401  (the readers load these on first use: not timed)
 t = time.perf_counter()
 try:
     open_tile(sys.argv[1])
@@ -289,7 +290,7 @@ def test_a_huge_declared_image_is_refused_from_its_header(tmp_path):
 
 def test_the_image_size_limit_is_configurable_in_embed(cubes, tmp_path):
     from galaxalign_batch.engine.encoder import describe_model
-    from galaxalign_batch.engine.pipeline import _prepare_remote
+    from galaxalign_batch.engine.pipeline import prepare_task
 
     tiles = resolve_tiles([str(cubes / "temp_small.fits")])
     summary = embed_tiles(tiles, "tiny", tmp_path / "s.zarr", batch_size=64, max_image_pixels=1000, cpu_threads=2)
@@ -297,6 +298,6 @@ def test_the_image_size_limit_is_configurable_in_embed(cubes, tmp_path):
     assert "more than the limit of 1,000" in reason
     # the task body, as a Ray worker runs it for one run and then another: the limit is per run
     spec = describe_model("tiny")["cutout_spec"]
-    assert "more than the limit of 1,000" in _prepare_remote(tiles[0], spec, "auto", 1000)[0]["error"]
-    meta, pixels = _prepare_remote(tiles[0], spec, "auto", None)
+    assert "more than the limit of 1,000" in prepare_task(tiles[0], spec, "auto", 1000)[0]["error"]
+    meta, pixels = prepare_task(tiles[0], spec, "auto", None)
     assert "error" not in meta and len(pixels) > 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-import warnings
 
 from galaxalign_batch.errors import ConfigError
 
@@ -73,7 +72,6 @@ class _DeprecatedAlias(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(f"{option_string} is deprecated: use {self.new}", FutureWarning, stacklevel=2)
         import logging
 
         logging.getLogger("galaxalign_batch").warning("%s is deprecated: use %s", option_string, self.new)

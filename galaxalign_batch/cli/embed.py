@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from galaxalign_batch.cli import _options
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         tiles_args = [DEFAULT_SURVEY]
         model = args.model or "tiny"  # the embedded default's smoke run: random weights, warned in the summary
     elif args.model is None:
-        raise ConfigError("embed: --model is required with --tiles (a checkpoint from 'galaxalign-batch train', "
+        raise _options.UsageError("embed: --model is required with --tiles (a checkpoint from 'galaxalign-batch train', "
                           "e.g. runs/train/model.safetensors, or an open_clip NAME:/path/to/weights); "
                           "'--model tiny' embeds with RANDOM weights, for smoke tests only")
     else:
@@ -48,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
     summary = embed_tiles(tiles, model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads,
                           gpu_workers=args.gpu_workers, device=args.device, address=args.address,
-                          catalog=args.catalog, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
+                          catalog=args.sources, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
                           force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
                           log_every=args.log_every, image_scale=_image_scale(args), stretch=args.stretch,
-                          bands=parse_bands(args.bands), selection=selection)
+                          bands=parse_bands(args.bands), selection=selection, executor=args.executor)
     for line in summary.lines() + selection.lines():
         print(line)
     return 0 if summary.ok else 3
@@ -74,9 +73,11 @@ def _image_scale(args: argparse.Namespace) -> dict | None:
 
 def _selection(args: argparse.Namespace, tiles: list, out: str):
     """The run's selection (--targets / --where / --keep-columns / --section-reads), checked before Ray."""
+    from galaxalign_batch.engine.preflight import check_catalog
     from galaxalign_batch.engine.selection import make_selection
 
-    selection = make_selection(tiles, out, catalog=args.catalog, targets=args.targets, ra_col=args.ra_col,
+    args.sources = check_catalog(args.sources)  # one line for a missing or wrong catalogue, before it is read
+    selection = make_selection(tiles, out, catalog=args.sources, targets=args.targets, ra_col=args.ra_col,
                                dec_col=args.dec_col, id_col=args.id_col, where=args.where,
                                keep_columns=args.keep_columns, sections=args.section_reads)
     log.info("embedding %d tile(s) with %s into %s", len(selection.restrict(tiles)), args.model or "tiny", out)
@@ -88,7 +89,7 @@ def register(sub) -> None:
         "embed", help="embed survey tiles into a Zarr store with Ray",
         description="Embed every source of survey tiles into a Zarr embedding store (docs/store.md). Resumable: "
                     "a re-run skips tiles already in the store and retries failed ones. One run writes a store at "
-                    "a time (a lock beside it, STORE.lock); the model, --catalog, --out and the lock are checked "
+                    "a time (a lock beside it, STORE.lock); the model, --sources, --out and the lock are checked "
                     "before Ray starts. Exit code 0 when every tile is in the store, 3 when some failed (listed) "
                     "or were lost to a worker failure, 1 for an error before or during the run.")
     _options.add_tiles(p, help="tile files, folders, globs, @list.txt, a Legacy Survey root (folder with coadd/) or "
@@ -97,14 +98,12 @@ def register(sub) -> None:
     _options.add_bricks(p)
     p.add_argument("--bricks-file", metavar="FILE", help="file of brick names (whitespace separated)")
     p.add_argument("--model", default=None,
-                   help="a checkpoint of ours (.pt/.safetensors), an open_clip spec NAME:TAG or NAME:/path/weights, "
+                   help="a checkpoint of ours (model.safetensors or its folder), an open_clip NAME:TAG or NAME:/path/weights, "
                         "or 'tiny' (the registered tiny test config with RANDOM weights: smoke tests only, warned in "
                         "the summary and recorded in the store). Required with --tiles; without --tiles (the "
                         "embedded default, a simulated survey) it is tiny")
     p.add_argument("--out", metavar="STORE.zarr", help=f"the store (default: {DEFAULT_STORE})")
-    p.add_argument("--catalog", default="auto",
-                   help="'auto' (Tractor catalog when the tile has one, else detection), 'detect' (always detect "
-                        "sources), or the path of a Tractor catalog used for every tile")
+    _options.add_sources(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="model batch size (default: 256 on a GPU, 64 on CPU where larger batches are slower)")
     p.add_argument("--cpu-workers", type=int, default=None,
@@ -113,7 +112,10 @@ def register(sub) -> None:
                    help="torch threads per CPU model replica; one replica per this many CPUs "
                         "(default: 1 up to 15 CPUs, else CPUs // 8; see docs/engine.md)")
     p.add_argument("--gpu-workers", type=int, default=None, help="GPU model actors (default: one per GPU in the cluster)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    _options.add_device(p)
+    p.add_argument("--executor", default="ray", choices=["ray", "local"],
+                   help="ray: tile tasks and a pool of model replicas on Ray (local, or the cluster of --address); "
+                        "local: everything in this process, one tile after another, without Ray (small runs)")
     p.add_argument("--address", default=None,
                    help="join a running Ray cluster ('auto' or host:port); default: start Ray locally")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="embedding dtype in the store")
@@ -123,9 +125,7 @@ def register(sub) -> None:
                    help="... or once this many seconds passed since the last commit (default 30): at most this "
                         "much work is redone after a crash")
     p.add_argument("--skip-failed", action="store_true", help="do not retry tiles that failed in an earlier run")
-    p.add_argument("--force-unlock", action="store_true",
-                   help="take the store's lock even though another run seems to hold it (only when you know that run "
-                        "is gone; a lock whose process died is taken over without this)")
+    _options.add_force_unlock(p)
     p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
                    help="refuse (as a failed tile) an image whose FITS header declares more than N pixels, before "
                         "reading it (default 268435456 = 2**28, or GALAXALIGN_MAX_IMAGE_PIXELS)")

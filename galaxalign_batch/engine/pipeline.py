@@ -72,30 +72,38 @@ class EmbedSummary:
         return out
 
 
-def _prepare_remote(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None,
-                    image_scale: dict | None = None, selection=None, bands=None, model_bands=None):
-    """Ray task body: returns (meta, pixels) as two objects, or (failure, None). ``ref`` may be an
-    :class:`~galaxalign_batch.engine.images.ImageGroup` (pictures, ``image_scale`` says what they show)."""
-    import numba
-
+def prepare_task(ref: TileRef, spec_dict: dict, catalog: str, max_image_pixels: int | None = None,
+                 image_scale: dict | None = None, selection=None, bands=None, model_bands=None):
+    """Read and cut one task's tile: ``(meta, pixels)``, or ``(failure, None)`` for a tile that cannot be
+    used (its reason in ``meta["error"]``). ``ref`` may be an :class:`~galaxalign_batch.engine.images.ImageGroup`
+    (pictures, ``image_scale`` says what they show). The body of every executor's tile task."""
     from galaxalign_batch.engine.prepare import prepare_tile, set_bands
+    from galaxalign_batch.engine.selection import prepare_selected
     from galaxalign_batch.preprocess import CutoutSpec
     from galaxalign_batch.survey.tile import set_max_image_pixels
 
-    # One tile task per reserved CPU: Numba's threads follow the CPUs Ray gave the task.
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
     set_max_image_pixels(max_image_pixels)  # every task: a worker process serves tasks of several runs
     set_bands(bands, model_bands)
     try:
         if isinstance(ref, images.ImageGroup):
             return images.prepare_images(ref, CutoutSpec.from_dict(spec_dict), image_scale or {})
-        p = prepare_tile(ref, CutoutSpec.from_dict(spec_dict), catalog=catalog, selection=selection)
+        spec = CutoutSpec.from_dict(spec_dict)
+        p = (prepare_tile(ref, spec, catalog=catalog) if selection is None
+             else prepare_selected(ref, spec, catalog, selection))
     except TileError as e:
         return {"ref": ref, "error": str(e)}, None
     except Exception as e:  # a reader bug or an input nobody foresaw: record it, do not loop on it
         logging.getLogger(__name__).exception("unexpected error in tile %s", ref.name)
         return {"ref": ref, "error": f"{ref.path}: unexpected {type(e).__name__}: {' '.join(str(e).split())}"}, None
     return {"ref": ref, "columns": p.columns, "timings": p.timings}, p.pixels
+
+
+def _prepare_remote(*args, **kwargs):
+    """Ray task body: :func:`prepare_task`, with Numba's threads following the CPUs Ray gave the task."""
+    import numba
+
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, int(os.environ.get("OMP_NUM_THREADS", "1")))))
+    return prepare_task(*args, **kwargs)
 
 
 class _EncoderActor:
@@ -151,7 +159,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
                 max_image_pixels: int | None = None, log_every: float = 30.0,
-                image_scale: dict | None = None, stretch: str | None = None, bands=None, selection=None) -> EmbedSummary:
+                image_scale: dict | None = None, stretch: str | None = None, bands=None, selection=None,
+                executor: str = "ray") -> EmbedSummary:
     """Embed every source of ``tiles`` into the store at ``out`` (created, or resumed if it exists).
 
     Before Ray starts: the model spec, ``catalog`` and ``out`` are checked and the store's lock is
@@ -163,7 +172,11 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     stretch of the cutouts (default: the model's; another is warned about for a trained checkpoint and
     recorded); ``bands``: the bands to read (:func:`~galaxalign_batch.survey.bands.choose_bands`). ``selection``: a
     :class:`~galaxalign_batch.engine.selection.Selection` (targets, a cut, kept columns), recorded in the store.
+    ``executor``: ``"ray"`` (tasks and a model actor pool, local or on a cluster) or ``"local"`` (this
+    process alone, no Ray: small runs and tests); see :class:`EmbedRun`.
     """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     t_start = time.perf_counter()
     tiles = selection.restrict(tiles) if selection is not None else tiles
     # The model's identity without torch (a re-run with nothing to do needs no more); the full description
@@ -201,12 +214,17 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
         pictures_only = has_pictures and all(isinstance(t, images.ImageRef) for t in tiles)
         info, run_bands, notes = preflight.run_spec(info, stretch, bands, pictures_only)
         warnings += notes
-        summary = _embed(tiles, model, out, info, store, t_start, batch_size=batch_size, cpu_workers=cpu_workers,
-                         cpu_threads=cpu_threads, gpu_workers=gpu_workers, device=device, address=address,
-                         catalog=catalog, max_inflight=max_inflight, commit_rows=commit_rows,
-                         commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
-                         stall_seconds=stall_seconds, max_image_pixels=max_image_pixels, log_every=log_every,
-                         warnings=warnings, image_scale=image_scale, bands=run_bands, selection=selection)
+        run = EmbedRun(tiles, model, out, info, store, t_start, catalog=catalog, commit_rows=commit_rows,
+                       commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,
+                       max_image_pixels=max_image_pixels, log_every=log_every, warnings=warnings,
+                       image_scale=image_scale, bands=run_bands, selection=selection)
+        if executor == "local":
+            summary = run_in_process(run, batch_size=batch_size, device=device, threads=cpu_threads)
+            summary.ray_started = False
+        else:
+            summary = run_on_ray(run, batch_size=batch_size, cpu_workers=cpu_workers, cpu_threads=cpu_threads,
+                                 gpu_workers=gpu_workers, device=device, address=address, max_inflight=max_inflight,
+                                 stall_seconds=stall_seconds)
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
@@ -238,10 +256,204 @@ def _nothing_to_do(tiles: list[TileRef], out: str, store: EmbeddingStore, retry_
     return summary
 
 
-def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None, t_start: float, *,
-           batch_size, cpu_workers, cpu_threads, gpu_workers, device, address, catalog, max_inflight, commit_rows,
-           commit_seconds, embedding_dtype, retry_failed, stall_seconds, max_image_pixels, log_every=30.0,
-           warnings=(), image_scale=None, bands=None, selection=None) -> EmbedSummary:
+EXECUTORS = ("ray", "local")
+
+
+class EmbedRun:
+    """One embed run after its pre-flight: what is left to do, the store, the commits and the summary.
+
+    An *executor* drives it: it runs :meth:`task_args` through :func:`prepare_task` for every ref of
+    :attr:`plan`, hands each result to :meth:`prepared`, runs the model on the pixels of those that
+    need it, and hands the embeddings to :meth:`embedded`; at the end it calls :meth:`finish`. The run
+    decides everything else, the same for every executor: the store (created when the model has been
+    checked, :meth:`start`), which tiles failed and why, duplicate ids, and when finished tiles are
+    committed (whole tiles, every ``commit_rows`` rows or ``commit_seconds`` seconds). Two executors:
+    Ray tasks and an actor pool (:func:`run_on_ray`, the default) and this process alone, without Ray
+    (:func:`run_in_process`, for small runs and tests).
+    """
+
+    def __init__(self, tiles: list[TileRef], model: str, out: str, info: dict, store: EmbeddingStore | None,
+                 t_start: float, *, catalog: str = "auto", commit_rows: int = 65536, commit_seconds: float = 30.0,
+                 embedding_dtype: str = "float16", retry_failed: bool = True, max_image_pixels: int | None = None,
+                 log_every: float = 30.0, warnings=(), image_scale: dict | None = None, bands=None, selection=None):
+        self.tiles, self.model, self.out, self.info, self.store = tiles, model, out, info, store
+        self.t_start = t_start
+        self.catalog, self.commit_rows, self.commit_seconds = catalog, commit_rows, commit_seconds
+        self.embedding_dtype, self.max_image_pixels = embedding_dtype, max_image_pixels
+        self.warnings, self.image_scale, self.bands, self.selection = list(warnings), image_scale, bands, selection
+        self.todo = _todo(tiles, store, retry_failed)
+        self.plan = images.plan(self.todo)  # pictures in groups, one task each
+        self.summary = EmbedSummary(out, len(tiles), len(tiles) - len(self.todo), 0)
+        self.timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
+        self.spec = info["cutout_spec"]  # the run's (--stretch); the model replicas describe the model's
+        self.model_info = {k: v for k, v in info.items() if k != "model_cutout_spec"}
+        self.model_info["cutout_spec"] = info.get("model_cutout_spec", self.spec)
+        self.model_bands = tuple(dict(self.spec["band_planes"])) if self.spec["stretch"] != "none" else None
+        self.startup: float | None = None
+        self.describe_replicas = None  # set by the executor: () -> list of the loaded models' describe()
+        self._pending: list[tuple[str, dict | None, str]] = []
+        self._pending_rows, self._last_commit = 0, time.perf_counter()
+        self._ids_of_run: dict[str, tuple[str, ...]] = {}  # id brick -> tiles of this run whose ids name it
+        self._taken_ids: set[str] | None = None  # object ids of the store and of this run's pictures (read once)
+        self.bar = progress.bar(total=len(self.todo), desc="tiles", unit="tile")
+        self.ticker = progress.RateLog(len(self.todo), log_every, logger=log)  # log lines when stderr is not a terminal
+
+    # ---------------------------------------------------------------------------------------- for executors
+    def task_args(self, ref) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of :func:`prepare_task` for ``ref``."""
+        tile_sel = (None if self.selection is None or isinstance(ref, images.ImageGroup)
+                    else self.selection.for_tile(ref.name))
+        return ((ref, self.spec, self.catalog, self.max_image_pixels, self.image_scale, tile_sel),
+                {"bands": self.bands, "model_bands": self.model_bands})
+
+    @property
+    def finished(self) -> int:
+        s = self.summary
+        return s.tiles_done + len(s.tiles_failed) + len(s.tiles_lost)
+
+    def start(self) -> None:
+        """Check the loaded model against its description, then create the store (or update its attributes).
+        Called once, before the first commit, when the executor's model replicas have loaded."""
+        if self.startup is not None:
+            return
+        described = self.describe_replicas()
+        if any(d != self.model_info for d in described):
+            raise ConfigError(f"--model {self.model!r}: the loaded model differs from its description "
+                              f"({described[0]['identity']} / {described[0]['cutout_spec']} vs "
+                              f"{self.info['identity']} / {self.info['cutout_spec']})")
+        self.startup = time.perf_counter() - self.t_start
+        sel = self.selection
+        if self.store is None:
+            self.store = EmbeddingStore.create(self.out, self.info["dim"], dtype=self.embedding_dtype,
+                                               attrs={**_store_attrs(self.info, self.warnings), **(sel.attrs() if sel else {})},
+                                               extra_columns=sel.keep if sel is not None else ())
+        store = self.store
+        roots = sorted({t.path for t in self.tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
+        if roots != store.attrs.get("survey_roots", []):
+            store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
+        if self.image_scale is not None and store.attrs.get("image_scale") != self.image_scale:
+            store.update_attrs({"image_scale": self.image_scale})  # what the RGB pictures show
+
+    def lost(self, ref, reason: str) -> None:
+        """A task lost to the infrastructure (worker or node died beyond retries): not recorded, a re-run does it."""
+        log.warning("tile %s lost: %s", ref.name, reason)
+        self.summary.tiles_lost.extend(_members(ref))
+        self.bar.update(len(_members(ref)))
+
+    def prepared(self, meta: dict) -> bool:
+        """A tile task's result: True when its pixels go to the model; False when the tile failed (recorded)."""
+        ref = meta["ref"]
+        if "error" in meta:
+            log.warning("skipping %s", meta["error"])
+            for name in _members(ref):
+                self._pending.append((name, None, meta["error"]))
+                self.summary.tiles_failed[name] = meta["error"]
+            self.bar.update(len(_members(ref)))
+            self.flush()
+            return False
+        for k, v in meta["timings"].items():
+            self.timings[k] += v
+        return True
+
+    def embedded(self, meta: dict, emb: np.ndarray, seconds: float) -> None:
+        """The model's embeddings of a prepared tile (or picture group): buffered for the next commit."""
+        s, ref = self.summary, meta["ref"]
+        self.timings["model"] += seconds
+        if isinstance(ref, images.ImageGroup):  # one record per picture
+            for name, rows, reason in images.split_group(meta, emb, self._picture_ids()):
+                self._pending.append((name, rows, reason))
+                if rows is None:
+                    log.warning("skipping %s", reason)
+                    s.tiles_failed[name] = reason
+                else:
+                    s.tiles_done += 1
+                    s.sources += 1
+                    self._pending_rows += 1
+            self.bar.update(len(ref.refs))
+            self.flush()
+            return
+        rows = dict(meta["columns"], embedding=emb)
+        clash = _id_clash(ref, rows["object_id"], self.store, self._pending, self._ids_of_run)
+        if clash:
+            log.warning("skipping %s: %s", ref.name, clash)
+            self._pending.append((ref.name, None, clash))
+            s.tiles_failed[ref.name] = clash
+            self.bar.update(1)
+            self.flush()
+            return
+        self._pending.append((ref.name, rows, ""))
+        self._pending_rows += len(emb)
+        s.tiles_done += 1
+        s.sources += len(emb)
+        self.bar.update(1)
+        self.bar.set_postfix(sources=s.sources)
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Commit the buffered tiles when ``commit_rows`` rows or ``commit_seconds`` seconds are reached (or ``force``)."""
+        if self._pending and (force or self._pending_rows >= self.commit_rows
+                              or time.perf_counter() - self._last_commit > self.commit_seconds):
+            self.start()
+            t = time.perf_counter()
+            self.store.commit(self._pending)
+            self.timings["write"] += time.perf_counter() - t
+            self._pending, self._pending_rows, self._last_commit = [], 0, time.perf_counter()
+
+    def finish(self) -> EmbedSummary:
+        """Commit what is left and close the store (also when nothing was embedded: the model is still
+        checked and the store made)."""
+        self.start()
+        self.flush(force=True)
+        self.store.finalize()
+        return self.summary
+
+    def close(self) -> EmbedSummary:
+        """The summary with its times (also after an error: the progress bar is closed)."""
+        self.bar.close()
+        s = self.summary
+        s.seconds = time.perf_counter() - self.t_start
+        s.startup_seconds = self.startup or 0.0
+        s.timings = self.timings
+        return s
+
+    def _picture_ids(self) -> set[str]:
+        if self._taken_ids is None:
+            store = self.store
+            self._taken_ids = set(as_str(store.read("object_id"))) if store is not None and store.n_rows else set()
+        return self._taken_ids
+
+
+def run_in_process(run: EmbedRun, *, batch_size: int | None = None, device: str = "auto",
+                   threads: int | None = None) -> EmbedSummary:
+    """The in-process executor: every tile read, cut and embedded in this process, one after another,
+    without Ray. For small runs (a few tiles, a folder of pictures) and tests; the store, its commits and
+    the summary are the same as :func:`run_on_ray`'s."""
+    import torch
+
+    actor = _EncoderActor(run.model, device, batch_size or 64, threads or torch.get_num_threads())
+    run.describe_replicas = lambda: [actor.describe()]
+    try:
+        for ref in run.plan:
+            args, kwargs = run.task_args(ref)
+            meta, pixels = prepare_task(*args, **kwargs)
+            run.ticker.update(run.finished, run.summary.sources)
+            if not run.prepared(meta):
+                continue
+            run.start()
+            emb, seconds = actor.embed(pixels)
+            run.embedded(meta, emb, seconds)
+        run.finish()
+    finally:
+        run.close()
+    return run.summary
+
+
+def run_on_ray(run: EmbedRun, *, batch_size: int | None, cpu_workers: int | None, cpu_threads: int | None,
+               gpu_workers: int | None, device: str, address: str | None, max_inflight: int | None,
+               stall_seconds: float) -> EmbedSummary:
+    """The Ray executor: tile tasks (at most ``max_inflight`` at a time) and a pool of model actors
+    (one per GPU, or CPU replicas sized by :func:`cpu_pool`); pixels go task -> actor through Ray's object
+    store. A task lost to a dead worker or node is counted as lost (a re-run does it)."""
     import ray
 
     _init_ray(address, cpu_workers)
@@ -258,94 +470,45 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
     fault = dict(max_restarts=-1, max_task_retries=2)
     if gpu_workers:
         batch_size = batch_size or 256
-        actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(model, "cuda", batch_size)
+        actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(run.model, "cuda", batch_size)
                   for _ in range(gpu_workers)]
     else:
         batch_size = batch_size or 64  # measured: larger CPU batches are slower (cache), see docs/engine.md
         replicas, threads = cpu_pool(n_cpus, cpu_threads)
         env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
         actors = [actor_cls.options(num_cpus=0, scheduling_strategy="SPREAD", runtime_env=env, **fault)
-                  .remote(model, "cpu", batch_size, threads) for _ in range(replicas)]
+                  .remote(run.model, "cpu", batch_size, threads) for _ in range(replicas)]
         log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
     replicas_ready = [a.describe.remote() for a in actors]
-    todo = _todo(tiles, store, retry_failed)
-    summary = EmbedSummary(out, len(tiles), len(tiles) - len(todo), 0)
-    timings = {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
-    prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
-    max_inflight = max_inflight or max(4, 2 * n_cpus)
-    spec = info["cutout_spec"]  # the run's (--stretch); the replicas describe the model's
-    model_info = {k: v for k, v in info.items() if k != "model_cutout_spec"}
-    model_info["cutout_spec"] = info.get("model_cutout_spec", spec)
-    model_bands = tuple(dict(spec["band_planes"])) if spec["stretch"] != "none" else None
-    startup = None
 
-    def wait_for_replicas() -> None:
-        """Block until every replica has loaded (tile tasks go on meanwhile); create the store."""
-        nonlocal startup, store
+    def describe_replicas() -> list[dict]:
+        """Block until every replica has loaded (tile tasks go on meanwhile)."""
         try:
-            described = ray.get(replicas_ready)
+            return ray.get(replicas_ready)
         except ray.exceptions.RayError as e:
             for a in actors:
                 ray.kill(a)
-            raise ConfigError(f"the model replicas could not load {model!r}: {_root_cause(e)}") from None
-        if any(d != model_info for d in described):
-            raise ConfigError(f"--model {model!r}: the loaded model differs from its description "
-                              f"({described[0]['identity']} / {described[0]['cutout_spec']} vs "
-                              f"{info['identity']} / {info['cutout_spec']})")
-        startup = time.perf_counter() - t_start
-        if store is None:
-            store = EmbeddingStore.create(out, info["dim"], dtype=embedding_dtype,
-                                          attrs={**_store_attrs(info, warnings), **(selection.attrs() if selection else {})},
-                                          extra_columns=selection.keep if selection is not None else ())
-        roots = sorted({t.path for t in tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
-        if roots != store.attrs.get("survey_roots", []):
-            store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
-        if image_scale is not None and store.attrs.get("image_scale") != image_scale:
-            store.update_attrs({"image_scale": image_scale})  # what the RGB pictures show
+            raise ConfigError(f"the model replicas could not load {run.model!r}: {_root_cause(e)}") from None
 
-    queue = list(reversed(images.plan(todo)))  # pictures in groups, one task each
+    run.describe_replicas = describe_replicas
+    prepare = ray.remote(_prepare_remote).options(num_returns=2, max_retries=3, retry_exceptions=False)
+    max_inflight = max_inflight or max(4, 2 * n_cpus)
+    queue = list(reversed(run.plan))
     preparing: dict = {}  # meta ref -> (ref, pixels ref)
     embedding: dict = {}  # embed ref -> (meta, actor index)
     actor_load = [0] * len(actors)
-    pending: list[tuple[str, dict | None, str]] = []
-    pending_rows, last_commit = 0, time.perf_counter()
-    ids_of_run: dict[str, tuple[str, ...]] = {}  # id brick -> tiles of this run whose ids name it
-    bar = progress.bar(total=len(todo), desc="tiles", unit="tile")
-    ticker = progress.RateLog(len(todo), log_every, logger=log)  # log lines when stderr is not a terminal
+    ticker = run.ticker
     last_event = time.perf_counter()
-
-    taken_ids: set[str] | None = None  # object ids of the store and of this run's pictures (read once)
-
-    def picture_ids() -> set[str]:
-        nonlocal taken_ids
-        if taken_ids is None:
-            taken_ids = set(as_str(store.read("object_id"))) if store is not None and store.n_rows else set()
-        return taken_ids
-
-    def finished() -> int:
-        return summary.tiles_done + len(summary.tiles_failed) + len(summary.tiles_lost)
-
-    def flush(force: bool = False) -> None:
-        nonlocal pending, pending_rows, last_commit
-        if pending and (force or pending_rows >= commit_rows or time.perf_counter() - last_commit > commit_seconds):
-            if startup is None:
-                wait_for_replicas()
-            t = time.perf_counter()
-            store.commit(pending)
-            timings["write"] += time.perf_counter() - t
-            pending, pending_rows, last_commit = [], 0, time.perf_counter()
-
     try:
         while queue or preparing or embedding:
             while queue and len(preparing) + len(embedding) < max_inflight:
                 ref = queue.pop()
-                tile_sel = None if selection is None or isinstance(ref, images.ImageGroup) else selection.for_tile(ref.name)
-                meta_ref, pix_ref = prepare.remote(ref, spec, catalog, max_image_pixels, image_scale, tile_sel,
-                                                   bands=bands, model_bands=model_bands)
+                args, kwargs = run.task_args(ref)
+                meta_ref, pix_ref = prepare.remote(*args, **kwargs)
                 preparing[meta_ref] = (ref, pix_ref)
             ready, _ = ray.wait(list(preparing) + list(embedding), num_returns=1,
                                 timeout=min(stall_seconds, ticker.every) if ticker.active else stall_seconds)
-            ticker.update(finished(), summary.sources)
+            ticker.update(run.finished, run.summary.sources)
             if not ready:
                 if time.perf_counter() - last_event >= stall_seconds:
                     log.warning("no tile finished in the last %.0f s (%d preparing, %d embedding); Ray resources "
@@ -359,81 +522,32 @@ def _embed(tiles: list[TileRef], model: str, out: str, info: dict, store: Embedd
                 try:
                     meta = ray.get(r)
                 except (ray.exceptions.RayError, TileError) as e:  # worker died beyond retries, object lost...
-                    log.warning("tile %s lost: %s", ref.name, str(e).splitlines()[0])
-                    summary.tiles_lost.extend(_members(ref))
-                    bar.update(len(_members(ref)))
+                    run.lost(ref, str(e).splitlines()[0])
                     continue
-                if "error" in meta:
-                    log.warning("skipping %s", meta["error"])
-                    for name in _members(ref):
-                        pending.append((name, None, meta["error"]))
-                        summary.tiles_failed[name] = meta["error"]
-                    bar.update(len(_members(ref)))
-                    flush()
+                if not run.prepared(meta):
                     continue
-                for k, v in meta["timings"].items():
-                    timings[k] += v
-                if startup is None:
-                    wait_for_replicas()
+                run.start()
                 i = int(np.argmin(actor_load))
                 actor_load[i] += 1
                 embedding[actors[i].embed.remote(pix_ref)] = (meta, i)
             else:
                 meta, i = embedding.pop(r)
                 actor_load[i] -= 1
-                ref = meta["ref"]
                 try:
                     emb, seconds = ray.get(r)
                 except ray.exceptions.RayError as e:
-                    log.warning("tile %s lost in the model actor: %s", ref.name, str(e).splitlines()[0])
-                    summary.tiles_lost.extend(_members(ref))
-                    bar.update(len(_members(ref)))
+                    run.lost(meta["ref"], "in the model actor: " + str(e).splitlines()[0])
                     continue
-                timings["model"] += seconds
-                if isinstance(ref, images.ImageGroup):  # one record per picture
-                    for name, rows, reason in images.split_group(meta, emb, picture_ids()):
-                        pending.append((name, rows, reason))
-                        if rows is None:
-                            log.warning("skipping %s", reason)
-                            summary.tiles_failed[name] = reason
-                        else:
-                            summary.tiles_done += 1
-                            summary.sources += 1
-                            pending_rows += 1
-                    bar.update(len(ref.refs))
-                    flush()
-                    continue
-                rows = dict(meta["columns"], embedding=emb)
-                clash = _id_clash(ref, rows["object_id"], store, pending, ids_of_run)
-                if clash:
-                    log.warning("skipping %s: %s", ref.name, clash)
-                    pending.append((ref.name, None, clash))
-                    summary.tiles_failed[ref.name] = clash
-                    bar.update(1)
-                    flush()
-                    continue
-                pending.append((ref.name, rows, ""))
-                pending_rows += len(emb)
-                summary.tiles_done += 1
-                summary.sources += len(emb)
-                bar.update(1)
-                bar.set_postfix(sources=summary.sources)
-                flush()
-        if startup is None:
-            wait_for_replicas()  # nothing to embed (all done or all failed): still check the model, make the store
-        flush(force=True)
-        store.finalize()
+                run.embedded(meta, emb, seconds)
+        run.finish()
     finally:  # also on an error or an interrupt: no model replica outlives the run
-        bar.close()
+        run.close()
         for a in actors:
             try:
                 ray.kill(a)
             except Exception:  # already gone with its node
                 pass
-    summary.seconds = time.perf_counter() - t_start
-    summary.startup_seconds = startup
-    summary.timings = timings
-    return summary
+    return run.summary
 
 
 def _members(ref) -> list[str]:

@@ -1,4 +1,4 @@
-"""Checks `embed` makes before starting Ray: the model, --catalog, the output path (and then the lock).
+"""Checks `embed` makes before starting Ray: the model, --sources, the output path (and then the lock).
 
 Each problem is one line (``ConfigError`` / ``StoreError``), found in seconds instead of after the
 cluster has started and a store full of failed tiles has been written.
@@ -25,7 +25,7 @@ def check_catalog(catalog: str | os.PathLike | None) -> str:
     if catalog in CATALOG_WORDS:
         return catalog
     if not os.path.exists(catalog):
-        raise ConfigError(f"--catalog {catalog}: no such file (expected 'auto', 'detect' or a Tractor catalog "
+        raise ConfigError(f"--sources {catalog}: no such file (expected 'auto', 'detect' or a Tractor catalog "
                           "FITS file)")
     from galaxalign_batch.survey.sources import TRACTOR_REQUIRED
     from galaxalign_batch.survey.tile import open_fits
@@ -34,13 +34,13 @@ def check_catalog(catalog: str | os.PathLike | None) -> str:
         with open_fits(catalog) as f:
             ext = next((i for i, hdu in enumerate(f) if hdu.get_info()["hdutype"] in (1, 2)), None)
             if ext is None:
-                raise ConfigError(f"--catalog {catalog}: no table HDU (not a Tractor catalog)")
+                raise ConfigError(f"--sources {catalog}: no table HDU (not a Tractor catalog)")
             columns = {c.lower() for c in f[ext].get_colnames()}
     except TileError as e:
-        raise ConfigError(f"--catalog {e}") from None
+        raise ConfigError(f"--sources {e}") from None
     missing = [c for c in TRACTOR_REQUIRED if c not in columns]
     if missing:
-        raise ConfigError(f"--catalog {catalog}: not a Tractor catalog (missing column(s) {', '.join(missing)})")
+        raise ConfigError(f"--sources {catalog}: not a Tractor catalog (missing column(s) {', '.join(missing)})")
     return os.path.realpath(catalog)
 
 

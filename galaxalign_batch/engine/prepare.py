@@ -49,21 +49,17 @@ def read_tile(ref: TileRef):
     return select_bands(open_tile(ref.path), _RUN_BANDS, _MODEL_BANDS)
 
 
-def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto", selection=None) -> PreparedTile:
+def prepare_tile(ref: TileRef, spec: CutoutSpec, *, catalog: str = "auto") -> PreparedTile:
     """Read ``ref``, find its sources (Tractor catalog when present, else detection), make cutouts.
 
     ``catalog``: ``auto``, ``detect`` or a Tractor catalog path. Detected sources are named
     ``"{ref.name}/det{i}"`` (the tile's key, a resolved path: unique across folders and roots).
-    ``selection``: a :class:`~galaxalign_batch.engine.selection.TileSelection` (targets, a ``--where``
-    cut, kept catalogue columns, section reads), or None for every source.
+    Every source of the tile; a selection (targets, a ``--where`` cut, kept columns, section reads) is
+    :func:`galaxalign_batch.engine.selection.prepare_selected`.
     Raises :class:`TileError` for anything wrong with the tile's files.
     """
     from galaxalign_batch.survey import sources_for
 
-    if selection is not None:
-        from galaxalign_batch.engine.selection import prepare_selected
-
-        return prepare_selected(ref, spec, catalog, selection)
     t0 = time.perf_counter()
     tile = read_tile(ref)
     sources = sources_for(tile, catalog=catalog, id_prefix=ref.name)

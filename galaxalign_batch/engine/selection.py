@@ -127,7 +127,7 @@ def _store_dtype(dt: np.dtype) -> str:
 
 
 def sample_catalog(tiles: list, catalog: str) -> str | None:
-    """A Tractor catalog the run reads (``--catalog PATH``, or the first tile's under ``auto``), else None."""
+    """A Tractor catalog the run reads (``--sources PATH``, or the first tile's under ``auto``), else None."""
     if catalog == "detect":
         return None
     if catalog != "auto":
@@ -140,7 +140,7 @@ def sample_catalog(tiles: list, catalog: str) -> str | None:
 
 
 def tractor_of(ref) -> str | None:
-    """The Tractor catalog ``--catalog auto`` uses for tile ``ref`` (a brick of a tree with its file), else None."""
+    """The Tractor catalog ``--sources auto`` uses for tile ``ref`` (a brick of a tree with its file), else None."""
     from galaxalign_batch.survey import layout
     from galaxalign_batch.survey.bricks import parse_brick_filename
 
