@@ -220,7 +220,7 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
     import torch
 
     rows = rgb[::-1] if spec.orientation == "fits" else rgb
-    x = torch.from_numpy(np.ascontiguousarray(rows)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(rows, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
     s = spec.out_size
     if x.shape[-2:] != (s, s):
         from galaxalign_batch.model.inputs import resize_images
