@@ -272,7 +272,7 @@ def test_a_killed_worker_then_a_rerun_gives_the_same_output(loopback_cluster, st
 # ---------------------------------------------------------------------------------------------- memory
 
 RSS_SCRIPT = textwrap.dedent("""\
-    import resource, sys
+    import sys
     from galaxalign_batch.downstream.partitioned import join_partitioned
     from galaxalign_batch.downstream.join import join_catalog
     store, cat, out, how = sys.argv[1:5]
@@ -280,7 +280,8 @@ RSS_SCRIPT = textwrap.dedent("""\
         join_partitioned(store, cat, out, radius=1.0, threads=1, split_rows=8192)
     else:
         join_catalog(store, cat, out, radius=1.0, workers=1)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    # VmHWM, not getrusage's ru_maxrss: that one starts at the parent's peak (kept across fork and exec)
+    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) // 1024)
 """)
 
 
@@ -291,7 +292,10 @@ def _peak_mb(store, cat, out, how) -> int:
     return int(r.stdout.split()[-1])
 
 
-BOUND_MB = 30  # growth of the partitioned join's peak RSS when the catalogue grows 10x (to ~110 MB of columns)
+# Growth of the partitioned join's peak RSS (VmHWM) when the catalogue grows 10x (12 -> 123 MB of Parquet): measured
+# +25 MB with Arrow's default (mimalloc) pool, +2 MB with jemalloc (what grows is the allocator's retention, not
+# data held); the one-file join grows by +259 MB.
+BOUND_MB = 60
 
 
 @pytest.mark.slow
