@@ -61,3 +61,21 @@ def test_merge_keeps_the_best_and_breaks_ties_by_row():
     b = (np.array([[0.9, 0.8]], np.float32), np.array([[2, -1]]))
     s, r = merge_topk([a, b], 3)
     assert r.tolist() == [[2, 7, 3]] and s[0, 2] == np.float32(0.5)
+
+
+@pytest.mark.slow
+def test_search_builds_the_shards_on_ray_when_given_an_address(store):
+    import ray
+
+    from galaxalign_batch.downstream.search import Query, search_many
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        v = np.asarray(store.read("embedding", np.array([123])), dtype=np.float32)[0]
+        q = Query("object", "row 123", v / np.linalg.norm(v), row=123)
+        res = search_many(store, [q], 5, index="ivf", rebuild_index=True, address="local")[0]
+        meta = json.loads(open(str(store.path) + ".ivf.json").read())
+        assert meta["shards"] and sum(s["rows"] for s in meta["shards"]) == store.n_rows
+        assert int(res.rows[0]) == 123  # a stored query finds itself first
+    finally:
+        ray.shutdown()

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         queries = [run_query(store, object_id=args.object, near=args.near, image=args.image, text=args.text,
                              symbol=args.symbol, model=args.model, radius_arcsec=radius, device=device)]
     results = search_many(store, queries, args.k, index=args.index, rebuild_index=args.rebuild_index,
-                          target_recall=args.target_recall, dedup_arcsec=dedup)
+                          target_recall=args.target_recall, dedup_arcsec=dedup, address=args.address)
     for i, result in enumerate(results):
         if i:
             print()
@@ -94,6 +94,8 @@ def register(sub) -> None:
     p.add_argument("--rebuild-index", action="store_true", help="build the approximate index again")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="when building an index, the recall@10 its search setting must reach (default 0.95)")
+    opt.add_address(p, help="build a missing IVF index in HEALPix shards as Ray tasks on this cluster ('auto' or "
+                            "host:port; 'local': a private local Ray instance); default: here")
     p.add_argument("--radius", default="5arcsec", help="search radius of --near (default 5arcsec)")
     p.add_argument("--dedup", metavar="ARCSEC", default=None,
                    help="results closer than this on the sky to a better-scoring result are the same object: kept "

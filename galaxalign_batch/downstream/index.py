@@ -142,7 +142,7 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
     """Build, evaluate and save an index of ``kind`` for every committed row of ``store``.
 
     ``ivf`` is built in HEALPix shards (:func:`build_sharded_index`, on a Ray cluster with ``address``) when
-    ``shard_rows`` is given or its codes would exceed :data:`SHARD_BYTES`."""
+    ``shard_rows`` or ``address`` is given or its codes would exceed :data:`SHARD_BYTES`."""
     import faiss
 
     if kind not in KINDS:
@@ -153,7 +153,7 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
     n, d = store.n_rows, store.dim
     if n < 2:
         raise ConfigError(f"{store.path}: an index needs at least 2 rows")
-    if kind == "ivf" and (shard_rows or n * d * 2 > SHARD_BYTES):
+    if kind == "ivf" and (shard_rows or address or n * d * 2 > SHARD_BYTES):
         return build_sharded_index(store, shard_rows=int(shard_rows or SHARD_BYTES // (2 * d)), nlist=nlist,
                                    target_recall=target_recall, n_eval=n_eval, seed=seed, address=address)
     sq = faiss.ScalarQuantizer.QT_fp16

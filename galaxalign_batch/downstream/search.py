@@ -407,7 +407,7 @@ def batch_table(results: Sequence["SearchResult"]):
 
 def search_store(store: EmbeddingStore, query: Query, k: int = 10, *, index: str = "auto",
                  rebuild_index: bool = False, target_recall: float = 0.95,
-                 dedup_arcsec: float | None = None) -> SearchResult:
+                 dedup_arcsec: float | None = None, address: str | None = None) -> SearchResult:
     """The ``k`` stored rows most similar to ``query`` with a table of their ids, positions, scores, labels.
 
     ``dedup_arcsec``: a result closer on the sky than this to a better-scoring result is the same
@@ -415,13 +415,14 @@ def search_store(store: EmbeddingStore, query: Query, k: int = 10, *, index: str
     are taken so that ``k`` distinct objects remain when the store has them.
     """
     return search_many(store, [query], k, index=index, rebuild_index=rebuild_index, target_recall=target_recall,
-                       dedup_arcsec=dedup_arcsec)[0]
+                       dedup_arcsec=dedup_arcsec, address=address)[0]
 
 
 def search_many(store: EmbeddingStore, queries: Sequence[Query], k: int = 10, *, index: str = "auto",
                 rebuild_index: bool = False, target_recall: float = 0.95,
-                dedup_arcsec: float | None = None) -> list[SearchResult]:
-    """:func:`search_store` for several queries, in one pass over the store (exact) or one index search."""
+                dedup_arcsec: float | None = None, address: str | None = None) -> list[SearchResult]:
+    """:func:`search_store` for several queries, in one pass over the store (exact) or one index search.
+    ``address``: a Ray cluster on which a sharded IVF index is built when one must be built (docs/downstream.md)."""
     n = store.n_rows
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"-k must be a positive integer, got {k!r}")
@@ -440,7 +441,9 @@ def search_many(store: EmbeddingStore, queries: Sequence[Query], k: int = 10, *,
     if kind == "auto":
         kind = "ivf" if n >= APPROX_THRESHOLD else "exact"
     q = np.stack([query.vector for query in queries]).astype(np.float32)
-    idx = get_index(store, kind, rebuild=rebuild_index, target_recall=target_recall) if kind != "exact" else None
+    build_kw = {"address": address} if address and kind == "ivf" else {}
+    idx = (get_index(store, kind, rebuild=rebuild_index, target_recall=target_recall, **build_kw)
+           if kind != "exact" else None)
     method = f"exact ({n} rows, fused top-k)" if idx is None else idx.describe()
     extra: dict = {} if idx is None else {"index": idx.meta}
     fetch = k if dedup_arcsec is None else min(n, max(4 * k, k + 16))
