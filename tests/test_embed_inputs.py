@@ -189,6 +189,7 @@ def test_embed_without_model_on_tiles_refuses(pictures, tmp_path):
 
 # ------------------------------------------------------------------------------------------ with Ray
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 def test_pictures_embed_skip_a_corrupt_one_resume_and_rerun_without_ray(pictures, tmp_path):
     pytest.importorskip("ray")
     from galaxalign_batch.store import open_store

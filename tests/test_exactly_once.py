@@ -134,6 +134,7 @@ def test_a_commit_becomes_visible_in_one_write_the_last(tmp_path, inject):
     assert all(k.startswith(("embedding/", "tiles/")) or "/" in k for k in inject.keys[:-1])
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 @pytest.mark.parametrize("torn", [False, True], ids=["between-writes", "mid-write"])
 def test_a_crash_at_every_write_of_a_commit_then_rerun_equals_a_clean_run(tmp_path, inject, reference, torn):
     # how many writes the second commit makes
@@ -163,6 +164,7 @@ def test_a_crash_at_every_write_of_a_commit_then_rerun_equals_a_clean_run(tmp_pa
         assert not any(f.endswith(store_io.PARTIAL_SUFFIX) for _, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 def test_a_crash_at_every_write_of_store_creation_leaves_no_store(tmp_path, inject, reference):
     inject.arm(None)
     EmbeddingStore.create(tmp_path / "probe.zarr", DIM, attrs=ATTRS, rows_per_chunk=4)
@@ -183,6 +185,7 @@ def test_a_crash_at_every_write_of_store_creation_leaves_no_store(tmp_path, inje
         assert not [e for e in os.listdir(tmp_path) if e.startswith(f".k{k}.zarr.creating-")]
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 def test_a_crash_while_finalizing_keeps_every_row(tmp_path, inject, reference):
     inject.arm(None)
     s = EmbeddingStore.create(tmp_path / "probe.zarr", DIM, attrs=ATTRS, rows_per_chunk=4)

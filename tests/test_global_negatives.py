@@ -183,6 +183,7 @@ def _assert_same_step(got, expected):
         assert (grads[k] - g).abs().max().item() <= 1e-9 * scale, k
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_global_negatives_two_workers_equal_one_process(reference_step, model_runs, impl):
     _, _, loss, grads = reference_step
@@ -192,6 +193,7 @@ def test_global_negatives_two_workers_equal_one_process(reference_step, model_ru
         _assert_same_step(rank_result, (loss, grads))
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 def test_global_negatives_two_workers_with_accumulation(reference_step, model_runs):
     _, _, loss, grads = reference_step
     for rank_result in model_runs:  # 2 workers x 2 micro-batches x 8

@@ -302,6 +302,7 @@ def _run(tiles_root, out, **kw):
     return embed_tiles(tiles, "tiny", out, batch_size=64, selection=sel), sel
 
 
+@pytest.mark.slow  # fast tier: make test; everything: make test-all (CI)
 def test_engine_embeds_each_target_once_and_refuses_another_selection(overlap_tree, tmp_path, local_ray):
     from galaxalign_batch.store import open_store
 
