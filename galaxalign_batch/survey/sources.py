@@ -57,7 +57,8 @@ def read_tractor(path: str | os.PathLike, tile: Tile | None = None, primary_only
     """Read a Tractor catalog (``tractor-<brick>.fits``) into a Sources table.
 
     ``primary_only`` keeps rows with ``brick_primary`` true. ``keep``: more catalog columns to pass
-    through (lower-case names; for ``--where`` and ``--keep-columns``), besides the usual ones. Pixel positions come from ``bx, by``
+    through (lower-case names; for ``--where`` and ``--keep-columns``), besides the usual ones.
+    Pixel positions come from ``bx, by``
     (0-based) when ``tile`` is None or is the catalog's own brick, otherwise from ``ra, dec``
     through the tile's WCS; with a tile, sources whose centre falls off the tile are dropped.
     """
