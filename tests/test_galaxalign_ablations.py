@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 
-import numpy as np
 import pytest
+from conftest import write_symbol_labelled
 import torch
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import distributed as dist_mod
 from galaxalign_batch.model import train as train_mod
-from galaxalign_batch.model.symbols import SymbolSettings, draw_symbol
 from galaxalign_batch.model.train import TrainConfig, run_training
 from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -24,22 +22,7 @@ STAMP = 48
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
     """A small labelled set in the simulator's layout (class symbols painted as g, r, z flux plus noise)."""
-    root = tmp_path_factory.mktemp("sim")
-    d = root / "labelled"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    settings = SymbolSettings(size=STAMP, supersample=2)
-    keys = load_vocabulary("galaxy10").keys
-    for split, n in (("train", 4), ("val", 1), ("test", 1)):
-        flux, label = [], []
-        for c, k in enumerate(keys):
-            for _ in range(n):
-                g = draw_symbol(k, settings, rng).mean(0) * rng.uniform(0.3, 1.0)
-                flux.append((np.stack([0.3 * g, 0.6 * g, g]) + rng.normal(0, 0.01, (3, STAMP, STAMP))).astype(np.float32))
-                label.append(c)
-        np.savez(d / f"{split}.npz", flux=np.stack(flux), label=np.asarray(label, np.int64))
-    (d / "manifest.json").write_text(json.dumps({"pixscale": 0.262, "bands": ["g", "r", "z"], "classes": keys}))
-    return root
+    return write_symbol_labelled(tmp_path_factory.mktemp("sim"), {"train": 4, "val": 1, "test": 1}, STAMP)
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
