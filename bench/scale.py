@@ -43,6 +43,8 @@ from _machine import cpu_model  # noqa: E402
 
 import numpy as np
 
+from galaxalign_batch.downstream.distributed import process_bytes_read  # noqa: E402
+
 DEFAULT_DATA = Path(os.environ.get("TMPDIR", "/tmp")) / "galaxalign-bench-scale"
 DENSITY = 1e5  # sources per deg^2
 BRICK = 0.25
@@ -121,17 +123,6 @@ def _status(pid: int | str, key: str) -> float:
     return 0.0
 
 
-def _rchar(pid: int | str) -> int:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 class LoopbackCluster:
     """``ray start --head`` (+ ``ray start --address``) on 127.0.0.1, one CPU per node, stopped by process group."""
 
@@ -191,7 +182,7 @@ class LoopbackCluster:
         return out
 
     def rchar(self) -> int:
-        return sum(_rchar(p) for p in self.pids())
+        return sum(process_bytes_read(p) for p in self.pids())
 
     def worker_peak_mb(self) -> float:
         peaks = []
@@ -222,7 +213,7 @@ def child(kind: str, store: str, arg: str, address: str) -> dict:
     from galaxalign_batch.store import open_store
 
     address = address or None
-    r0 = _rchar("self")
+    r0 = process_bytes_read("self")
     t0 = time.perf_counter()
     if kind == "join":
         from galaxalign_batch.downstream.partitioned import join_partitioned
@@ -276,7 +267,7 @@ def child(kind: str, store: str, arg: str, address: str) -> dict:
     else:
         raise ValueError(kind)
     return {"seconds": time.perf_counter() - t0, "driver_peak_mb": _status("self", "VmHWM"),
-            "driver_read_mb": (_rchar("self") - r0) / 2**20, **extra}
+            "driver_read_mb": (process_bytes_read("self") - r0) / 2**20, **extra}
 
 
 class Sampler:
@@ -287,7 +278,7 @@ class Sampler:
         import threading
 
         self.cluster = cluster
-        self.first: dict[int, int] = {p: _rchar(p) for p in cluster.pids()}
+        self.first: dict[int, int] = {p: process_bytes_read(p) for p in cluster.pids()}
         self.last: dict[int, int] = dict(self.first)
         self.peak = 0.0
         self.stop = threading.Event()
@@ -301,7 +292,7 @@ class Sampler:
 
     def _sample(self):
         for p in self.cluster.pids():
-            r = _rchar(p)
+            r = process_bytes_read(p)
             if r:
                 self.last[p] = r
                 self.first.setdefault(p, 0)

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "make_executor", "process_bytes_read"]
 
 
-def process_bytes_read() -> int:
-    """Bytes this process has read through read(2) and friends so far (``rchar`` of /proc/self/io; 0 elsewhere)."""
+def process_bytes_read(pid: int | str = "self") -> int:
+    """Bytes a process (this one by default) has read through read(2) and friends so far (``rchar`` of
+    /proc/PID/io; 0 where there is no such file)."""
     try:
-        with open("/proc/self/io") as f:
+        with open(f"/proc/{pid}/io") as f:
             for line in f:
                 if line.startswith("rchar:"):
                     return int(line.split()[1])

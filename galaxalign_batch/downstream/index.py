@@ -120,6 +120,26 @@ def _training_sample(store: EmbeddingStore, size: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts)[:size])
 
 
+def _tune(result, store, params, n_eval: int, target_recall: float, seed: int):
+    """The smallest search setting of ``params`` whose recall@10 against exact search reaches
+    ``target_recall`` on ``n_eval`` stored rows (else the largest): ``(chosen, recall table, eval rows)``."""
+    n = store.n_rows
+    rng = np.random.default_rng(seed + 1)
+    eval_rows = np.sort(rng.choice(n, size=min(n_eval, n), replace=False))
+    queries = np.ascontiguousarray(store.read("embedding", eval_rows), dtype=np.float32)
+    kmax = min(max(RECALL_KS), n)
+    exact = _exact_neighbours(store, queries, kmax)
+    table: dict[str, dict[str, float]] = {}
+    chosen = params[-1]
+    for p in params:
+        _, approx = result.search(queries, kmax, p)
+        table[str(p)] = {str(k): round(recall_at(approx, exact, min(k, n)), 4) for k in RECALL_KS if k <= n}
+        if table[str(p)][str(min(10, n))] >= target_recall:
+            chosen = p
+            break
+    return chosen, table, eval_rows
+
+
 def _exact_neighbours(store: EmbeddingStore, queries: np.ndarray, k: int) -> np.ndarray:
     import torch
 
@@ -186,20 +206,8 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
     bar.close()
     build_seconds = time.perf_counter() - t0
 
-    rng = np.random.default_rng(seed + 1)
-    eval_rows = np.sort(rng.choice(n, size=min(n_eval, n), replace=False))
-    queries = np.ascontiguousarray(store.read("embedding", eval_rows), dtype=np.float32)
-    kmax = min(max(RECALL_KS), n)
-    exact = _exact_neighbours(store, queries, kmax)
     result = ApproxIndex(kind, index, {}, index_paths(store, kind)[0])
-    table: dict[str, dict[str, float]] = {}
-    chosen = params[-1]
-    for p in params:
-        _, approx = result.search(queries, kmax, p)
-        table[str(p)] = {str(k): round(recall_at(approx, exact, min(k, n)), 4) for k in RECALL_KS if k <= n}
-        if table[str(p)][str(min(10, n))] >= target_recall:
-            chosen = p
-            break
+    chosen, table, eval_rows = _tune(result, store, params, n_eval, target_recall, seed)
     meta = {"format": FORMAT, "kind": kind, "rows": n, "dim": d, "model_id": (store.attrs.get("model") or {}).get("id"),
             "param": int(chosen), "param_name": "nprobe" if kind == "ivf" else "efSearch", "settings": settings,
             "target_recall": target_recall, "n_eval": int(len(eval_rows)), "recall": table,
@@ -370,19 +378,7 @@ def build_sharded_index(store: EmbeddingStore, *, shard_rows: int, nlist: int | 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     result = ShardedIndex("ivf", None, dict(meta, param=1), path)
     params = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p <= nlist] or [1]
-    rng = np.random.default_rng(seed + 1)
-    eval_rows = np.sort(rng.choice(n, size=min(n_eval, n), replace=False))
-    queries = np.ascontiguousarray(store.read("embedding", eval_rows), dtype=np.float32)
-    kmax = min(max(RECALL_KS), n)
-    exact = _exact_neighbours(store, queries, kmax)
-    table: dict[str, dict[str, float]] = {}
-    chosen = params[-1]
-    for p in params:
-        _, approx = result.search(queries, kmax, p)
-        table[str(p)] = {str(k): round(recall_at(approx, exact, min(k, n)), 4) for k in RECALL_KS if k <= n}
-        if table[str(p)][str(min(10, n))] >= target_recall:
-            chosen = p
-            break
+    chosen, table, eval_rows = _tune(result, store, params, n_eval, target_recall, seed)
     meta.update(param=int(chosen), n_eval=int(len(eval_rows)), recall=table)
     with open(meta_path + ".tmp", "w") as f:  # written last: marks a complete index
         json.dump(meta, f, indent=1)
