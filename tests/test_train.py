@@ -304,7 +304,7 @@ def _ray_train_workers(pid: int) -> list[int]:
 def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_path):
     shutil.copytree(labelled, tmp_path / "sim")
     cmd = [sys.executable, "-m", "galaxalign_batch", "train", "--data", "sim", "--out", "run", "--workers", "2",
-           "--mode", "image-text", "--epochs", "4", "--batch-size", "4", "--accum-steps", "2", "--lr", "5e-4",
+           "--mode", "image-text", "--epochs", "8", "--batch-size", "4", "--accum-steps", "2", "--lr", "5e-4",
            "--angular-size", str(ANGULAR), "--max-steps-per-epoch", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the fixture's
     env.update(OMP_NUM_THREADS="1", GALAXALIGN_PROGRESS="0")
@@ -313,15 +313,21 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            first = tmp_path / "run" / "checkpoints" / "ray" / "train" / "epoch_0001" / "model.safetensors"
+            from galaxalign_batch.model.launch import newest_complete_checkpoint
+
+            # Kill only once a checkpoint is *complete* in Ray's storage: a kill while Ray still copies it
+            # tears it, and the restart then rightly starts afresh (test_restart_skips_a_checkpoint_torn...).
             deadline = time.monotonic() + 300
             workers: list[int] = []
-            while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            complete = None
+            while complete is None and proc.poll() is None and time.monotonic() < deadline:
                 workers = workers if len(workers) == 2 else _ray_train_workers(proc.pid)  # found ahead of the kill
+                if (tmp_path / "run" / "checkpoints" / "ray").is_dir():
+                    complete = newest_complete_checkpoint(tmp_path / "run" / "checkpoints" / "ray")
                 time.sleep(0.05)
-            assert first.is_file(), "no first-epoch checkpoint:\n" + log_path.read_text()[-3000:]
+            assert complete is not None, "no complete checkpoint:\n" + log_path.read_text()[-3000:]
             assert len(workers) == 2, f"Ray Train worker processes: {workers}"
-            os.kill(max(workers), signal.SIGKILL)  # one worker dies at the start of epoch 2 (3 epochs to go)
+            os.kill(max(workers), signal.SIGKILL)  # one worker dies after a complete checkpoint (epochs still to go)
             rc = proc.wait(timeout=400)
         finally:
             if proc.poll() is None:
@@ -331,9 +337,9 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
     assert rc == 0, text[-3000:]
     run = tmp_path / "run"
     with open(run / "metrics.csv") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3", "4"]
+        assert [r["epoch"] for r in csv.DictReader(f)] == [str(e) for e in range(1, 9)]
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["epochs"] == 4 and summary["workers"] == 2
+    assert summary["epochs"] == 8 and summary["workers"] == 2
     assert summary["resumed_from"] and "epoch_000" in summary["resumed_from"]  # restarted from a checkpoint
     layout = {"global_batch": 16, "workers": 2, "per_worker_batch": 8, "micro_batch": 4, "accum_steps": 2,
               "negatives": "global"}
