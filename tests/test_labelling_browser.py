@@ -161,6 +161,8 @@ def test_label_in_the_browser_survives_reload_and_kill(sky_store, tmp_path):
             page.wait_for_selector("#buttons button.class:not([disabled])")
             page.wait_for_function(f"() => document.querySelectorAll('#recent li').length === {len(given)}")
             assert _shown(page) == given and _counts(page) == _expected_counts(given)
+            # the next galaxy and the queue render after the labels: wait for them too (a race seen in CI)
+            page.wait_for_function("() => document.querySelectorAll('#upcoming figcaption').length === 5")
             upcoming = [f.text_content() for f in page.query_selector_all("#upcoming figcaption")]
             assert current() not in given and not set(upcoming) & set(given) and len(upcoming) == 5
             # one more label after the restart, then the head (fitted in the background) shows up
