@@ -40,6 +40,34 @@ def test_pairs_have_the_stated_noise_level(clean):
     assert set(LEVELS) >= {"shallow", "nominal", "deep"}
 
 
+def test_correlated_noise_has_the_depth_sigma_and_a_coadd_correlation(clean):
+    from galaxalign_batch.restoration.pairs import pixel_correlation, unit_noise
+    from galaxalign_batch.simulate.observing import coadd_noise_correlation, lanczos_weights
+
+    np.testing.assert_allclose(lanczos_weights([0.0, 0.3, 0.5]).sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(lanczos_weights(0.0), [0, 0, 1, 0, 0, 0], atol=1e-12)   # no shift: a copy
+    field = unit_noise(np.random.default_rng(0), (64, 3, 64, 64), "correlated")       # 786 k pixels
+    assert field.dtype == np.float32 and field.shape == (64, 3, 64, 64)
+    assert abs(field.std() - 1.0) < 0.01 and abs(field.mean()) < 0.01
+    expected = coadd_noise_correlation((0, 1))
+    assert 0.10 < expected < 0.13                                  # Lanczos-3, 3 exposures, random shifts
+    for lag in ((0, 1), (1, 0)):
+        assert abs(pixel_correlation(field, lag) - expected) < 0.015
+    assert abs(pixel_correlation(field, (0, 2)) - coadd_noise_correlation((0, 2))) < 0.015   # negative lobe
+    white = unit_noise(np.random.default_rng(0), (64, 3, 64, 64), "white")
+    assert abs(pixel_correlation(white, (0, 1))) < 0.01
+    pairs = add_noise(clean, "nominal", np.random.default_rng(5), noise="correlated")
+    unit = (pairs.noisy - pairs.clean) / pairs.sigma[:, :, None, None]
+    assert pairs.noise == "correlated" and abs(unit.std() - 1.0) < 0.05
+    white_pairs = add_noise(clean, "nominal", np.random.default_rng(5))
+    assert white_pairs.noise == "white"
+    np.testing.assert_array_equal(white_pairs.noisy, add_noise(clean, "nominal", np.random.default_rng(5)).noisy)
+    with pytest.raises(ConfigError, match="unknown noise model"):
+        add_noise(clean, "nominal", np.random.default_rng(0), noise="pink")
+    with pytest.raises(ConfigError, match="n_exposures"):
+        TrainSettings(noise="correlated", n_exposures=0)
+
+
 def test_psnr_ssim_rmse_on_known_arrays():
     clean = np.zeros((1, 1, 16, 16))
     clean[0, 0, 8, 8] = 2.0                                   # data range 2

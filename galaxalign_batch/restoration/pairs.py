@@ -6,7 +6,11 @@ nanomaggies at 0.262"/px, centred within half a pixel. Its *nominal* per-pixel n
 ``sigma_nominal`` follows the simulator (``Conditions.sigmas``): ``sigma = F5 / 5 * psfnorm`` for the
 5-sigma point-source depth ``F5`` (g/r/z = 24.7/24.1/23.3 AB) with that stamp's PSF. A noise level is
 a depth offset per band (mag; positive = deeper): ``sigma = sigma_nominal * 10**(-0.4 * offset)``.
-Noise is Gaussian and white, as in the simulated survey (no source Poisson noise).
+Noise is Gaussian (no source Poisson noise) and either white, as in the simulated survey
+(``noise="white"``, the default), or ``"correlated"``: the pixel-correlated noise of a resampled coadd
+(``simulate.observing.coadd_noise``: ``n_exposures`` white-noise exposures, each resampled with
+Lanczos-3 at a random sub-pixel shift, averaged), scaled to the same per-pixel sigma. Its neighbour
+correlation coefficient is ~0.115 for 3 exposures (:func:`pixel_correlation`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate.galaxies import MAG_RANGE, class_keys, draw_galaxy
-from galaxalign_batch.simulate.observing import DEPTH, Conditions, check_bands
+from galaxalign_batch.simulate.observing import COADD_EXPOSURES, DEPTH, Conditions, check_bands, coadd_noise
 from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
 DEFAULT_STAMP = 128   # px: holds the default CutoutSpec's 32" footprint (122 px at 0.262"/px)
@@ -34,6 +38,38 @@ LEVELS: dict[str, dict[str, float]] = {
     "nominal": {b: 0.0 for b in BANDS},
     "deep": {b: 1.0 for b in BANDS},
 }
+
+
+NOISE_MODELS = ("white", "correlated")
+
+
+def check_noise(noise: str, n_exposures: int = COADD_EXPOSURES) -> str:
+    if noise not in NOISE_MODELS:
+        raise ConfigError(f"unknown noise model {noise!r}; known: {', '.join(NOISE_MODELS)}")
+    if isinstance(n_exposures, bool) or not isinstance(n_exposures, (int, np.integer)) or n_exposures < 1:
+        raise ConfigError(f"n_exposures must be a positive integer, got {n_exposures!r}")
+    return noise
+
+
+def unit_noise(rng: np.random.Generator, shape, noise: str = "white", n_exposures: int = COADD_EXPOSURES) -> np.ndarray:
+    """Float32 noise of ``shape`` (..., H, W) with unit per-pixel variance: white, or a resampled coadd's
+    (see the module docstring)."""
+    check_noise(noise, n_exposures)
+    if noise == "white":
+        return rng.standard_normal(shape, dtype=np.float32)
+    return coadd_noise(rng, shape, n_exposures)
+
+
+def pixel_correlation(noise, lag=(0, 1)) -> float:
+    """Correlation coefficient of ``noise`` (..., H, W) between pixels ``lag`` = (dy, dx) apart (pooled over
+    all leading axes; zero-mean noise assumed, as for pure noise fields)."""
+    a = np.asarray(noise, dtype=np.float64)
+    dy, dx = (int(v) for v in lag)
+    if dy < 0 or dx < 0 or a.ndim < 2 or dy >= a.shape[-2] or dx >= a.shape[-1]:
+        raise ConfigError(f"lag must be (dy, dx) >= 0 and smaller than the image, got {lag}")
+    h, w = a.shape[-2:]
+    x, y = a[..., : h - dy, : w - dx], a[..., dy:, dx:]
+    return float((x * y).mean() / np.sqrt((x * x).mean() * (y * y).mean()))
 
 
 @dataclass
@@ -63,8 +99,9 @@ class Pairs:
     noisy: np.ndarray   # (N, bands, S, S) float32 nanomaggies
     clean: np.ndarray   # (N, bands, S, S) float32 nanomaggies
     sigma: np.ndarray   # (N, bands) float64 nanomaggies per pixel
-    depth: np.ndarray   # (N, bands) float64 5-sigma point-source depth, AB mag
+    depth: np.ndarray   # (N, bands) float64 5-sigma point-source depth, AB mag (of white noise of this sigma)
     bands: tuple[str, ...] = BANDS
+    noise: str = "white"   # the noise model (NOISE_MODELS)
 
     def __len__(self) -> int:
         return len(self.noisy)
@@ -123,9 +160,12 @@ def level_offsets(level, bands=BANDS) -> np.ndarray:
     return off
 
 
-def add_noise(clean: CleanSet, offsets, rng: np.random.Generator) -> Pairs:
+def add_noise(clean: CleanSet, offsets, rng: np.random.Generator, noise: str = "white",
+              n_exposures: int = COADD_EXPOSURES) -> Pairs:
     """Pairs at depth ``nominal + offsets``: ``offsets`` is a level for all stamps (see :func:`level_offsets`)
-    or an (N, bands) array of per-stamp offsets (mag, + = deeper)."""
+    or an (N, bands) array of per-stamp offsets (mag, + = deeper). ``noise``: ``"white"`` or
+    ``"correlated"`` (a resampled coadd of ``n_exposures``), the same per-pixel sigma either way."""
+    check_noise(noise, n_exposures)
     off = np.asarray(offsets, dtype=np.float64) if not isinstance(offsets, (str, dict)) else None
     if off is not None and off.ndim == 2:
         if off.shape != clean.sigma_nominal.shape:
@@ -135,12 +175,14 @@ def add_noise(clean: CleanSet, offsets, rng: np.random.Generator) -> Pairs:
     if not np.all(np.isfinite(off)):
         raise ConfigError("depth offsets must be finite")
     sigma = clean.sigma_nominal * 10.0 ** (-0.4 * off)
-    noise = rng.standard_normal(clean.clean.shape, dtype=np.float32) * sigma.astype(np.float32)[:, :, None, None]
+    field = unit_noise(rng, clean.clean.shape, noise, n_exposures) * sigma.astype(np.float32)[:, :, None, None]
     depth = np.array([DEPTH[b] for b in clean.bands])[None, :] + off
-    return Pairs(clean.clean + noise, clean.clean, sigma, depth, clean.bands)
+    return Pairs(clean.clean + field, clean.clean, sigma, depth, clean.bands, noise)
 
 
-def make_pairs(n: int, level="nominal", *, stamp_size: int = DEFAULT_STAMP, seed: int = 0) -> Pairs:
+def make_pairs(n: int, level="nominal", *, stamp_size: int = DEFAULT_STAMP, seed: int = 0,
+               noise: str = "white") -> Pairs:
     """``n`` noisy / clean pairs at one noise level (:func:`draw_clean` + :func:`add_noise`)."""
+    check_noise(noise)
     clean = draw_clean(n, stamp_size=stamp_size, seed=seed)
-    return add_noise(clean, level, np.random.default_rng(np.random.SeedSequence([seed, 11])))
+    return add_noise(clean, level, np.random.default_rng(np.random.SeedSequence([seed, 11])), noise)

@@ -2,7 +2,8 @@
 
 A *pool* holds ``realisations`` noisy versions of every clean stamp: a random right-angle rotation /
 flip, a depth offset per band drawn uniformly in ``depth_range`` (mag around the simulator's nominal
-depth, + = deeper) and a noise seed (the Gaussian noise is regenerated from it when drawn). The
+depth, + = deeper) and a noise seed (the Gaussian noise is regenerated from it when drawn: white, or
+with ``noise="correlated"`` a resampled coadd's, ``pairs.unit_noise``). The
 encoder tokens of each pool item's whole noisy stamp are computed once (heads with features). Each
 step takes ``batch_size`` pool items and a random ``crop`` x ``crop`` window of each; the loss is the
 mean squared error of the noise estimate in units of sigma (AdamW, linear warm-up, cosine decay,
@@ -24,7 +25,8 @@ from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.restoration.features import FoundationEncoder
 from galaxalign_batch.restoration.head import DenoiseHead, HeadConfig
-from galaxalign_batch.restoration.pairs import CleanSet
+from galaxalign_batch.restoration.pairs import CleanSet, check_noise, unit_noise
+from galaxalign_batch.simulate.observing import COADD_EXPOSURES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class TrainSettings:
     feature_channels: int = 16
     realisations: int = 2                           # noisy versions of each clean stamp in the pool
     seed: int = 0
+    noise: str = "white"                            # "white" or "correlated" (pairs.NOISE_MODELS)
+    n_exposures: int = COADD_EXPOSURES              # exposures per coadd of the correlated noise
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.crop < 0 or self.lr <= 0 or self.realisations < 1:
@@ -49,6 +53,7 @@ class TrainSettings:
                               f"crop {self.crop}, lr {self.lr}")
         if not self.depth_range[0] <= self.depth_range[1]:
             raise ConfigError(f"depth_range must be (low, high), got {self.depth_range}")
+        check_noise(self.noise, self.n_exposures)
 
 
 @dataclass
@@ -64,6 +69,7 @@ class _Pool:
 
     def __init__(self, clean: CleanSet, s: TrainSettings, encoder: FoundationEncoder | None):
         self.clean = clean
+        self.noise, self.n_exposures = s.noise, s.n_exposures
         n, nb = clean.sigma_nominal.shape
         rng = np.random.default_rng(np.random.SeedSequence([s.seed, 23]))
         m = n * s.realisations
@@ -87,8 +93,8 @@ class _Pool:
     def draw(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(clean stamps, unit noise, sigma) of pool items; noisy = clean + noise * sigma."""
         x = np.stack([_orient(self.clean.clean[self.index[k]], self.turn[k], self.flip[k]) for k in items])
-        noise = np.stack([np.random.default_rng(int(self.seeds[k])).standard_normal(x.shape[1:], dtype=np.float32)
-                          for k in items])
+        noise = np.stack([unit_noise(np.random.default_rng(int(self.seeds[k])), x.shape[1:], self.noise,
+                                     self.n_exposures) for k in items])
         return x, noise, self.sigma[items]
 
 
