@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from galaxalign_batch.restoration import baselines, metrics  # noqa: E402
 from galaxalign_batch.restoration.features import FoundationEncoder  # noqa: E402
-from galaxalign_batch.restoration.head import denoise, save_head  # noqa: E402
+from galaxalign_batch.restoration.head import denoise, load_head, save_head  # noqa: E402
 from galaxalign_batch.restoration.pairs import (LEVELS, NOISE_MODELS, add_noise, draw_clean,  # noqa: E402
                                                 level_offsets, pixel_correlation)
 from galaxalign_batch.simulate.observing import COADD_EXPOSURES  # noqa: E402
@@ -98,6 +98,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--gaussian-grid", default=",".join(f"{v:g}" for v in baselines.GAUSSIAN_GRID),
                     help="Gaussian filter widths tuned over (px)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the head without foundation features")
+    ap.add_argument("--extra-head", action="append", default=[], metavar="NAME=PATH",
+                    help="also score a saved head (save_head / --save-heads) under NAME, e.g. one trained on "
+                         "the other noise model (repeatable)")
+    ap.add_argument("--no-train", action="store_true", help="train no head (score --extra-head ones only)")
     args = ap.parse_args(argv)
     nlm_grid = tuple(float(v) for v in args.nlm_grid.split(",") if v.strip())
     gaussian_grid = tuple(float(v) for v in args.gaussian_grid.split(",") if v.strip())
@@ -124,7 +128,7 @@ def main(argv=None) -> dict:
     res["train_settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}
     heads = {}
     variants = (() if args.no_ablation else (("head (no features)", None),)) + (("head + GalaxAlign tokens", encoder),)
-    for name, enc in variants:
+    for name, enc in (() if args.no_train else variants):
         r = train_head(train, settings, enc)
         heads[name] = r.head
         res.setdefault("training", {})[name] = {
@@ -134,6 +138,13 @@ def main(argv=None) -> dict:
         print(f"trained {name}: {r.seconds:.0f} s, loss {np.mean(r.losses[-50:]):.4f}", flush=True)
         if args.save_heads:
             save_head(r.head, Path(args.save_heads) / (("features" if enc else "no_features") + ".safetensors"))
+
+    for item in args.extra_head:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--extra-head takes NAME=PATH, got {item!r}")
+        heads[name] = load_head(path)
+        res.setdefault("extra_heads", {})[name] = str(Path(path).resolve())
 
     res["results"] = {}
     for k, lv in enumerate(levels):
