@@ -9,7 +9,7 @@ import torch
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.restoration import (LEVELS, DenoiseHead, FoundationEncoder, HeadConfig, TrainSettings,
                                           add_noise, baselines, denoise, draw_clean, load_head, metrics,
-                                          save_head, train_head)
+                                          read_head_info, save_head, train_head)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,8 @@ def test_head_trains_and_lowers_the_loss(clean, torch_one_thread):
 
 
 def test_save_load_round_trip_with_features(clean, encoder, tmp_path, torch_one_thread):
-    r = train_head(clean, TrainSettings(steps=3, batch_size=2, crop=32, width=8, realisations=1), encoder)
+    r = train_head(clean, TrainSettings(steps=3, batch_size=2, crop=32, width=8, realisations=1,
+                                        noise="correlated"), encoder)
     assert r.head.uses_features and r.head.encoder is encoder
     pairs = add_noise(clean, "shallow", np.random.default_rng(5))
     before = denoise(r.head, pairs.noisy[:3], pairs.sigma[:3])
@@ -113,6 +114,9 @@ def test_save_load_round_trip_with_features(clean, encoder, tmp_path, torch_one_
     loaded = load_head(path)
     assert loaded.config == r.head.config and loaded.uses_features
     assert loaded.encoder.weights_digest() == encoder.weights_digest()
+    # the file says how the head was trained: which noise model, how many steps
+    assert read_head_info(path)["training"]["noise"] == "correlated" == loaded.training_settings["noise"]
+    assert loaded.training_settings["steps"] == 3
     np.testing.assert_array_equal(denoise(loaded, pairs.noisy[:3], pairs.sigma[:3]), before)
     # without sigma the noise is estimated from the stamps
     assert np.isfinite(denoise(loaded, pairs.noisy[:2])).all()

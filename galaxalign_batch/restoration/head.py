@@ -78,6 +78,7 @@ class DenoiseHead(nn.Module):
     def __init__(self, config: HeadConfig, encoder: FoundationEncoder | None = None):
         super().__init__()
         self.config = config
+        self.training_settings: dict | None = None     # restoration.train.TrainSettings as saved with the head
         c, w = config, config.width
         if c.feature_dim and encoder is None:
             raise ConfigError("a head with foundation features needs the encoder")
@@ -219,6 +220,8 @@ def save_head(head: DenoiseHead, path: str | os.PathLike, extra: dict | None = N
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "code_version": __version__,
             "config": dataclasses.asdict(head.config),
             "encoder": head.encoder.describe() if head.encoder is not None else None,
+            # how it was trained (restoration.train.TrainSettings: steps, noise model, exposures...)
+            "training": getattr(head, "training_settings", None),
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(extra or {})}
     return write_weights(path, state, META_KEY, meta)
 
@@ -245,6 +248,7 @@ def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> De
         enc_state = {k[len("encoder.visual."):]: v for k, v in state.items() if k.startswith("encoder.visual.")}
         encoder = FoundationEncoder.from_description(info["encoder"], enc_state)
     head = DenoiseHead(config, encoder)
+    head.training_settings = info.get("training")
     missing, unexpected = head.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{path}: weights do not match the described head "

@@ -235,6 +235,9 @@ def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str |
         raise ConfigError(f"--tiles {' '.join(tiles)}: no tiles found")
     head = load_head(head_path, device=device)
     digest = file_digest(head_path)
+    trained = head.training_settings or {}
+    log.info("denoising head %s: trained on %s noise%s", head_path, trained.get("noise", "an unrecorded"),
+             f" ({trained['steps']} steps)" if "steps" in trained else "")
     os.makedirs(out, exist_ok=True)
     summary = RestoreSummary(os.fspath(out))
     used: set[str] = set()

@@ -13,6 +13,8 @@ so the ablation (no foundation features) differs from the full head only by the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import time
@@ -116,6 +118,7 @@ def train_head(clean: CleanSet, settings: TrainSettings | None = None,
     config = HeadConfig(bands=nb, width=s.width, feature_dim=encoder.width if encoder is not None else 0,
                         feature_channels=s.feature_channels, angular_size=angular, pixscale=clean.pixscale)
     head = DenoiseHead(config, encoder)
+    head.training_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}
     params = head.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     warm = max(1, int(s.warmup * s.steps))
