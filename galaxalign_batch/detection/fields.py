@@ -83,17 +83,16 @@ class FieldSet:
 
     def save(self, path: str | os.PathLike) -> None:
         """One ``.npz`` (pixels, noise) plus the tables as FITS beside it (``PATH.truth.fits``, ``PATH.origin.fits``)."""
-        path = os.fspath(path)
-        np.savez(path, images=self.images, sigma=self.sigma, pixscale=self.pixscale)
-        self.truth.write(path + ".truth.fits", overwrite=True)
-        self.origin.write(path + ".origin.fits", overwrite=True)
+        base = os.fspath(path).removesuffix(".npz")
+        np.savez(base + ".npz", images=self.images, sigma=self.sigma, pixscale=self.pixscale)
+        self.truth.write(base + ".truth.fits", overwrite=True)
+        self.origin.write(base + ".origin.fits", overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FieldSet":
-        path = os.fspath(path)
-        with np.load(path if path.endswith(".npz") else path + ".npz") as z:
+        base = os.fspath(path).removesuffix(".npz")
+        with np.load(base + ".npz") as z:
             images, sigma, pixscale = z["images"], z["sigma"], float(z["pixscale"])
-        base = path[:-4] if path.endswith(".npz") else path
         return cls(images, sigma, Table.read(base + ".truth.fits"), Table.read(base + ".origin.fits"), pixscale)
 
 
