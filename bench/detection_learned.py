@@ -114,13 +114,16 @@ def train_runs(args) -> None:
         for n in args.train_sizes:
             for seed in args.seeds:
                 out = Path(args.work) / "runs" / f"{model}-{n}-s{seed}.json"
-                if out.exists():
+                claim = out.with_suffix(".running")
+                if out.exists() or claim.exists():      # done, or another process is on it
                     continue
+                claim.write_text(str(os.getpid()))
                 t0 = time.perf_counter()
                 rec = run_one(model, n, seed, train, test, args, encoder)
                 rec["command"] = args.command_line
                 rec["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 out.write_text(json.dumps(rec, default=float))
+                claim.unlink()
                 b = rec["box"]
                 print(f"{model} N={n} seed {seed}: P {b['precision']:.3f} R {b['recall']:.3f} F1 {b['f1']:.3f} "
                       f"AP50 {b['ap']:.3f}; {time.perf_counter() - t0:.0f} s "
@@ -231,6 +234,13 @@ def report(args) -> dict:
             if c["n_pairs"]:
                 print(f"  {c['sep_over_R1+R2']:>7s}: {c['resolved']}/{c['merged']}/{c['missed']} of {c['n_pairs']}"
                       f" (resolved {_fmt(c['resolved_fraction'])})")
+    print("\ntraining loss (mean over steps 1-10, 41-50, 91-100, 141-150, last 10):")
+    for r in sorted(runs, key=lambda r: (order.get(r["model"], 9), r["train_fields"], r["seed"])):
+        ls = np.asarray(r["losses"])
+        pts = [ls[a:a + 10].mean() for a in (0, 40, 90, 140) if a < len(ls)] + [ls[-10:].mean()]
+        print(f"  {r['model']:6s} N={r['train_fields']:4d} seed {r['seed']}: " + " -> ".join(f"{v:.3f}" for v in pts)
+              + f"  ({r['train_seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step at load "
+              f"{r['machine']['load_average'][0]:.1f})")
     cubes = real_cubes(args)
     if cubes:
         print("\nreal DECaLS cubes (tests/data/decals_cutouts; no truth catalogue exists for them):")
