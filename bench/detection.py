@@ -11,6 +11,13 @@ overlap, so every source is in exactly one brick), detects each brick with
    ``shape_r``, stars from ``type == PSF``): the path a real Tractor catalog takes.
 
     python bench/detection.py [--json PATH] [--bricks 4] [--size 2048] [--seed 0] [--data DIR]
+
+``--learned`` (issue 16): the learned detection head on the frozen foundation vs a Faster R-CNN
+baseline vs sep on the same held-out simulated fields, for training sets of ``--train-sizes``
+fields (bench/detection_learned.py explains the data and the runs):
+
+    python bench/detection.py --learned --data DIR --work DIR [--models head,pixels,rcnn]
+        [--train-sizes 100,300,1000] [--seeds 0] [--steps 200] [--batch-size 8] [--report] [--json PATH]
 """
 
 from __future__ import annotations
@@ -37,12 +44,29 @@ def tractor_only(ref):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the figures here")
-    ap.add_argument("--bricks", type=int, default=4)
+    ap.add_argument("--bricks", type=int, default=None, help="bricks to simulate (default 4; --learned 7)")
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", help="simulated survey folder (made if missing; default: a temporary folder)")
     ap.add_argument("--radius", type=float, default=None, help="minimum match radius, arcsec (default: the module's)")
+    ap.add_argument("--learned", action="store_true", help="learned head vs Faster R-CNN vs sep (issue 16)")
+    ap.add_argument("--work", help="--learned: folder for fields, runs and detector files")
+    ap.add_argument("--models", default="head,pixels,rcnn", help="--learned: head, pixels (ablation), rcnn")
+    ap.add_argument("--train-sizes", default="100,300,1000", help="--learned: training set sizes (fields)")
+    ap.add_argument("--seeds", default="0", help="--learned: training seeds")
+    ap.add_argument("--steps", type=int, default=200, help="--learned: optimizer steps of every run")
+    ap.add_argument("--batch-size", type=int, default=8, help="--learned: fields per step")
+    ap.add_argument("--field", type=int, default=128, help="--learned: field side, px")
+    ap.add_argument("--test-fields", type=int, default=200, help="--learned: held-out fields")
+    ap.add_argument("--score", type=float, default=0.3, help="--learned: score threshold for P/R/F1")
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parent.parent / "galaxalign_batch" / "data"
+                                           / "foundation-tiny.safetensors"), help="--learned: the foundation")
+    ap.add_argument("--threads", type=int, default=1, help="--learned: torch threads")
+    ap.add_argument("--report", action="store_true", help="--learned: print the tables of the runs done")
     args = ap.parse_args(argv)
+    if args.learned:
+        return learned(args)
+    args.bricks = args.bricks or 4
 
     from galaxalign_batch.survey import detection_quality as D
     from galaxalign_batch.simulate import simulate_survey
@@ -97,6 +121,32 @@ def main(argv=None) -> int:
         print(f"figures written to {args.json}")
     if tmp is not None:
         tmp.cleanup()
+    return 0
+
+
+def learned(args) -> int:
+    import detection_learned as L
+
+    if not args.data or not args.work:
+        raise SystemExit("--learned needs --data (simulated survey, made if missing) and --work")
+    args.models = [m for m in args.models.split(",") if m]
+    bad = [m for m in args.models if m not in L.MODELS]
+    if bad:
+        raise SystemExit(f"--models: unknown {bad} (one of {', '.join(L.MODELS)})")
+    args.train_sizes = [int(v) for v in args.train_sizes.split(",")]
+    args.seeds = [int(v) for v in args.seeds.split(",")]
+    args.bricks = args.bricks or 7
+    args.sim_seed = args.seed
+    args.command_line = " ".join([os.path.basename(sys.executable), *sys.argv])
+    if args.report:
+        out = L.report(args)
+        out["command"] = args.command_line
+        out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+            print(f"figures written to {args.json}")
+        return 0
+    L.train_runs(args)
     return 0
 
 

@@ -93,6 +93,10 @@ USAGE_ERRORS = [
     ["morphology", "--store", "s", "--regress", "m.parquet", "--out", "t.csv"],
     ["morphology", "--store", "s", "--out", "t.csv", "--targets", "sersic_n"],
     ["restore"], ["restore", "--tiles", "t", "--out", "d"], ["restore", "--model", "h.safetensors", "--out", "d"],
+    ["detect"], ["detect", "--tiles", "t"], ["detect", "--tiles", "t", "--out", "c.fits"],
+    ["detect", "--train", "--tiles", "t", "--out", "d.safetensors"],
+    ["detect", "--train", "--tiles", "t", "--detector", "rcnn", "--model", "m", "--out", "d.safetensors"],
+    ["detect", "--tiles", "t", "--model", "d.safetensors", "--out", "c.fits", "--steps", "3"],
 ]
 
 

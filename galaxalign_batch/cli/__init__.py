@@ -23,7 +23,7 @@ from galaxalign_batch.errors import GalaxAlignError
 # In the order of the data's path; `help` of the top-level parser lists them so.
 SUBCOMMANDS = ["simulate", "info", "cutout", "pretrain", "train", "evaluate", "embed", "verify", "classify",
                "search",
-               "join", "report", "demo", "fewshot", "label", "morphology", "restore"]
+               "join", "report", "demo", "fewshot", "label", "morphology", "restore", "detect"]
 
 log = logging.getLogger("galaxalign_batch")
 
