@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from galaxalign_batch.restoration import baselines, metrics  # noqa: E402
-from galaxalign_batch.restoration.features import FoundationEncoder  # noqa: E402
+from galaxalign_batch.model.tokens import FoundationEncoder  # noqa: E402
 from galaxalign_batch.restoration.head import denoise, load_head, save_head  # noqa: E402
 from galaxalign_batch.restoration.pairs import (LEVELS, NOISE_MODELS, add_noise, draw_clean,  # noqa: E402
                                                 level_offsets, pixel_correlation)

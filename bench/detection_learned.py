@@ -105,11 +105,11 @@ def run_one(model: str, n: int, seed: int, train, test, args, encoder) -> dict:
 def train_runs(args) -> None:
     import torch
 
-    from galaxalign_batch.detection.head import load_encoder
+    from galaxalign_batch.model.tokens import load_token_encoder
 
     torch.set_num_threads(args.threads)
     train, test, _ = prepare(args)
-    encoder = load_encoder(args.model) if any(m == "head" for m in args.models) else None
+    encoder = load_token_encoder(args.model) if any(m == "head" for m in args.models) else None
     for model in args.models:
         for n in args.train_sizes:
             for seed in args.seeds:

@@ -136,12 +136,13 @@ def _check_catalogue(path: Path, n_tiles: int = 1) -> Table:
 
 
 def test_head_trains_saves_and_writes_a_catalogue(tiny_sky, tiny_fields, tmp_path, torch_one_thread):
-    from galaxalign_batch.detection import detect_tiles, load_detector, load_encoder, read_detector_info, save_detector
+    from galaxalign_batch.detection import detect_tiles, load_detector, read_detector_info, save_detector
+    from galaxalign_batch.model.tokens import load_token_encoder
     from galaxalign_batch.detection.evaluate import evaluate
     from galaxalign_batch.detection.head import predict
     from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
 
-    enc = load_encoder(FOUNDATION)
+    enc = load_token_encoder(FOUNDATION)
     s = DetectTrainSettings(steps=4, batch_size=4, width=8)
     r = train_detector("head", tiny_fields, s, encoder=enc, progress=False)
     assert len(r.losses) == 4 and all(np.isfinite(r.losses))

@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
     from galaxalign_batch.detection.fields import cut_fields
     from galaxalign_batch.detection.files import save_detector
-    from galaxalign_batch.detection.head import load_encoder
+    from galaxalign_batch.model.tokens import load_token_encoder
     from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
 
     detector = args.detector or "head"
@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
     fields = cut_fields(args.tiles[0], args.bricks, size=args.field, limit=args.fields)
     s = DetectTrainSettings(steps=args.steps or 200, batch_size=args.batch_size, seed=args.seed,
                             features=detector == "head")
-    encoder = load_encoder(args.model) if detector == "head" else None
+    encoder = load_token_encoder(args.model) if detector == "head" else None
     res = train_detector("rcnn" if detector == "rcnn" else "head", fields, s, encoder=encoder, device=device)
     save_detector(res.model, args.out, {"training": res.record(fields, s)})
     tail = res.losses[-max(1, len(res.losses) // 10):]

@@ -3,7 +3,7 @@ GalaxAlign encoder's patch tokens, the Faster R-CNN (ResNet-50-FPN, random weigh
 on the same simulated fields, box metrics, and the ``detect`` command's tile -> catalogue path.
 
 - ``fields``: training / evaluation fields cut from simulated bricks, truth boxes (:func:`cut_fields`).
-- ``head``: :class:`DetectionHead`, :func:`load_encoder`; ``rcnn``: :class:`RCNNDetector`.
+- ``head``: :class:`DetectionHead` (its encoder: ``model.tokens.load_token_encoder``); ``rcnn``: :class:`RCNNDetector`.
 - ``train``: :func:`train_detector` (one budget rule for both); ``files``: :func:`save_detector`,
   :func:`load_detector`.
 - ``metrics`` (IoU matching, P / R / F1, AP at IoU 0.5), ``evaluate`` (box and position metrics on
@@ -16,12 +16,12 @@ See docs/detection.md.
 from galaxalign_batch.detection.apply import detect_tile, detect_tiles
 from galaxalign_batch.detection.fields import FieldSet, cut_fields, truth_boxes
 from galaxalign_batch.detection.files import load_detector, read_detector_info, save_detector
-from galaxalign_batch.detection.head import DetectionHead, DetectorConfig, load_encoder
+from galaxalign_batch.detection.head import DetectionHead, DetectorConfig
 from galaxalign_batch.detection.metrics import average_precision, box_iou, evaluate_boxes, match_boxes
 from galaxalign_batch.detection.rcnn import RCNNConfig, RCNNDetector
 from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
 
 __all__ = ["DetectTrainSettings", "DetectionHead", "DetectorConfig", "FieldSet", "RCNNConfig", "RCNNDetector",
            "average_precision", "box_iou", "cut_fields", "detect_tile", "detect_tiles", "evaluate_boxes",
-           "load_detector", "load_encoder", "match_boxes", "read_detector_info", "save_detector", "train_detector",
+           "load_detector", "match_boxes", "read_detector_info", "save_detector", "train_detector",
            "truth_boxes"]

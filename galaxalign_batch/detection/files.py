@@ -18,7 +18,7 @@ from galaxalign_batch._version import __version__
 from galaxalign_batch.detection.head import DetectionHead, DetectorConfig
 from galaxalign_batch.detection.rcnn import RCNNConfig, RCNNDetector
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.restoration.features import FoundationEncoder
+from galaxalign_batch.model.tokens import FoundationEncoder
 
 FORMAT = "galaxalign-detector"
 FORMAT_VERSION = 1

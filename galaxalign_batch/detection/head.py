@@ -8,7 +8,7 @@ back to 1/4 (bilinear) and concatenated. Foundation path: the encoder (``Foundat
 ``restoration.features``: the cutout the encoder was trained on, centred on the field's centre,
 ``angular_size`` 32" -> 8 x 8 tokens of 4" for the shipped tiny ViT) gives a ``(width, G, G)`` token
 map; a 1x1 projection to ``feature_channels`` is sampled (bilinear) at the sky position of every
-1/4-resolution cell (``features.token_grid``) and concatenated. Three heads at stride 4: centre
+1/4-resolution cell (``model.tokens.token_grid``) and concatenated. Three heads at stride 4: centre
 heatmap (sigmoid), sub-cell offset (px / 4) and log box width / height (px).
 
 Training targets (``targets``): a Gaussian peak per truth box at its centre cell (sigma in cells
@@ -22,9 +22,7 @@ peaks, the ``max_detections`` best, boxes ``centre +- size / 2``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.restoration.features import FoundationEncoder, token_grid
+from galaxalign_batch.model.tokens import FoundationEncoder, token_grid
 from galaxalign_batch.survey.layout import PIXSCALE
 
 STRIDE = 4
@@ -215,50 +213,3 @@ def predict(head: DetectionHead, images: np.ndarray, sigma: np.ndarray, *, pixsc
                                                                                           pixscale)
         out += decode(head(x, tok), head.config.max_detections, min_score)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- the encoder
-
-def load_encoder(model: str | os.PathLike) -> FoundationEncoder:
-    """The frozen image tower of ``--model``: a checkpoint (file or folder), a compact foundation file
-    (``pretrain --export``, e.g. the shipped ``data/foundation-tiny.safetensors``: only its image tower is
-    read) or ``tiny`` (seeded random weights, for tests)."""
-    import json
-
-    from galaxalign_batch.model.spec import parse_model_spec
-
-    text = os.fspath(model)
-    if text == "tiny":
-        from galaxalign_batch.model.train import TrainConfig, build_model
-
-        torch.manual_seed(0)
-        return FoundationEncoder.from_model(build_model(TrainConfig(data="", out="")),
-                                            "galaxalign-tiny, random weights (torch seed 0)")
-    if os.path.isfile(text):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(text, framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # noqa: BLE001 - an unreadable file is one error to the user
-            raise ConfigError(f"{text}: not a safetensors file ({' '.join(str(e).split())[:200]})") from None
-        if "galaxalign_compact" in meta:
-            from safetensors.torch import load_file
-
-            from galaxalign_batch.model.config import build_clip_from_config
-
-            info = json.loads(meta["galaxalign_compact"])["info"]
-            visual = build_clip_from_config(info["open_clip"]["config"]).visual
-            state = {k[len("clip.visual."):]: v.float() for k, v in load_file(text).items()
-                     if k.startswith("clip.visual.")}
-            visual.load_state_dict(state)
-            return FoundationEncoder(visual, info["open_clip"]["config"], info["preprocess"], info["cutout_spec"],
-                                     {"source": str(Path(text).resolve()),
-                                      "foundation_digest": info.get("weights_digest")})
-    spec = parse_model_spec(text)
-    if spec.kind != "checkpoint":
-        raise ConfigError(f"--model {text}: the detection head needs one of our checkpoints or a compact "
-                          f"foundation file (or 'tiny' for tests), not an open_clip model")
-    from galaxalign_batch.model import load_checkpoint
-
-    return FoundationEncoder.from_model(load_checkpoint(spec.path), str(Path(spec.path).resolve()))

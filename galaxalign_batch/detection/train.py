@@ -23,7 +23,7 @@ from galaxalign_batch.detection.head import DetectionHead, DetectorConfig, loss,
 from galaxalign_batch.detection.rcnn import RCNNConfig, RCNNDetector, rcnn_targets
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
-from galaxalign_batch.restoration.features import FoundationEncoder
+from galaxalign_batch.model.tokens import FoundationEncoder
 
 log = logging.getLogger(__name__)
 

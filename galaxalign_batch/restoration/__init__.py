@@ -11,7 +11,7 @@ See docs/restoration.md.
 """
 
 from galaxalign_batch.restoration import baselines, metrics
-from galaxalign_batch.restoration.features import FoundationEncoder
+from galaxalign_batch.model.tokens import FoundationEncoder
 from galaxalign_batch.restoration.head import DenoiseHead, HeadConfig, denoise, load_head, read_head_info, save_head
 from galaxalign_batch.restoration.pairs import LEVELS, CleanSet, Pairs, add_noise, draw_clean, make_pairs
 from galaxalign_batch.restoration.train import TrainSettings, train_head

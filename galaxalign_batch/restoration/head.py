@@ -13,7 +13,7 @@ noise, i.e. of the clean image in units of sigma.
 
 Features: the token map (width, G, G) goes through a 1x1 projection to ``feature_channels`` and is
 sampled (bilinear) at the sky position of each cell of the 1/8-resolution level
-(:func:`features.token_grid`), where it is concatenated to the image features.
+(:func:`galaxalign_batch.model.tokens.token_grid`), where it is concatenated to the image features.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.restoration.features import FoundationEncoder, token_grid
+from galaxalign_batch.model.tokens import FoundationEncoder, token_grid
 from galaxalign_batch.survey.layout import PIXSCALE
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ import torch
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
-from galaxalign_batch.restoration.features import FoundationEncoder
+from galaxalign_batch.model.tokens import FoundationEncoder
 from galaxalign_batch.restoration.head import DenoiseHead, HeadConfig
 from galaxalign_batch.restoration.pairs import CleanSet, check_noise, unit_noise
 from galaxalign_batch.simulate.observing import COADD_EXPOSURES

@@ -1,4 +1,5 @@
-"""Frozen GalaxAlign image-encoder patch tokens of nanomaggy stamps, for the denoising head.
+"""Frozen GalaxAlign image-encoder patch tokens of nanomaggy stamps: the features of the downstream heads
+that work on pixels (the denoising head of ``restoration``, the detection head of ``detection``).
 
 A stamp (bands, S, S) in nanomaggies is cut and stretched exactly as the encoder was trained
 (``preprocess.make_cutouts`` with the checkpoint's ``CutoutSpec``, centred on the stamp's centre
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -127,3 +130,50 @@ def token_grid(height: int, width: int, centre: torch.Tensor, pixscale: float, a
     u = (cols[None, :] - centre[:, 0:1]) * k                  # (N, W): x
     v = (rows[None, :] - centre[:, 1:2]) * k                  # (N, H): y
     return torch.stack(torch.broadcast_tensors(u[:, None, :], v[:, :, None]), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_token_encoder(model: str | os.PathLike) -> FoundationEncoder:
+    """The frozen image tower of ``--model``: a checkpoint (file or folder), a compact foundation file
+    (``pretrain --export``, e.g. the shipped ``data/foundation-tiny.safetensors``: only its image tower is
+    read) or ``tiny`` (seeded random weights, for tests)."""
+    import json
+
+    from galaxalign_batch.model.spec import parse_model_spec
+
+    text = os.fspath(model)
+    if text == "tiny":
+        from galaxalign_batch.model.train import TrainConfig, build_model
+
+        torch.manual_seed(0)
+        return FoundationEncoder.from_model(build_model(TrainConfig(data="", out="")),
+                                            "galaxalign-tiny, random weights (torch seed 0)")
+    if os.path.isfile(text):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(text, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # noqa: BLE001 - an unreadable file is one error to the user
+            raise ConfigError(f"{text}: not a safetensors file ({' '.join(str(e).split())[:200]})") from None
+        if "galaxalign_compact" in meta:
+            from safetensors.torch import load_file
+
+            from galaxalign_batch.model.config import build_clip_from_config
+
+            info = json.loads(meta["galaxalign_compact"])["info"]
+            visual = build_clip_from_config(info["open_clip"]["config"]).visual
+            state = {k[len("clip.visual."):]: v.float() for k, v in load_file(text).items()
+                     if k.startswith("clip.visual.")}
+            visual.load_state_dict(state)
+            return FoundationEncoder(visual, info["open_clip"]["config"], info["preprocess"], info["cutout_spec"],
+                                     {"source": str(Path(text).resolve()),
+                                      "foundation_digest": info.get("weights_digest")})
+    spec = parse_model_spec(text)
+    if spec.kind != "checkpoint":
+        raise ConfigError(f"--model {text}: a head on patch tokens needs one of our checkpoints or a compact "
+                          f"foundation file (or 'tiny' for tests), not an open_clip model")
+    from galaxalign_batch.model import load_checkpoint
+
+    return FoundationEncoder.from_model(load_checkpoint(spec.path), str(Path(spec.path).resolve()))
