@@ -134,13 +134,14 @@ def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min
                 jobs.append((y0, x0, ya, yb, xa, xb))
     from galaxalign_batch.detection.fields import field_sigma
 
-    stamps = np.stack([image[:, y0:y0 + win_y, x0:x0 + win_x] for y0, x0, *_ in jobs])
-    sig = np.stack([whole if invvar is None else field_sigma(invvar[:, y0:y0 + win_y, x0:x0 + win_x], stamps[j])
-                    for j, (y0, x0, *_) in enumerate(jobs)]).astype(np.float32)
     preds = []
-    batch = 16
+    batch = 16          # windows in memory at once (a 3600-px brick has ~1,000 windows of 128 px)
     for k in range(0, len(jobs), batch):
-        preds += _predict(model, stamps[k:k + batch], sig[k:k + batch], cfg.pixscale, min_score)
+        part = jobs[k:k + batch]
+        stamps = np.stack([image[:, y0:y0 + win_y, x0:x0 + win_x] for y0, x0, *_ in part])
+        sig = np.stack([whole if invvar is None else field_sigma(invvar[:, y0:y0 + win_y, x0:x0 + win_x], stamps[j])
+                        for j, (y0, x0, *_) in enumerate(part)]).astype(np.float32)
+        preds += _predict(model, stamps, sig, cfg.pixscale, min_score)
     boxes, scores = [], []
     for (y0, x0, ya, yb, xa, xb), (b, s) in zip(jobs, preds):
         b = np.asarray(b, np.float64).reshape(-1, 4) + np.array([x0, y0, x0, y0])
