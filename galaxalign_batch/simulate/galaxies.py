@@ -128,9 +128,9 @@ def _spiral(rng, flux, scale, *, barred: bool, pitch, n_arms_choices, bulge_frac
                   bulge_frac=fb, chirality=chirality, extent=3.6 * r_disk)
     fbar = 0.0
     if barred:
-        fbar = rng.uniform(0.10, 0.18)
+        fbar = rng.uniform(0.12, 0.22)
         a_bar = rng.uniform(0.6, 0.9) * r_disk
-        q_bar = rng.uniform(0.22, 0.35)
+        q_bar = rng.uniform(0.22, 0.32)
         bar = _sersic(0.5, a_bar * np.sqrt(q_bar) / 1.7).transform(*(rotation(phase) @ squash(q_bar)).ravel())
         m.add("bar", flux * fbar, bar, disk_sys)
         r_start = a_bar
