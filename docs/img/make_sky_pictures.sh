@@ -1,9 +1,9 @@
 #!/bin/sh
-# Makes docs/img/sky_real_vs_sim.png (docs/simulate.md, "Does it look like the sky?"): the four real
+# Makes docs/img/sky_real_vs_sim.jpg (docs/simulate.md, "Does it look like the sky?"): the four real
 # DECaLS cubes of tests/data next to one simulated galaxy of each class, all cut with
 # `galaxalign-batch cutout` (32" at 128 px, the viewer's lupton stretch, north up). The simulated
-# galaxies are, per class, the catalogued one of r 15.5-17 nearest r = 16.3 in a 4-brick simulated
-# survey (`galaxalign-batch simulate`, seed 0: the demo's sky). With OLD=/path/to/old/source (a
+# galaxies are, per class, the most isolated catalogued one of r 15.5-17 (brick-primary, >= 64 px
+# from the image edge, no maskbits) in a 4-brick simulated survey (`galaxalign-batch simulate`, seed 0: the demo's sky). With OLD=/path/to/old/source (a
 # source tree of an earlier generator on PYTHONPATH, e.g. `git archive b7d5ef3 galaxalign_batch |
 # tar -x -C /tmp/old`) a third row shows that generator's galaxies. Run from the repository root:
 #   sh docs/img/make_sky_pictures.sh [OLD]
@@ -25,15 +25,22 @@ import glob, sys
 import numpy as np
 from astropy.table import Table, vstack
 root = sys.argv[1]
-t = vstack([Table.read(p) for p in sorted(glob.glob(f"{root}/tractor/*/tractor-*.fits"))])
-t = t[t["brick_primary"] & (t["true_mag_r"] >= 15.5) & (t["true_mag_r"] < 17.0)]
+t = vstack([Table.read(p) for p in sorted(glob.glob(f"{root}/tractor/*/tractor-*.fits"))], metadata_conflicts="silent")
+xyz = np.stack([np.cos(np.radians(t["dec"])) * np.cos(np.radians(t["ra"])),
+                np.cos(np.radians(t["dec"])) * np.sin(np.radians(t["ra"])), np.sin(np.radians(t["dec"]))], 1)
+cosd = np.clip(xyz @ xyz.T, -1, 1)
+np.fill_diagonal(cosd, -1)
+t["nn"] = np.degrees(np.arccos(cosd.max(1))) * 3600            # arcsec to the nearest other source
+ok = (t["brick_primary"] & (t["true_mag_r"] >= 15.5) & (t["true_mag_r"] < 17.0) & (t["maskbits"] == 0)
+      & (t["bx"] > 64) & (t["by"] > 64) & (t["bx"] < 1024 - 64) & (t["by"] < 1024 - 64))
+t = t[ok]
 with open(f"{root}/targets.csv", "w") as f:
     f.write("name,ra,dec\n")
     for k in sorted(set(t["true_class_key"]) - {"star"}):
         s = t[t["true_class_key"] == k]
-        r = s[int(np.argmin(np.abs(s["true_mag_r"] - 16.3)))]
+        r = s[int(np.argmax(s["nn"]))]                            # the most isolated one
         f.write(f"{k},{r['ra']},{r['dec']}\n")
-        print(k, round(float(r["true_mag_r"]), 2), round(float(r["true_r_half"]), 2))
+        print(k, round(float(r["true_mag_r"]), 2), round(float(r["true_r_half"]), 2), round(float(r["nn"]), 1))
 PY
     galaxalign-batch cutout --tiles "$W/$1" --targets "$W/$1/targets.csv" --angular-size 32 --pixels 128 --out "$W/$1/cut" > /dev/null
 }
@@ -56,6 +63,6 @@ for i, r in enumerate(rows):
         im.paste(Image.open(f).convert("RGB"), (j * S, y + 14))
         d.text((j * S + 2, y + 1), os.path.basename(f)[:-4].replace("unbarred_", "")[:21], fill=(0, 0, 0))
     d.text((2, y + 16), title[r], fill=(255, 255, 0))
-im.quantize(colors=255, dither=Image.Dither.NONE).save("docs/img/sky_real_vs_sim.png", optimize=True)
-print("docs/img/sky_real_vs_sim.png", os.path.getsize("docs/img/sky_real_vs_sim.png"), "bytes")
+im.save("docs/img/sky_real_vs_sim.jpg", quality=85, optimize=True)
+print("docs/img/sky_real_vs_sim.jpg", os.path.getsize("docs/img/sky_real_vs_sim.jpg"), "bytes")
 PY
