@@ -25,7 +25,7 @@ log = logging.getLogger("galaxalign_batch")
 
 # (bricks, brick size px, labelled images per class, align epochs, epochs per stage, max steps per epoch)
 SETTINGS = {
-    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=4, max_steps=None),
+    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=6, max_steps=None),
     "small": dict(bricks=2, size=512, n_per_class=40, align=2, epochs=2, max_steps=None),
     "smallest": dict(bricks=1, size=256, n_per_class=8, align=1, epochs=1, max_steps=2),
 }
@@ -206,7 +206,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running reuses "
                                                       "the simulated sky and the trained model found there")
     p.add_argument("--size", default="default", choices=list(SETTINGS),
-                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4+4 epochs (a few minutes on 2 cores); "
+                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4 align + 6+6 epochs (a few minutes on 2 cores); "
                         "small; smallest (CI smoke test)")
     opt.add_seed(p)
     p.add_argument("--from-scratch", action="store_true",
