@@ -26,8 +26,9 @@ MIN_STAMP, MAX_STAMP = 48, 256
 TRUNC = 8.0                        # Sersic profiles (n > 1) end at 8 half-light radii
 # apparent size ~ 10**(SIZE_SLOPE (r - 17)): -0.2 would keep the surface brightness constant; -0.15
 # lets fainter (more distant) galaxies be ~0.5 mag arcsec^-2 dimmer over 15.5-19, as cosmological
-# dimming does, and keeps the discs' central surface brightness within the SDSS spread (Fathi 2010:
-# <mu_0,r> = 20.2 +- 0.7 mag arcsec^-2; see docs/simulate.md and bench/sky_realism.py)
+# dimming does: the median disc's central surface brightness goes from 20.2 (r = 15.5) to 21.0 mag
+# arcsec^-2 (r = 19), at the edge of the SDSS discs' <mu_0,r> = 20.2 +- 0.7 (Fathi 2010); see
+# docs/simulate.md and bench/sky_realism.py
 SIZE_SLOPE = -0.15
 DISK_R_HALF = (2.6, 4.2)           # arcsec at r = 17: exponential discs of spirals and edge-ons
 
