@@ -353,3 +353,15 @@ def test_cli_simulate(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # --out is required: argparse's usage error
         main(["simulate"])
     assert e.value.code == 2
+
+
+def test_demo_refuses_a_sky_of_another_generator_version(tmp_path):
+    """A demo folder made by an older simulator (and its model) must not be reused silently."""
+    from galaxalign_batch.cli import main
+    from galaxalign_batch.simulate import GENERATOR_VERSION
+
+    (tmp_path / "sky" / "labelled").mkdir(parents=True)
+    (tmp_path / "sky" / "labelled" / "manifest.json").write_text('{"generator_version": "0"}')
+    assert GENERATOR_VERSION != "0"
+    assert main(["demo", "--out", str(tmp_path), "--size", "smallest"]) != 0
+    assert not (tmp_path / "foundation").exists() and not (tmp_path / "model").exists()

@@ -25,7 +25,7 @@ log = logging.getLogger("galaxalign_batch")
 
 # (bricks, brick size px, labelled images per class, align epochs, epochs per stage, max steps per epoch)
 SETTINGS = {
-    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=4, max_steps=None),
+    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=6, max_steps=None),
     "small": dict(bricks=2, size=512, n_per_class=40, align=2, epochs=2, max_steps=None),
     "smallest": dict(bricks=1, size=256, n_per_class=8, align=1, epochs=1, max_steps=2),
 }
@@ -59,7 +59,17 @@ def run(args: argparse.Namespace) -> int:
     timings: list[tuple[str, float]] = []
     t0 = time.perf_counter()
 
-    if not (sky / "labelled" / "manifest.json").exists():
+    manifest = sky / "labelled" / "manifest.json"
+    if manifest.exists():
+        from galaxalign_batch.errors import GalaxAlignError
+        from galaxalign_batch.simulate import GENERATOR_VERSION
+
+        made_by = json.loads(manifest.read_text()).get("generator_version")
+        if made_by != GENERATOR_VERSION:
+            # a sky (and a model trained on it) from another generator would be reused silently
+            raise GalaxAlignError(f"{out} holds a sky of simulator generator version {made_by}, this one draws "
+                                  f"version {GENERATOR_VERSION}; remove {out} or use another --out")
+    if not manifest.exists():
         _step("simulate a Legacy-Survey-like sky and a labelled set",
               ["simulate", "--out", str(sky), "--bricks", str(s["bricks"]), "--size", str(s["size"]),
                "--seed", str(args.seed), "--labelled", "--n-per-class", str(s["n_per_class"]),
@@ -204,9 +214,10 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="simulate, train, embed, classify, search, join and report on the embedded default",
                        description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); re-running reuses "
-                                                      "the simulated sky and the trained model found there")
+                                                      "the simulated sky and the trained model found there "
+                                                      "(refused when that sky is of another simulator version)")
     p.add_argument("--size", default="default", choices=list(SETTINGS),
-                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4+4 epochs (a few minutes on 2 cores); "
+                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4 align + 6+6 epochs (a few minutes on 2 cores); "
                         "small; smallest (CI smoke test)")
     opt.add_seed(p)
     p.add_argument("--from-scratch", action="store_true",

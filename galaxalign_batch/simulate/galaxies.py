@@ -18,12 +18,19 @@ from galaxalign_batch.simulate.observing import Conditions, check_bands, flux_to
 from galaxalign_batch.simulate.render import OVERSAMPLE, Model, bin_pixels, render, rotation, squash
 from galaxalign_batch.survey.layout import BANDS, PIXSCALE
 
-GENERATOR_VERSION = "1"            # bump when the recipes change what a seed produces
+GENERATOR_VERSION = "2"            # bump when the recipes change what a seed produces (2: realistic sky, issue 13)
 MAG_RANGE = (15.5, 19.0)           # r-band AB magnitudes of the galaxies
 STAR_MAG_RANGE = (12.0, 22.0)      # r-band AB magnitudes of the stars
 STAR_COUNT_SLOPE = 0.15            # dN/dm ~ 10**(slope * m)
 MIN_STAMP, MAX_STAMP = 48, 256
 TRUNC = 8.0                        # Sersic profiles (n > 1) end at 8 half-light radii
+# apparent size ~ 10**(SIZE_SLOPE (r - 17)): -0.2 would keep the surface brightness constant; -0.15
+# lets fainter (more distant) galaxies be ~0.5 mag arcsec^-2 dimmer over 15.5-19, as cosmological
+# dimming does: the median disc's central surface brightness goes from 20.2 (r = 15.5) to 21.0 mag
+# arcsec^-2 (r = 19), at the edge of the SDSS discs' <mu_0,r> = 20.2 +- 0.7 (Fathi 2010); see
+# docs/simulate.md and bench/sky_realism.py
+SIZE_SLOPE = -0.15
+DISK_R_HALF = (2.6, 4.2)           # arcsec at r = 17: exponential discs of spirals and edge-ons
 
 # (g-r, r-z) of each colour group; each galaxy jitters them by +-0.06
 COLOURS = {
@@ -103,7 +110,7 @@ def _cigar_smooth(rng, flux, scale):
 
 def _spiral(rng, flux, scale, *, barred: bool, pitch, n_arms_choices, bulge_frac, bulge_rel, bulge_n,
             sharpness, arm_frac, knots, knot_frac, knot_sigma, r_start_rel):
-    r_disk = rng.uniform(3.5, 6.0) * scale
+    r_disk = rng.uniform(*DISK_R_HALF) * scale
     h = r_disk / 1.678
     q = rng.uniform(0.6, 1.0)
     beta = rng.uniform(0, np.pi)
@@ -122,9 +129,9 @@ def _spiral(rng, flux, scale, *, barred: bool, pitch, n_arms_choices, bulge_frac
                   bulge_frac=fb, chirality=chirality, extent=3.6 * r_disk)
     fbar = 0.0
     if barred:
-        fbar = rng.uniform(0.18, 0.28)
-        a_bar = rng.uniform(0.7, 1.0) * r_disk
-        q_bar = rng.uniform(0.18, 0.28)
+        fbar = rng.uniform(0.12, 0.22)
+        a_bar = rng.uniform(0.6, 0.9) * r_disk
+        q_bar = rng.uniform(0.22, 0.32)
         bar = _sersic(0.5, a_bar * np.sqrt(q_bar) / 1.7).transform(*(rotation(phase) @ squash(q_bar)).ravel())
         m.add("bar", flux * fbar, bar, disk_sys)
         r_start = a_bar
@@ -147,44 +154,50 @@ def _spiral(rng, flux, scale, *, barred: bool, pitch, n_arms_choices, bulge_frac
 
 
 def _barred_spiral(rng, flux, scale):
-    return _spiral(rng, flux, scale, barred=True, pitch=(14, 24), n_arms_choices=[2], bulge_frac=(0.05, 0.12),
-                   bulge_rel=(0.10, 0.16), bulge_n=[1.5, 2.0, 2.5], sharpness=(4, 7), arm_frac=(0.45, 0.60),
-                   knots=(12, 26), knot_frac=(0.04, 0.08), knot_sigma=(0.2, 0.35), r_start_rel=None)
+    return _spiral(rng, flux, scale, barred=True, pitch=(14, 24), n_arms_choices=[2], bulge_frac=(0.06, 0.15),
+                   bulge_rel=(0.10, 0.16), bulge_n=[1.5, 2.0, 2.5], sharpness=(3, 5), arm_frac=(0.20, 0.32),
+                   knots=(10, 21), knot_frac=(0.02, 0.05), knot_sigma=(0.25, 0.4), r_start_rel=None)
 
 
 def _unbarred_tight_spiral(rng, flux, scale):
     return _spiral(rng, flux, scale, barred=False, pitch=(8, 13), n_arms_choices=[2, 2, 2, 3],
-                   bulge_frac=(0.12, 0.30), bulge_rel=(0.15, 0.25), bulge_n=[2.0, 2.5, 3.0], sharpness=(6, 10),
-                   arm_frac=(0.45, 0.60), knots=(15, 31), knot_frac=(0.04, 0.08), knot_sigma=(0.2, 0.35),
+                   bulge_frac=(0.15, 0.32), bulge_rel=(0.15, 0.25), bulge_n=[2.0, 2.5, 3.0], sharpness=(4, 7),
+                   arm_frac=(0.18, 0.30), knots=(10, 21), knot_frac=(0.02, 0.05), knot_sigma=(0.25, 0.4),
                    r_start_rel=(0.2, 0.3))
 
 
 def _unbarred_loose_spiral(rng, flux, scale):
     return _spiral(rng, flux, scale, barred=False, pitch=(26, 40), n_arms_choices=[2, 2, 3],
-                   bulge_frac=(0.0, 0.12), bulge_rel=(0.12, 0.2), bulge_n=[1.5, 2.0], sharpness=(2.5, 4.5),
-                   arm_frac=(0.50, 0.65), knots=(25, 46), knot_frac=(0.08, 0.14), knot_sigma=(0.25, 0.45),
+                   bulge_frac=(0.02, 0.10), bulge_rel=(0.12, 0.2), bulge_n=[1.5, 2.0], sharpness=(2, 3.5),
+                   arm_frac=(0.22, 0.35), knots=(20, 36), knot_frac=(0.04, 0.08), knot_sigma=(0.3, 0.5),
                    r_start_rel=(0.2, 0.35))
 
 
 def _edge_on(rng, flux, scale, *, bulge: bool):
     import galsim
 
-    r_disk = rng.uniform(3.5, 6.0 if not bulge else 5.5) * scale
+    r_disk = rng.uniform(*DISK_R_HALF) * scale
     h = r_disk / 1.678
-    hz = h * (rng.uniform(0.07, 0.12) if not bulge else rng.uniform(0.08, 0.14))
-    incl = rng.uniform(85.0, 90.0)
+    hz = h * rng.uniform(0.10, 0.16)     # the thin disc
+    incl = rng.uniform(82.0, 90.0)
     beta = rng.uniform(0, np.pi)
     m = Model(colours=_colours(rng, ["disk", "bulge"]))
     m.add_system(rotation(beta))
     q_proj = float(np.hypot(np.cos(np.radians(incl)), 1.5 * hz / h))
-    fb = rng.uniform(0.35, 0.55) if bulge else 0.0
+    fb = rng.uniform(0.25, 0.45) if bulge else 0.0
+    # a thick disc (a flattened exponential: exponential vertical profile, a few arcsec thick) holds
+    # 20-35 % of the disc light around the thin one
+    f_thick = rng.uniform(0.20, 0.35)
+    q_thick = rng.uniform(0.25, 0.40)
     disk = galsim.InclinedExponential(incl * galsim.degrees, scale_radius=h, scale_height=hz)
-    m.add("disk", flux * (1 - fb), disk)
+    m.add("disk", flux * (1 - fb) * (1 - f_thick), disk)
+    m.add("disk", flux * (1 - fb) * f_thick, _sersic(1.0, r_disk * rng.uniform(0.9, 1.1)).transform(
+        *squash(q_thick).ravel()))
     params = dict(r_half=r_disk, sersic_n=1.0, q=q_proj, beta=beta, inclination_deg=incl, scale_height=hz,
-                  bulge_frac=fb, extent=3.6 * r_disk)
+                  bulge_frac=fb, thick_frac=f_thick, thick_q=q_thick, extent=3.6 * r_disk)
     if bulge:
-        r_b = max(rng.uniform(0.28, 0.45) * r_disk, 1.0)
-        q_b = rng.uniform(0.7, 0.95)
+        r_b = max(rng.uniform(0.25, 0.40) * r_disk, 0.6)
+        q_b = rng.uniform(0.65, 0.9)
         n_b = float(rng.choice([2.5, 3.0, 3.5, 4.0]))
         m.add("bulge", flux * fb, _sersic(n_b, r_b).transform(*squash(q_b).ravel()))
         params.update(bulge_r_half=r_b, bulge_q=q_b, bulge_n=n_b)
@@ -200,7 +213,7 @@ def _edge_on_with_bulge(rng, flux, scale):
 
 
 def _disturbed(rng, flux, scale):
-    r = rng.uniform(2.5, 4.5) * scale
+    r = rng.uniform(2.2, 3.8) * scale
     n = float(rng.choice([1.0, 1.5]))
     q = rng.uniform(0.5, 0.9)
     beta = rng.uniform(0, np.pi)
@@ -228,7 +241,7 @@ def _disturbed(rng, flux, scale):
 
 
 def _merging(rng, flux, scale):
-    r1 = rng.uniform(2.0, 3.5) * scale
+    r1 = rng.uniform(1.8, 3.0) * scale
     n1, n2 = float(rng.choice([1.0, 1.5, 2.5, 4.0])), float(rng.choice([1.0, 1.5, 2.5, 4.0]))
     q1, q2 = rng.uniform(0.5, 0.95), rng.uniform(0.5, 0.95)
     b1, b2 = rng.uniform(0, np.pi), rng.uniform(0, np.pi)
@@ -286,7 +299,7 @@ def galaxy_model(class_key: str, rng: np.random.Generator, mag_r: float | None =
         raise ConfigError(f"unknown galaxy class {class_key!r}; known: {', '.join(RECIPES)}")
     mag_r = float(rng.uniform(*MAG_RANGE) if mag_r is None else mag_r)
     flux = float(mag_to_flux(mag_r))
-    scale = 10.0 ** (-0.08 * (mag_r - 17.0))   # brighter galaxies are larger (x1.32 at r=15.5, x0.69 at r=19)
+    scale = 10.0 ** (SIZE_SLOPE * (mag_r - 17.0))   # brighter galaxies are larger (x1.68 at r=15.5, x0.50 at r=19)
     model, p = RECIPES[class_key](rng, flux, scale)
     pa, e1, e2 = _tractor_shape(p["q"], p["beta"])
     ttype = TRACTOR_TYPE.get(class_key, "EXP")
