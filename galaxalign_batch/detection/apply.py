@@ -88,28 +88,14 @@ def prepare_tile(tile, pixscale: float) -> tuple[np.ndarray, np.ndarray | None, 
     return out, None, cov, f
 
 
-def whole_sigma(image: np.ndarray, covered: np.ndarray) -> np.ndarray:
-    """Per-band noise of a whole image from its covered region (scikit-image's wavelet estimate)."""
-    from skimage.restoration import estimate_sigma
-
-    rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
-    if not len(rows):
-        return np.full(len(image), np.nan)
-    box = image[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return np.array([float(estimate_sigma(p)) for p in box], np.float64)
 
 
-def _core(start: int, size: int, n: int, margin: int, prev_end: int) -> tuple[int, int]:
-    """[a, b) of the tile's pixels a window at ``start`` keeps: from where the previous core ended to
-    ``margin`` before its end (or the tile's edge)."""
-    b = n if start + size >= n else start + size - margin
-    return prev_end, max(prev_end, b)
 
 
 def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min_score: float = DEFAULT_SCORE,
                 nms_iou: float = 0.5, key: str | None = None) -> tuple[Table, dict]:
     """Detections of ``model`` on ``tile`` (the catalogue's columns, see the module docstring) and what was done."""
-    from galaxalign_batch.restoration.tiles import window_starts
+    from galaxalign_batch.survey.windows import wavelet_sigma, window_jobs
 
     cfg = model.config
     image, invvar, covered, f = prepare_tile(tile, cfg.pixscale)
@@ -120,18 +106,10 @@ def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min
     win_y, win_x = min(window, h), min(window, w)
     whole = None
     if invvar is None:
-        whole = whole_sigma(image, covered)
+        whole = wavelet_sigma(image, covered)
         if not np.all(np.isfinite(whole) & (whole > 0)):
             raise ConfigError(f"{tile.path}: cannot estimate the noise of every band (no coverage?)")
-    jobs, prev_y = [], 0
-    for y0 in window_starts(h, win_y, margin):
-        ya, yb = _core(y0, win_y, h, margin, prev_y)
-        prev_y, prev_x = yb, 0
-        for x0 in window_starts(w, win_x, margin):
-            xa, xb = _core(x0, win_x, w, margin, prev_x)
-            prev_x = xb
-            if yb > ya and xb > xa:
-                jobs.append((y0, x0, ya, yb, xa, xb))
+    jobs = window_jobs(h, w, win_y, win_x, margin)
     from galaxalign_batch.detection.fields import field_sigma
 
     preds = []

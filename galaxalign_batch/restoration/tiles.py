@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
+from galaxalign_batch.survey.windows import wavelet_sigma, window_jobs, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -40,43 +41,10 @@ HEAD_BANDS = ("g", "r", "z")
 SUFFIX = "-restored.fits"
 
 
-def window_starts(n: int, window: int, margin: int) -> list[int]:
-    """First pixels of windows of ``window`` px covering ``0..n`` so that consecutive cores
-    (``margin`` px in from each inner border) meet; the last window ends at ``n``."""
-    if n <= window:
-        return [0]
-    step = window - 2 * margin
-    if step < 1:
-        raise ConfigError(f"--window {window} must be larger than twice the margin {margin}")
-    starts = list(range(0, n - window, step))
-    starts.append(n - window)
-    return sorted(set(starts))
 
 
-def _core(start: int, size: int, n: int, margin: int, prev_end: int) -> tuple[int, int]:
-    """[a, b) of the tile's pixels that a window at ``start`` writes: from where the previous core
-    ended (or the tile's edge) to ``margin`` before its end (or the tile's edge)."""
-    a = prev_end
-    b = n if start + size >= n else start + size - margin
-    return a, max(a, b)
 
 
-def tile_sigma(tile, idx: list[int]) -> np.ndarray | None:
-    """Per-band noise of the whole tile from its covered pixels (wavelet MAD), for tiles without invvar."""
-    from skimage.restoration import estimate_sigma
-
-    out = []
-    for i in idx:
-        plane = tile.image[i]
-        ok = tile.valid[i]
-        rows = np.flatnonzero(ok.any(axis=1))
-        cols = np.flatnonzero(ok.any(axis=0))
-        if not len(rows):
-            out.append(np.nan)
-            continue
-        box = plane[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-        out.append(float(estimate_sigma(box)))
-    return np.asarray(out, np.float64)
 
 
 def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size: int = 16) -> tuple[np.ndarray, dict]:
@@ -101,24 +69,13 @@ def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size:
         log.warning("%s: %.3g\"/px, the head was trained at %.3g\"/px: the U-Net sees structure at another scale",
                     tile.path, tile.pixscale, head.config.pixscale)
     invvar = tile.invvar[idx] if tile.invvar is not None else None
-    whole = None if invvar is not None else tile_sigma(tile, idx)
+    whole = None if invvar is not None else wavelet_sigma([tile.image[i] for i in idx], np.stack([tile.valid[i] for i in idx]))
     if whole is not None and not np.all(np.isfinite(whole) & (whole > 0)):
         raise ConfigError(f"{tile.path}: cannot estimate the noise of band(s) "
                           f"{''.join(b for b, s in zip(HEAD_BANDS, whole) if not (np.isfinite(s) and s > 0))}")
     win_y, win_x = min(window, h), min(window, w)
-    ys, xs = window_starts(h, win_y, margin), window_starts(w, win_x, margin)
     out = np.full((3, h, w), np.nan, np.float32)
-    jobs = []  # (y0, x0, core y range, core x range)
-    prev_y = 0
-    for y0 in ys:
-        ya, yb = _core(y0, win_y, h, margin, prev_y)
-        prev_y = yb
-        prev_x = 0
-        for x0 in xs:
-            xa, xb = _core(x0, win_x, w, margin, prev_x)
-            prev_x = xb
-            if yb > ya and xb > xa:
-                jobs.append((y0, x0, ya, yb, xa, xb))
+    jobs = window_jobs(h, w, win_y, win_x, margin)  # (y0, x0, core y range, core x range)
     sig_used = []
     from galaxalign_batch.progress import bar
 
