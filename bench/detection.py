@@ -17,7 +17,8 @@ baseline vs sep on the same held-out simulated fields, for training sets of ``--
 fields (bench/detection_learned.py explains the data and the runs):
 
     python bench/detection.py --learned --data DIR --work DIR [--models head,pixels,rcnn]
-        [--train-sizes 100,300,1000] [--seeds 0] [--steps 200] [--batch-size 8] [--report] [--json PATH]
+        [--train-sizes 100,300,1000] [--seeds 0] [--steps 200 | --epochs 12] [--batch-size 8]
+        [--precision fp32|bf16] [--eval-every STEPS] [--threads 1] [--report] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-sizes", default="100,300,1000", help="--learned: training set sizes (fields)")
     ap.add_argument("--seeds", default="0", help="--learned: training seeds")
     ap.add_argument("--steps", type=int, default=200, help="--learned: optimizer steps of every run")
+    ap.add_argument("--epochs", type=float, default=None,
+                    help="--learned: budget in passes over each training set (steps = epochs x N / batch; "
+                         "overrides --steps)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="--learned: forward passes in fp32 or under bf16 autocast (both detectors)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="--learned: evaluate the held-out fields every this many steps (a learning curve)")
     ap.add_argument("--batch-size", type=int, default=8, help="--learned: fields per step")
     ap.add_argument("--field", type=int, default=128, help="--learned: field side, px")
     ap.add_argument("--test-fields", type=int, default=200, help="--learned: held-out fields")

@@ -10,7 +10,9 @@ first N of that order (100 in 300 in 1,000).
 Runs: for each model of ``--models`` (``head``: the detection head with foundation features,
 ``pixels``: the same head without them, ``rcnn``: Faster R-CNN ResNet-50-FPN from random weights),
 each N of ``--train-sizes`` and each seed of ``--seeds``: train ``--steps`` steps of ``--batch-size``
-fields (the same rule and the same batches for every model), predict the held-out fields, evaluate.
+fields, or ``--epochs`` passes over the N fields (the same rule and the same batches for every model;
+``--precision bf16``: forward passes under bf16 autocast), predict the held-out fields, evaluate
+(``--eval-every K``: also every K steps, a learning curve recorded in the run's file).
 Each run writes ``WORK/runs/MODEL-N-sSEED.json`` (metrics, per-step losses, seconds) and is skipped
 when that file exists, so several processes (one per model) can share the work; ``--report`` reads
 them all, adds sep on the same fields and the head on the real DECaLS cubes, and prints the tables.
@@ -77,24 +79,43 @@ def run_one(model: str, n: int, seed: int, train, test, args, encoder) -> dict:
     from galaxalign_batch.detection import rcnn as R
     from galaxalign_batch.detection.evaluate import evaluate
     from galaxalign_batch.detection.files import save_detector
-    from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
+    from galaxalign_batch.detection.train import DetectTrainSettings, steps_for_epochs, train_detector
 
     sub = train.subset(np.arange(n))
-    s = DetectTrainSettings(steps=args.steps, batch_size=args.batch_size, seed=seed, features=model != "pixels")
-    res = train_detector("rcnn" if model == "rcnn" else "head", sub, s, encoder=encoder, progress=False)
+    steps = steps_for_epochs(args.epochs, n, args.batch_size) if args.epochs else args.steps
+    s = DetectTrainSettings(steps=steps, batch_size=args.batch_size, seed=seed, features=model != "pixels",
+                            precision=args.precision)
+
+    def predict(m):
+        return (R.predict(m, test.images, test.sigma) if model == "rcnn"
+                else H.predict(m, test.images, test.sigma))
+
+    curve = []
+
+    def on_step(done, m):
+        # the held-out AP50 / F1 along the run (a learning curve; nothing is chosen with it)
+        if done % args.eval_every == 0 and done < steps:
+            t1 = time.perf_counter()
+            b = evaluate(predict(m), test, score_threshold=args.score)["box"]
+            curve.append({"step": done, "ap50": b["ap"], "f1": b["f1"], "seconds": time.perf_counter() - t1})
+            print(f"  {model} N={n} seed {seed} step {done}/{steps}: AP50 {b['ap']:.3f} F1 {b['f1']:.3f}", flush=True)
+
+    res = train_detector("rcnn" if model == "rcnn" else "head", sub, s, encoder=encoder, progress=False,
+                         on_step=on_step if args.eval_every else None)
+    eval_seconds = sum(c["seconds"] for c in curve)
     t0 = time.perf_counter()
-    if model == "rcnn":
-        preds = R.predict(res.model, test.images, test.sigma)
-    else:
-        preds = H.predict(res.model, test.images, test.sigma)
+    preds = predict(res.model)
     predict_s = time.perf_counter() - t0
     ev = evaluate(preds, test, score_threshold=args.score)
+    curve.append({"step": steps, "ap50": ev["box"]["ap"], "f1": ev["box"]["f1"], "seconds": predict_s})
     if n == max(args.train_sizes):
         save_detector(res.model, Path(args.work) / f"{model}-{n}-s{seed}.safetensors",
                       {"training": res.record(sub, s)})
-    return {"model": model, "train_fields": n, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": s.rcnn_lr if model == "rcnn" else s.lr, "train_seconds": res.seconds,
-            "token_seconds": res.token_seconds, "seconds_per_step": (res.seconds - res.token_seconds) / args.steps,
+    return {"model": model, "train_fields": n, "seed": seed, "steps": steps, "epochs": steps * args.batch_size / n,
+            "batch_size": args.batch_size, "precision": args.precision,
+            "lr": s.rcnn_lr if model == "rcnn" else s.lr, "train_seconds": res.seconds - eval_seconds,
+            "token_seconds": res.token_seconds,
+            "seconds_per_step": (res.seconds - eval_seconds - res.token_seconds) / steps, "curve": curve,
             "predict_seconds": predict_s, "losses": res.losses, "loss_parts_last": res.parts[-1],
             "parameters": sum(p.numel() for p in (res.model.trainable_parameters() if model != "rcnn"
                                                    else res.model.parameters())),
@@ -252,7 +273,7 @@ def report(args) -> dict:
           f"them; box metrics at IoU 0.5 (score >= {args.score} for P/R/F1; sep: all detections, ranked by flux "
           f"for AP); position completeness / purity: survey.detection_quality matching")
     head = (f"{'model':38s} {'N':>5s} {'seeds':>5s} {'P':>6s} {'R':>6s} {'F1':>6s} {'AP50':>6s} "
-            f"{'compl':>6s} {'purity':>6s} {'s/step':>6s}")
+            f"{'compl':>6s} {'purity':>6s} {'s/step':>6s} {'steps':>6s}")
     print(head)
     table = []
     groups: dict = {}
@@ -269,11 +290,12 @@ def report(args) -> dict:
                "completeness": mean(lambda r: r["position"]["totals"]["completeness"]),
                "purity": mean(lambda r: r["position"]["totals"]["purity"]),
                "seconds_per_step": mean(lambda r: r["seconds_per_step"]),
+               "steps": rs[0]["steps"], "epochs": rs[0].get("epochs"), "amp": rs[0].get("precision", "fp32"),
                "final_loss": mean(lambda r: float(np.mean(r["losses"][-20:])))}
         table.append(row)
         pm = lambda k: _fmt(row[k][0]) + ("" if row[k][1] is None else f"±{row[k][1]:.3f}")  # noqa: E731
         print(f"{LABEL[model]:38s} {n:5d} {len(rs):5d} {pm('precision'):>6s} {pm('recall'):>6s} {pm('f1'):>6s} "
-              f"{pm('ap50'):>6s} {pm('completeness'):>6s} {pm('purity'):>6s} {row['seconds_per_step'][0]:6.2f}")
+              f"{pm('ap50'):>6s} {pm('completeness'):>6s} {pm('purity'):>6s} {row['seconds_per_step'][0]:6.2f} {row['steps']:6d}")
     b, t = sep["box"], sep["position"]["totals"]
     print(f"{LABEL['sep']:38s} {'-':>5s} {'-':>5s} {_fmt(b['precision']):>6s} {_fmt(b['recall']):>6s} "
           f"{_fmt(b['f1']):>6s} {_fmt(b['ap']):>6s} {_fmt(t['completeness']):>6s} {_fmt(t['purity']):>6s}")
@@ -297,13 +319,21 @@ def report(args) -> dict:
             if c["n_pairs"]:
                 print(f"  {c['sep_over_R1+R2']:>7s}: {c['resolved']}/{c['merged']}/{c['missed']} of {c['n_pairs']}"
                       f" (resolved {_fmt(c['resolved_fraction'])})")
-    print("\ntraining loss (mean over steps 1-10, 41-50, 91-100, 141-150, last 10):")
+    print("\ntraining loss (mean of 10 steps at the start, 1/4, 1/2, 3/4 of the run, and the last 10):")
     for r in sorted(runs, key=lambda r: (order.get(r["model"], 9), r["train_fields"], r["seed"])):
         ls = np.asarray(r["losses"])
-        pts = [ls[a:a + 10].mean() for a in (0, 40, 90, 140) if a < len(ls)] + [ls[-10:].mean()]
+        pts = [ls[a:a + 10].mean() for a in sorted({0, len(ls) // 4, len(ls) // 2, 3 * len(ls) // 4})
+               if a + 10 <= len(ls)] + [ls[-10:].mean()]
         print(f"  {r['model']:6s} N={r['train_fields']:4d} seed {r['seed']}: " + " -> ".join(f"{v:.3f}" for v in pts)
-              + f"  ({r['train_seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step at load "
+              + f"  ({r['steps']} steps, {r.get('epochs', float('nan')):.1f} epochs, {r.get('precision', 'fp32')}; "
+              f"{r['train_seconds']:.0f} s, {r['seconds_per_step']:.2f} s/step at load "
               f"{r['machine']['load_average'][0]:.1f})")
+    curves = [r for r in runs if len(r.get("curve", [])) > 1]
+    if curves:
+        print("\nheld-out AP50 along the run (step: AP50; a learning curve, nothing chosen with it):")
+        for r in sorted(curves, key=lambda r: (order.get(r["model"], 9), r["train_fields"], r["seed"])):
+            print(f"  {r['model']:6s} N={r['train_fields']:4d} seed {r['seed']}: "
+                  + ", ".join(f"{c['step']}: {c['ap50']:.3f}" for c in r["curve"]))
     sweep = threshold_sweep(args, test)
     if sweep:
         print(f"\nF1 at IoU 0.5 against the score threshold ({', '.join(f'{v:g}' for v in THRESHOLDS)}), N = {n}:")
@@ -334,4 +364,5 @@ def report(args) -> dict:
             "detail": {k: {"completeness": v["position"]["completeness"], "pairs": v["position"]["pairs"],
                            "purity": v["position"]["purity"]} for k, v in detail.items()},
             "losses": {f"{r['model']}-{r['train_fields']}-s{r['seed']}": r["losses"] for r in runs},
+            "curves": {f"{r['model']}-{r['train_fields']}-s{r['seed']}": r.get("curve", []) for r in runs},
             "real_cubes": cubes, "threshold_sweep": sweep, "whole_brick": wb, "held_out_fields": len(test), "machine": machine()}

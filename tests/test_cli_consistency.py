@@ -97,6 +97,8 @@ USAGE_ERRORS = [
     ["detect", "--train", "--tiles", "t", "--out", "d.safetensors"],
     ["detect", "--train", "--tiles", "t", "--detector", "rcnn", "--model", "m", "--out", "d.safetensors"],
     ["detect", "--tiles", "t", "--model", "d.safetensors", "--out", "c.fits", "--steps", "3"],
+    ["detect", "--tiles", "t", "--model", "d.safetensors", "--out", "c.fits", "--epochs", "3"],
+    ["detect", "--train", "--tiles", "t", "--model", "m", "--out", "d.safetensors", "--steps", "3", "--epochs", "2"],
 ]
 
 

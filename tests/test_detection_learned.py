@@ -165,6 +165,51 @@ def test_head_trains_saves_and_writes_a_catalogue(tiny_sky, tiny_fields, tmp_pat
         detect_tiles([str(tiny_sky)], path, tmp_path / "cat.fits")
 
 
+def test_budget_in_epochs_and_precision_settings():
+    import torch
+
+    from galaxalign_batch.detection.train import DetectTrainSettings, resolve_precision, steps_for_epochs
+
+    assert steps_for_epochs(12, 1000, 8) == 1500 and steps_for_epochs(12, 100, 8) == 150
+    assert steps_for_epochs(1, 5, 8) == 1 and steps_for_epochs(2.5, 10, 4) == 7
+    with pytest.raises(ConfigError, match="budget"):
+        steps_for_epochs(0, 10, 8)
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        DetectTrainSettings(precision="half")
+
+
+def test_bf16_training_and_the_step_callback(tiny_fields, torch_one_thread):
+    """bf16 autocast trains both detectors (finite losses, fp32 weights kept) and ``on_step`` sees every step with
+    the model, which is back in training mode afterwards (the callback may evaluate)."""
+    import torch
+
+    from galaxalign_batch.detection.head import predict
+    from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
+    from galaxalign_batch.model.tokens import load_token_encoder
+
+    enc = load_token_encoder(FOUNDATION)
+    seen, modes = [], []
+
+    def on_step(done, model):
+        seen.append(done)
+        modes.append(model.training)
+        if done == 2:
+            predict(model, tiny_fields.images[:2], tiny_fields.sigma[:2])   # switches to eval mode
+            assert not model.training
+
+    r = train_detector("head", tiny_fields, DetectTrainSettings(steps=3, batch_size=4, width=8, precision="bf16"),
+                       encoder=enc, progress=False, on_step=on_step)
+    assert seen == [1, 2, 3] and modes == [True, True, True]
+    assert all(np.isfinite(r.losses)) and all(p.dtype == torch.float32 for p in r.model.trainable_parameters())
+    r = train_detector("rcnn", tiny_fields.subset([0, 1]), DetectTrainSettings(steps=1, batch_size=2, precision="bf16"),
+                       progress=False)
+    assert np.isfinite(r.losses[0]) and all(p.dtype == torch.float32 for p in r.model.parameters())
+
+
 def test_rcnn_baseline_trains_and_writes_a_catalogue(tiny_sky, tiny_fields, tmp_path, torch_one_thread):
     from galaxalign_batch.detection import detect_tiles, load_detector, save_detector
     from galaxalign_batch.detection.rcnn import RCNNDetector
@@ -184,7 +229,8 @@ def test_detect_command_trains_and_applies(tiny_sky, tmp_path, torch_one_thread,
 
     det = tmp_path / "d.safetensors"
     assert main(["--no-progress", "detect", "--train", "--tiles", str(tiny_sky), "--model", str(FOUNDATION),
-                 "--out", str(det), "--field", "64", "--steps", "2", "--batch-size", "2", "--fields", "4"]) == 0
+                 "--out", str(det), "--field", "64", "--epochs", "1", "--batch-size", "2", "--fields", "4",
+                 "--precision", "fp32"]) == 0
     out = tmp_path / "c.fits"
     # a simulated brick and a real cube at 0.1"/px (resampled to the detector's 0.262"/px)
     assert main(["--no-progress", "detect", "--tiles", str(tiny_sky), str(cutouts_dir / "example_a.fits"),

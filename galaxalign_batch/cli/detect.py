@@ -12,13 +12,14 @@ EXAMPLES = """\
 examples:
   galaxalign-batch simulate --out sky --bricks 4 --size 2048
   galaxalign-batch detect --train --tiles sky --model galaxalign_batch/data/foundation-tiny.safetensors \\
-      --out detector.safetensors --fields 1000 --steps 200 --threads 1
-  galaxalign-batch detect --train --tiles sky --detector rcnn --out rcnn.safetensors --fields 1000 --steps 200
+      --out detector.safetensors --fields 1000 --epochs 12 --threads 1
+  galaxalign-batch detect --train --tiles sky --detector rcnn --out rcnn.safetensors --fields 1000 --epochs 12
   galaxalign-batch detect --tiles /data/dr10/south --bricks 1501p022 --model detector.safetensors --out catalog.fits
   galaxalign-batch detect --tiles 'cutouts/*.fits' --model detector.safetensors --out catalog.fits --min-score 0.5
 """
 
 DETECTORS = ["head", "pixels", "rcnn"]
+DEFAULT_EPOCHS = 12.0   # bench/RESULTS.md "Learned detection": both detectors' held-out AP has levelled off by then
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +34,9 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     if args.train:
         return _train(args, device)
-    if args.detector is not None or args.fields is not None or args.steps is not None:
-        raise opt.UsageError("--detector, --fields and --steps are for --train")
+    if (args.detector is not None or args.fields is not None or args.steps is not None or args.epochs is not None
+            or args.precision is not None):
+        raise opt.UsageError("--detector, --fields, --steps, --epochs and --precision are for --train")
     if not args.model:
         raise opt.UsageError("--model: the detector file to apply (written by detect --train)")
     from galaxalign_batch.detection.apply import detect_tiles
@@ -52,9 +54,12 @@ def _train(args: argparse.Namespace, device: str) -> int:
     from galaxalign_batch.detection.fields import cut_fields
     from galaxalign_batch.detection.files import save_detector
     from galaxalign_batch.model.tokens import load_token_encoder
-    from galaxalign_batch.detection.train import DetectTrainSettings, train_detector
+    from galaxalign_batch.detection.train import (DetectTrainSettings, resolve_precision, steps_for_epochs,
+                                                  train_detector)
 
     detector = args.detector or "head"
+    if args.steps is not None and args.epochs is not None:
+        raise opt.UsageError("give the budget as --steps or as --epochs, not both")
     if detector == "head" and not args.model:
         raise opt.UsageError("--train of the detection head needs --model: the foundation (a checkpoint or a "
                              "compact foundation file)")
@@ -67,14 +72,16 @@ def _train(args: argparse.Namespace, device: str) -> int:
     if args.window is not None:
         raise opt.UsageError("--window is for applying a detector; --field sets the training fields' side")
     fields = cut_fields(args.tiles[0], args.bricks, size=args.field, limit=args.fields)
-    s = DetectTrainSettings(steps=args.steps or 200, batch_size=args.batch_size, seed=args.seed,
-                            features=detector == "head")
+    steps = args.steps or steps_for_epochs(args.epochs or DEFAULT_EPOCHS, len(fields), args.batch_size)
+    s = DetectTrainSettings(steps=steps, batch_size=args.batch_size, seed=args.seed, features=detector == "head",
+                            precision=resolve_precision(args.precision or "auto", device))
     encoder = load_token_encoder(args.model) if detector == "head" else None
     res = train_detector("rcnn" if detector == "rcnn" else "head", fields, s, encoder=encoder, device=device)
     save_detector(res.model, args.out, {"training": res.record(fields, s)})
     tail = res.losses[-max(1, len(res.losses) // 10):]
     print(f"{args.out}: {detector} detector trained on {len(fields)} fields of {fields.size} px, {s.steps} steps "
-          f"of {s.batch_size} in {res.seconds:.1f} s (final loss {sum(tail) / len(tail):.3f})")
+          f"of {s.batch_size} ({s.steps * s.batch_size / len(fields):.1f} epochs, {s.precision}) in "
+          f"{res.seconds:.1f} s (final loss {sum(tail) / len(tail):.3f})")
     return 0
 
 
@@ -108,7 +115,12 @@ def register(sub) -> None:
                    help="--train: head (on the foundation; the default), pixels (the head without it) or rcnn")
     p.add_argument("--fields", type=int, default=None, metavar="N", help="--train: at most this many fields (default: all)")
     p.add_argument("--field", type=int, default=128, metavar="PX", help="--train: field side in pixels")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="--train: optimizer steps (default 200)")
+    p.add_argument("--epochs", type=float, default=None, metavar="E",
+                   help=f"--train: passes over the fields (default {DEFAULT_EPOCHS:g})")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="--train: optimizer steps instead of --epochs")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="--train: forward passes in fp32 or under bf16 autocast (default auto: bf16 where the "
+                        "CPU has AVX512-BF16 or the GPU bf16)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="--train: fields per step")
     opt.add_seed(p)
     opt.add_threads(p, help="torch CPU threads (1 is fastest on a busy machine)")
