@@ -8,7 +8,8 @@ cosine decay to 0; gradient norm clipped at 5. Learning rates: ``lr`` for the he
 layers; the encoder is frozen), ``rcnn_lr`` for the R-CNN (every layer, from random weights).
 ``precision="bf16"`` runs the forward passes under CPU/CUDA bf16 autocast (the head's loss in fp32,
 the R-CNN's as torchvision computes it); weights, gradients and the optimizer stay fp32. On a CPU with
-AVX512-BF16 it makes an R-CNN step 1.4-1.6x faster (docs/detection.md); on one without, slower.
+AVX512-BF16 (AMD EPYC Zen 4) it made an R-CNN step 1.6x faster on 1 thread and 1.4x on 2, the head's
+1.6x (docs/detection.md); CPUs without it were not measured, and ``"auto"`` keeps fp32 there.
 A budget in epochs is :func:`steps_for_epochs`.
 """
 
