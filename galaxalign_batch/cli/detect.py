@@ -19,7 +19,7 @@ examples:
 """
 
 DETECTORS = ["head", "pixels", "rcnn"]
-DEFAULT_EPOCHS = 12.0   # bench/RESULTS.md "Learned detection": both detectors' held-out AP has levelled off by then
+DEFAULT_EPOCHS = 12.0   # bench/RESULTS.md "Learned detection": the head's held-out AP has levelled off by then, the R-CNN's nearly
 
 
 def run(args: argparse.Namespace) -> int:
