@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
     if args.window is not None:
         raise opt.UsageError("--window is for applying a detector; --field sets the training fields' side")
     fields = cut_fields(args.tiles[0], args.bricks, size=args.field, limit=args.fields)
-    steps = args.steps or steps_for_epochs(args.epochs or DEFAULT_EPOCHS, len(fields), args.batch_size)
+    steps = args.steps if args.steps is not None else steps_for_epochs(
+        DEFAULT_EPOCHS if args.epochs is None else args.epochs, len(fields), args.batch_size)
     s = DetectTrainSettings(steps=steps, batch_size=args.batch_size, seed=args.seed, features=detector == "head",
                             precision=resolve_precision(args.precision or "auto", device))
     encoder = load_token_encoder(args.model) if detector == "head" else None
