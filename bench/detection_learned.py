@@ -290,7 +290,7 @@ def report(args) -> dict:
                "completeness": mean(lambda r: r["position"]["totals"]["completeness"]),
                "purity": mean(lambda r: r["position"]["totals"]["purity"]),
                "seconds_per_step": mean(lambda r: r["seconds_per_step"]),
-               "steps": rs[0]["steps"], "epochs": rs[0].get("epochs"), "amp": rs[0].get("precision", "fp32"),
+               "steps": rs[0]["steps"], "epochs": rs[0].get("epochs"), "autocast": rs[0].get("precision", "fp32"),
                "final_loss": mean(lambda r: float(np.mean(r["losses"][-20:])))}
         table.append(row)
         pm = lambda k: _fmt(row[k][0]) + ("" if row[k][1] is None else f"±{row[k][1]:.3f}")  # noqa: E731

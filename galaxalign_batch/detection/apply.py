@@ -88,10 +88,6 @@ def prepare_tile(tile, pixscale: float) -> tuple[np.ndarray, np.ndarray | None, 
     return out, None, cov, f
 
 
-
-
-
-
 def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min_score: float = DEFAULT_SCORE,
                 nms_iou: float = 0.5, key: str | None = None) -> tuple[Table, dict]:
     """Detections of ``model`` on ``tile`` (the catalogue's columns, see the module docstring) and what was done."""

@@ -41,12 +41,6 @@ HEAD_BANDS = ("g", "r", "z")
 SUFFIX = "-restored.fits"
 
 
-
-
-
-
-
-
 def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size: int = 16) -> tuple[np.ndarray, dict]:
     """The restored ``(3, H, W)`` float32 image of ``tile`` (NaN without coverage) and what was done."""
     from galaxalign_batch.restoration.head import denoise
@@ -69,7 +63,7 @@ def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size:
         log.warning("%s: %.3g\"/px, the head was trained at %.3g\"/px: the U-Net sees structure at another scale",
                     tile.path, tile.pixscale, head.config.pixscale)
     invvar = tile.invvar[idx] if tile.invvar is not None else None
-    whole = None if invvar is not None else wavelet_sigma([tile.image[i] for i in idx], np.stack([tile.valid[i] for i in idx]))
+    whole = None if invvar is not None else wavelet_sigma(tile.image[idx], tile.valid[idx])
     if whole is not None and not np.all(np.isfinite(whole) & (whole > 0)):
         raise ConfigError(f"{tile.path}: cannot estimate the noise of band(s) "
                           f"{''.join(b for b, s in zip(HEAD_BANDS, whole) if not (np.isfinite(s) and s > 0))}")
