@@ -2,10 +2,12 @@
 # Every GPU check of the kernels in one run (< 8 minutes on one H100/H200-class GPU), so a short
 # lease of a GPU machine is enough:
 #   1. build _core and _cuda in place for this GPU's architecture (CMake + Ninja, no pip install);
-#   2. tests/test_ops_cuda.py (both CUDA paths, tc and simt, against the float64 CPU reference);
-#   3. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536 (fp32 and bf16 inputs; tensor-core
-#      path with the _cuda tile epilogues and with torch-op epilogues, SIMT kernels, open_clip composite;
-#      LOSS_IMPLS=... picks a subset), top-k with host and device-resident matrices (both paths);
+#   2. tests/test_ops_cuda.py (every CUDA path, tc, simt and flash, against the float64 CPU reference) and
+#      tests/test_ops_flash.py (the Triton flash kernels compiled for this GPU);
+#   3. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536 (fp32 and bf16 inputs; the flash path
+#      (Triton, epilogue inside the GEMM), the tensor-core path with the _cuda tile epilogues, the open_clip
+#      composite; LOSS_IMPLS=... picks others: fused-tc-torch, fused-simt), top-k with host and
+#      device-resident matrices (TOPK_PATHS, default "flash tc");
 #   4. bench/embed.py --device cuda: a ViT-B-16-sized open_clip model (random weights), sources/s and
 #      GPU utilisation through NVML.
 # Usage: bash bench/gpu_check.sh [OUTDIR]   (default: $OUT, else ./gpu-check). Logs and JSON land in OUTDIR.
@@ -40,14 +42,16 @@ log() { echo "== $(date +%T) $*"; }
   export PYTHONPATH="$PWD:${PYTHONPATH:-}"
   "$PY" -c "import galaxalign_batch._cuda as c, galaxalign_batch._core as k; print('_cuda runtime', c.runtime_version(), 'devices', c.device_count(), '| _core', k.similarity_isa())"
 
-  log "tests/test_ops_cuda.py"
-  timeout 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py >"$OUTDIR/test_ops_cuda.log" 2>&1
+  "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton missing: the flash path will be skipped"
+
+  log "tests/test_ops_cuda.py tests/test_ops_flash.py"
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_flash.py >"$OUTDIR/test_ops_cuda.log" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_cuda.log" | head -40
 
   log "bench/kernels.py --device cuda (loss)"
   timeout 330 "$PY" bench/kernels.py --device cuda --skip-topk --loss-sizes 4096,16384,65536 --dtypes bf16,fp32 \
-    --impls "${LOSS_IMPLS:-fused-tc,fused-tc-torch,fused-simt,composite}" --json "$OUTDIR/kernels_loss.json"
-  for path in tc simt; do
+    --impls "${LOSS_IMPLS:-fused-flash,fused-tc,composite}" --json "$OUTDIR/kernels_loss.json"
+  for path in ${TOPK_PATHS:-flash tc}; do
     log "bench/kernels.py --device cuda (top-k, $path path)"
     GALAXALIGN_CUDA_TOPK=$path timeout 120 "$PY" bench/kernels.py --device cuda --skip-loss --json "$OUTDIR/kernels_topk_$path.json"
   done

@@ -95,7 +95,7 @@ def _reset_hwm() -> bool:
 
 
 def _loss_fn(impl: str):
-    if impl.startswith("fused-"):  # fused-tc / fused-tc-torch / fused-simt: the CUDA path, through the environment
+    if impl.startswith("fused-"):  # fused-flash / fused-tc / fused-tc-torch / fused-simt: the CUDA path, by environment
         parts = impl.split("-")
         os.environ["GALAXALIGN_CUDA_LOSS"] = parts[1]
         os.environ["GALAXALIGN_CUDA_EPILOGUE"] = "torch" if "torch" in parts else "cuda"
@@ -174,6 +174,8 @@ def loss_case(impl: str, batch: int, reps: int, device: str, dtype: str = "fp32"
         from galaxalign_batch.ops import backends
 
         extra["bf16_kernels"] = backends.cpu_bf16_kernels()  # "" = upcast to fp32 (GALAXALIGN_CPU_BF16=0)
+    if impl == "fused-flash" and DTYPES[dtype] == torch.float32:
+        extra["path_used"] = "tc (the flash kernels take bf16/fp16 inputs; fp32 ones go to the tc path)"
     return {
         **extra,
         "impl": impl, "batch": batch, "dtype": dtype, "loss": value, "first_step_s": first,
@@ -246,8 +248,8 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str])
                 f = pair[impl]
                 if impl == "composite" or "error" in f:
                     continue
-                if peak and impl in ("fused-tc", "fused-tc-torch", "fused"):
-                    # the blocked path's own GEMM work: per pair 1 product forward, 3 backward, 2 n^2 D each
+                if peak and impl in ("fused-flash", "fused-tc", "fused-tc-torch", "fused"):
+                    # the blocked/flash paths' own GEMM work: per pair 1 product forward, 3 backward, 2 n^2 D each
                     # (the CPU kernels do the same work: one sweep forward, three products backward)
                     f["tflops"] = 3 * 4 * 2.0 * batch * batch * D / f["time_s"] / 1e12
                     f["fraction_of_gemm_peak"] = f["tflops"] / peak

@@ -30,10 +30,13 @@ def test_module_exposes_the_kernels():
     assert _cuda.device_count() >= 0
 
 
-@pytest.fixture(params=["tc", "tc-torch-epilogue", "simt"])
+@pytest.fixture(params=["tc", "tc-torch-epilogue", "simt", "flash"])
 def cuda_path(request, monkeypatch):
     """Every CUDA path: ``tc`` (cuBLAS tile products, tensor cores for half inputs, the ``_cuda`` tile
-    epilogues), the same with torch ops as epilogue, and ``simt`` (the hand-written CUDA-core kernels)."""
+    epilogues), the same with torch ops as epilogue, ``simt`` (the hand-written CUDA-core kernels) and
+    ``flash`` (Triton kernels, ``ops/flash.py``; fp32 loss inputs take ``tc`` there)."""
+    if request.param == "flash":
+        pytest.importorskip("triton")
     path = request.param.split("-")[0]
     monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", path)
     monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", path)
@@ -158,6 +161,23 @@ def test_loss_large_batch_blocked(monkeypatch):
     ids = torch.randint(0, 10, (6000,))
     ref = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
     got = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "fused", "cuda", torch.bfloat16)
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-4)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-5)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-3)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_flash_full_tiles(dtype, monkeypatch):
+    """The flash path at D = 512 (no K mask) over many 128 x 128 tiles and two backward row chunks, class ids."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", "flash")
+    monkeypatch.setenv("GALAXALIGN_TILE_MB", "4")
+    feats = [x.to(dtype).double() for x in _features(3000, 512, seed=12)]
+    ids = torch.randint(0, 10, (3000,))
+    ref = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
+    got = _run(feats, 20.0, ids, (1.0, 0.5, 2.0), "fused", "cuda", dtype)
     assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-4)
     for a, b in zip(got[1], ref[1]):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-5)

@@ -39,6 +39,10 @@ def collect() -> dict:
         info["cuda_paths"] = {"loss": backends.cuda_loss_path(), "topk": backends.cuda_topk_path()}
     except Exception as e:  # a bad GALAXALIGN_CUDA_LOSS/TOPK value
         info["cuda_paths"] = f"error: {e}"
+    from galaxalign_batch.ops import flash
+
+    info["flash_kernels"] = (f"triton {flash.triton.__version__}" if flash.triton is not None
+                             else "unavailable: triton is not installed")
     return info
 
 

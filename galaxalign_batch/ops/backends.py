@@ -74,13 +74,14 @@ def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtyp
     return "reference"
 
 
-CUDA_LOSS_PATHS = ("tc", "simt")
+CUDA_LOSS_PATHS = ("tc", "simt", "flash")
 
 
 def cuda_loss_path() -> str:
     """The CUDA loss path: ``tc`` (default: blocked, tile products on cuBLAS tensor cores, see
-    ``ops/blocked.py``) or ``simt`` (the hand-written CUDA-core kernels of ``_cuda``), chosen by
-    ``GALAXALIGN_CUDA_LOSS``."""
+    ``ops/blocked.py``), ``simt`` (the hand-written CUDA-core kernels of ``_cuda``) or ``flash`` (Triton
+    kernels with the statistics in the GEMM's epilogue, ``ops/flash.py``; bf16/fp16 inputs, fp32 ones take
+    ``tc``), chosen by ``GALAXALIGN_CUDA_LOSS``."""
     path = os.environ.get("GALAXALIGN_CUDA_LOSS", "tc").lower()
     if path not in CUDA_LOSS_PATHS:
         raise ConfigError(f"GALAXALIGN_CUDA_LOSS must be one of {CUDA_LOSS_PATHS}, got {path!r}")
@@ -88,12 +89,26 @@ def cuda_loss_path() -> str:
 
 
 def cuda_topk_path() -> str:
-    """The CUDA top-k path: ``tc`` (default: cuBLAS score tile, then the ``_cuda`` selection kernel)
-    or ``simt`` (one hand-written kernel), chosen by ``GALAXALIGN_CUDA_TOPK``."""
+    """The CUDA top-k path: ``tc`` (default: cuBLAS score tile, then the ``_cuda`` selection kernel),
+    ``simt`` (one hand-written kernel) or ``flash`` (Triton: segment maxima in the GEMM's epilogue, then
+    an exact re-scoring of the best segments, ``ops/flash.py``), chosen by ``GALAXALIGN_CUDA_TOPK``."""
     path = os.environ.get("GALAXALIGN_CUDA_TOPK", "tc").lower()
     if path not in CUDA_LOSS_PATHS:
         raise ConfigError(f"GALAXALIGN_CUDA_TOPK must be one of {CUDA_LOSS_PATHS}, got {path!r}")
     return path
+
+
+def flash_loss(x: torch.Tensor) -> bool:
+    """Whether the loss statistics of ``x``'s pairs go to the flash kernels (``GALAXALIGN_CUDA_LOSS=flash``,
+    a CUDA tensor of bf16/fp16, Triton importable; a missing Triton is an error, not a silent fallback)."""
+    if x.device.type != "cuda" or cuda_loss_path() != "flash" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from galaxalign_batch.ops import flash
+
+    reason = flash.why_unavailable(x.device)
+    if reason:
+        raise ConfigError(f"GALAXALIGN_CUDA_LOSS=flash: {reason}")
+    return True
 
 
 def cpu_bf16_kernels() -> str:

@@ -7,6 +7,7 @@ the current stream handle, so the extension needs no torch headers). See ``docs/
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,10 +15,12 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.ops import backends, blocked
 from galaxalign_batch.ops.reference import PAIRS
 from galaxalign_batch.ops.rows import host_or_device_rows, matrix_shape, numpy_rows
 
+log = logging.getLogger(__name__)
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -47,7 +50,11 @@ def _bf16_bits(x: torch.Tensor):
 
 def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
-    if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
+    if backends.flash_loss(a):
+        from galaxalign_batch.ops import flash
+
+        return flash.pair_lse_forward(a, b, scale.float())
+    if a.device.type == "cuda" and backends.cuda_loss_path() in ("tc", "flash"):  # flash: fp32 inputs take tc
         return blocked.pair_lse_forward(a, b, scale.float())
     if a.device.type == "cpu" and a.dtype == torch.bfloat16:  # AVX512-BF16 kernels: fp32 statistics
         lse_row = torch.empty(n, dtype=torch.float32)
@@ -75,7 +82,11 @@ def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple
 
 def _lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, grad_b):
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into grad_a/grad_b; return d/dscale."""
-    if a.device.type == "cuda" and backends.cuda_loss_path() == "tc":
+    if backends.flash_loss(a):
+        from galaxalign_batch.ops import flash
+
+        return flash.pair_lse_backward_into(a, b, scale.float(), lse_row, lse_col, coef, grad_a, grad_b)
+    if a.device.type == "cuda" and backends.cuda_loss_path() in ("tc", "flash"):
         return blocked.pair_lse_backward_into(a, b, scale.float(), lse_row, lse_col, coef, grad_a, grad_b).float()
     if a.device.type == "cpu" and a.dtype == torch.bfloat16:  # fp32 gradient buffers
         return backends.module_for(a.device).trimodal_loss_backward_bf16(
@@ -227,8 +238,17 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         q = queries.detach().float().contiguous()
         best_s = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        from galaxalign_batch.ops import flash
+
         cuda = _cuda()
-        tc = backends.cuda_topk_path() == "tc" and hasattr(cuda, "topk_scores_update")
+        path = backends.cuda_topk_path()
+        use_flash = path == "flash" and _flash_topk_ok(q, matrix)
+        if use_flash and isinstance(matrix, torch.Tensor) and matrix.device == device:
+            # resident rows need no streaming: chunks as large as the (n, rows / SEG) segment maxima allow
+            budget_rows = blocked.tile_budget_bytes(device) * flash.SEG // max(1, 4 * n)
+            chunk_rows = max(chunk_rows, budget_rows // flash.SEG * flash.SEG)
+            starts = list(range(0, m, chunk_rows))
+        tc = path in ("tc", "flash") and hasattr(cuda, "topk_scores_update")
         # fp16 rows: the queries as a sum of two fp16 parts (hi + lo), so two fp16 tensor-core GEMMs give
         # scores within ~2^-21 of the fp32 queries' (one fp16 rounding of the queries would reorder near-ties)
         q_hi = q.half() if tc else None
@@ -237,6 +257,9 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
 
         def update(s: int, rows: torch.Tensor) -> None:
             rows = rows.to(device).contiguous()  # on this thread's current stream, before the kernel
+            if use_flash:
+                fallbacks[0] += flash.topk_update(q, rows, s, k, best_s, best_i)
+                return
             if tc:  # the score tile from cuBLAS (fp16 rows: fp16 tensor cores, fp32 accumulate), then selection
                 step = max(1, min(n, budget // max(1, 4 * rows.shape[0])))
                 for q0 in range(0, n, step):
@@ -256,7 +279,12 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
                 best_s.data_ptr(), best_i.data_ptr(), _cuda_stream(device), _cuda_index(device),
             )
 
-        result = lambda: (best_s, best_i)  # noqa: E731
+        fallbacks = [0]
+
+        def result():
+            if use_flash:
+                log.debug("similarity_topk (flash): %d of %d query-chunks recomputed exactly", fallbacks[0], n * len(starts))
+            return best_s, best_i
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, starts[0])
         for pos, start in enumerate(starts):
@@ -265,6 +293,20 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
                 pending = pool.submit(load, starts[pos + 1])
             update(start, rows)
     return result()
+
+
+def _flash_topk_ok(queries: torch.Tensor, matrix: Any) -> bool:
+    """Whether the flash top-k serves these queries (GALAXALIGN_CUDA_TOPK=flash); a missing Triton is an error."""
+    from galaxalign_batch.ops import flash
+
+    reason = flash.why_unavailable(queries.device)
+    if reason:
+        raise ConfigError(f"GALAXALIGN_CUDA_TOPK=flash: {reason}")
+    half = getattr(matrix, "dtype", None) in (torch.float16, np.float16)
+    if half and not bool(queries.abs().amax() < torch.finfo(torch.float16).max / 2):
+        log.debug("similarity_topk: queries beyond fp16's range, the tc path serves them")
+        return False
+    return True
 
 
 def fused_prototype_probs(features: torch.Tensor, prototypes: torch.Tensor, scale: float) -> torch.Tensor:
