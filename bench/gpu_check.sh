@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check of the kernels in one run (< 8 minutes on one H100/H200-class GPU), so a short
+# Every GPU check of the kernels in one run (< 8 minutes, DEADLINE_S, on one H100/H200-class GPU), so a short
 # lease of a GPU machine is enough:
 #   1. build _core and _cuda in place for this GPU's architecture (CMake + Ninja, no pip install);
 #   2. tests/test_ops_cuda.py (every CUDA path, tc, simt and flash, against the float64 CPU reference) and
 #      tests/test_ops_flash.py (the Triton flash kernels compiled for this GPU);
-#   3. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536 (fp32 and bf16 inputs; the flash path
-#      (Triton, epilogue inside the GEMM), the tensor-core path with the _cuda tile epilogues, the open_clip
-#      composite; LOSS_IMPLS=... picks others: fused-tc-torch, fused-simt), top-k with host and
-#      device-resident matrices (TOPK_PATHS, default "flash tc");
-#   4. bench/embed.py --device cuda: a ViT-B-16-sized open_clip model (random weights), sources/s and
+#   3. bench/flash_kernels.py --sweep: each flash kernel alone against cuBLAS of the same shape, several tile
+#      configurations;
+#   4. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536, bf16 inputs (LOSS_DTYPES=bf16,fp32 adds
+#      fp32, unchanged since the 12-04 figures): the flash path (Triton, epilogue inside the GEMM), the
+#      tensor-core path with the _cuda tile epilogues, the open_clip composite (LOSS_IMPLS=... picks others:
+#      fused-tc-torch, fused-simt); top-k with host and device-resident matrices (TOPK_PATHS, default
+#      "flash tc");
+#   5. bench/embed.py --device cuda: a ViT-B-16-sized open_clip model (random weights), sources/s and
 #      GPU utilisation through NVML.
 # Usage: bash bench/gpu_check.sh [OUTDIR]   (default: $OUT, else ./gpu-check). Logs and JSON land in OUTDIR.
 # Python packages the machine lacks may be given as wheels in .whl/ (installed to /tmp/site).
@@ -19,6 +22,16 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 GALAXALIGN_PROGRESS=0
 PY="${PYTHON:-python3}"
 log() { echo "== $(date +%T) $*"; }
+# Every step runs under `timeout`: its own limit or what is left of DEADLINE_S (default 480 s: the whole check
+# in under 8 minutes), whichever is smaller; a step started with under 20 s left is skipped.
+DEADLINE_S="${DEADLINE_S:-480}"
+step() {
+  local limit=$1; shift
+  local left=$(( DEADLINE_S - SECONDS ))
+  if (( left < 20 )); then echo "   skipped: ${left} s left of DEADLINE_S=$DEADLINE_S"; return 0; fi
+  (( left < limit )) && limit=$left
+  timeout "$limit" "$@" || echo "   exit $? (limit ${limit} s)"
+}
 
 {
   log "machine"
@@ -45,18 +58,21 @@ log() { echo "== $(date +%T) $*"; }
   "$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton missing: the flash path will be skipped"
 
   log "tests/test_ops_cuda.py tests/test_ops_flash.py"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_flash.py >"$OUTDIR/test_ops_cuda.log" 2>&1
+  step 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops_flash.py >"$OUTDIR/test_ops_cuda.log" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_cuda.log" | head -40
 
+  log "bench/flash_kernels.py --sweep (each flash kernel against cuBLAS, tile configurations)"
+  step 120 "$PY" bench/flash_kernels.py --sweep --json "$OUTDIR/flash_kernels.json"
+
   log "bench/kernels.py --device cuda (loss)"
-  timeout 330 "$PY" bench/kernels.py --device cuda --skip-topk --loss-sizes 4096,16384,65536 --dtypes bf16,fp32 \
+  step 200 "$PY" bench/kernels.py --device cuda --skip-topk --loss-sizes 4096,16384,65536 --dtypes "${LOSS_DTYPES:-bf16}" \
     --impls "${LOSS_IMPLS:-fused-flash,fused-tc,composite}" --json "$OUTDIR/kernels_loss.json"
   for path in ${TOPK_PATHS:-flash tc}; do
     log "bench/kernels.py --device cuda (top-k, $path path)"
-    GALAXALIGN_CUDA_TOPK=$path timeout 120 "$PY" bench/kernels.py --device cuda --skip-loss --json "$OUTDIR/kernels_topk_$path.json"
+    GALAXALIGN_CUDA_TOPK=$path step 100 "$PY" bench/kernels.py --device cuda --skip-loss --json "$OUTDIR/kernels_topk_$path.json"
   done
 
   log "bench/embed.py --device cuda (ViT-B-16, random weights)"
-  timeout 150 "$PY" bench/embed.py --device cuda --model ViT-B-16 --sources 20480 --batch 512 --json "$OUTDIR/embed_gpu.json"
+  step 120 "$PY" bench/embed.py --device cuda --model ViT-B-16 --sources 20480 --batch 512 --json "$OUTDIR/embed_gpu.json"
   log "done"
 } 2>&1 | tee "$OUTDIR/gpu_check.log"

@@ -40,7 +40,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HALF = (torch.bfloat16, torch.float16)
 SEG = 16  # rows per pre-selection segment of the top-k
 
-__all__ = ["available", "why_unavailable", "pair_lse_forward", "pair_lse_backward_into", "topk_update", "compile_kernels",
+__all__ = ["available", "why_unavailable", "pair_lse_forward", "pair_weights", "pair_lse_backward_into", "topk_update",
+           "segment_maxima", "rescore", "compile_kernels",
            "score_error_bound", "SEG"]
 
 
@@ -174,10 +175,27 @@ if triton is not None:
 
 
 
-def _config(kernel: str, d: int, dtype: torch.dtype, gpu: bool = not INTERPRET) -> tuple[dict, dict]:
+def _config(kernel: str, d: int, dtype: torch.dtype, gpu: bool = not INTERPRET, tiles: dict | None = None) -> tuple[dict, dict]:
     """``(constexprs, launch options)`` of ``kernel`` (pair_stats, pair_grad, segment_max, rescore) for feature
     size ``d`` and input ``dtype``. GPU: 128 x 128 tiles, K steps of 64 (32 for TF32, whose tiles are twice the
-    bytes), pipelined in 3-4 stages; the interpreter takes 32 x 32 tiles (speed)."""
+    bytes), pipelined in 3-4 stages; the interpreter takes 32 x 32 tiles (speed). ``tiles`` overrides any of
+    BM, BN, BK, GROUP, num_warps, num_stages (``bench/flash_kernels.py`` sweeps them)."""
+    consts, options = _default_config(kernel, d, dtype, gpu)
+    for key, value in (tiles or {}).items():
+        if key in ("num_warps", "num_stages"):
+            options[key] = int(value)
+        elif key in consts and key in ("BM", "BN", "BK", "GROUP", "BC"):
+            consts[key] = int(value)
+        else:
+            raise ValueError(f"flash kernel {kernel!r}: cannot override {key!r}")
+    if "EVEN_K" in consts:
+        consts["EVEN_K"] = d % consts["BK"] == 0
+    if kernel == "segment_max" and consts["BN"] % SEG:
+        raise ValueError(f"segment_max: BN={consts['BN']} is not a multiple of the segment size {SEG}")
+    return consts, options
+
+
+def _default_config(kernel: str, d: int, dtype: torch.dtype, gpu: bool) -> tuple[dict, dict]:
     if kernel == "rescore":
         return dict(BC=64, BK=64) if gpu else dict(BC=32, BK=64), (dict(num_warps=4) if gpu else {})
     bk = (32 if dtype == torch.float32 else 64) if gpu else (32 if d >= 32 else 16)
@@ -210,12 +228,13 @@ def _combine(m2: torch.Tensor, l: torch.Tensor, dim: int) -> torch.Tensor:
     return (top.squeeze(dim) + torch.log2(total)) * math.log(2.0)
 
 
-def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, tiles: dict | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exp (fp32) of ``scale * a @ b.T`` for half ``a`` (n, d) and ``b`` (m, d)."""
     _check(a, "pair_lse_forward")
     a, b = a.contiguous(), b.to(a.dtype).contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    cfg, opts = _config("pair_stats", d, a.dtype)
+    cfg, opts = _config("pair_stats", d, a.dtype, tiles=tiles)
     tiles_m, tiles_n = triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"])
     f32 = dict(dtype=torch.float32, device=a.device)
     row_m, row_l = torch.empty((n, tiles_n), **f32), torch.empty((n, tiles_n), **f32)
@@ -233,19 +252,31 @@ def _grad_rows(n: int, m: int, device: torch.device) -> int:
     return int(min(n, max(128, rows // 128 * 128)))
 
 
+def pair_weights(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_row: torch.Tensor,
+                 lse_col: torch.Tensor, out: torch.Tensor, *, tiles: dict | None = None) -> torch.Tensor:
+    """``out = exp(s a b.T - lse_row) + exp(s a b.T - lse_col)`` (out: (n, m), the inputs' half type) from one
+    flash kernel; returns ``sum(out * a b.T)`` (fp32 scalar tensor), the scale's share before ``coef``."""
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    cfg, opts = _config("pair_grad", d, a.dtype, tiles=tiles)
+    s32 = scale.to(a.device, torch.float32).reshape(1).contiguous()
+    grid = triton.cdiv(n, cfg["BM"]) * triton.cdiv(m, cfg["BN"])
+    gs = torch.empty(grid, dtype=torch.float32, device=a.device)
+    _pair_grad_kernel[(grid,)](a, b, s32, lse_row, lse_col, out, gs, n, m, d, **cfg, **opts)
+    return gs.sum()
+
+
 def pair_lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, grad_b) -> torch.Tensor:
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into ``grad_a``/``grad_b`` (fp32); return d/dscale.
 
     ``P = exp(s x - lse_row) + exp(s x - lse_col)`` for each chunk of rows comes from one flash kernel
-    (in the inputs' half type); ``grad_a += coef s P @ b`` and ``grad_b += coef s P.T @ a`` from cuBLAS.
+    (:func:`pair_weights`, in the inputs' half type); ``grad_a += coef s P @ b`` and ``grad_b += coef s P.T @ a``
+    from cuBLAS.
     """
     from galaxalign_batch.ops.blocked import mm_f32
 
     _check(a, "pair_lse_backward_into")
     a, b = a.contiguous(), b.to(a.dtype).contiguous()
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    cfg, opts = _config("pair_grad", d, a.dtype)
-    s32 = scale.to(a.device, torch.float32).reshape(1).contiguous()
+    n, m = a.shape[0], b.shape[0]
     lse_row, lse_col = lse_row.float().contiguous(), lse_col.float().contiguous()
     factor = coef * float(scale)
     step = _grad_rows(n, m, a.device)
@@ -254,10 +285,7 @@ def pair_lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, g
     for i0 in range(0, n, step):
         rows = min(step, n - i0)
         ac, p = a[i0:i0 + rows], buf[:rows]
-        tiles = triton.cdiv(rows, cfg["BM"]) * triton.cdiv(m, cfg["BN"])
-        gs = torch.empty(tiles, dtype=torch.float32, device=a.device)
-        _pair_grad_kernel[(tiles,)](ac, b, s32, lse_row[i0:i0 + rows], lse_col, p, gs, rows, m, d, **cfg, **opts)
-        grad_s += gs.sum()
+        grad_s += pair_weights(ac, b, scale, lse_row[i0:i0 + rows], lse_col, p)
         grad_a[i0:i0 + rows] += factor * mm_f32(p, b)
         grad_b += factor * mm_f32(p.T, ac)
     return grad_s * coef
@@ -284,12 +312,12 @@ def score_error_bound(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor
     return x_norm * (q_norm * (rel + d * 2.0 ** -22) + absolute)
 
 
-def segment_maxima(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def segment_maxima(queries: torch.Tensor, rows: torch.Tensor, *, tiles: dict | None = None) -> torch.Tensor:
     """``max`` of ``queries @ rows.T`` over each segment of :data:`SEG` rows, (n, ceil(m / SEG)) fp32 (pre-selection
     precision: fp16 queries against fp16 rows, TF32 against fp32 rows)."""
     n, d = queries.shape
     m = rows.shape[0]
-    cfg, opts = _config("segment_max", d, rows.dtype)
+    cfg, opts = _config("segment_max", d, rows.dtype, tiles=tiles)
     q = queries.to(rows.dtype).contiguous()
     n_seg = triton.cdiv(m, SEG)
     out = torch.empty((n, n_seg), dtype=torch.float32, device=rows.device)
