@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time faiss IndexScalarQuantizer(QT_fp16) for the fp16 rows (slow: no BLAS)")
     parser.add_argument("--dtypes", default="fp32", help="loss input types, comma-separated: fp32, tf32, bf16, fp16")
     parser.add_argument("--impls", default=None,
-                        help="loss implementations (default: fused,composite on cpu; fused-tc,fused-simt,composite on cuda)")
+                        help="loss implementations (default: fused,composite on cpu; fused-flash,fused-tc,fused-simt,composite "
+                             "on cuda)")
     parser.add_argument("--_loss-case", nargs=5, metavar=("IMPL", "B", "REPS", "DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._loss_case:
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_loss:
         print("loss (forward + backward, D=512):", flush=True)
         impls = args.impls.split(",") if args.impls else (
-            ["fused-tc", "fused-simt", "composite"] if args.device == "cuda" else ["fused", "composite"])
+            ["fused-flash", "fused-tc", "fused-simt", "composite"] if args.device == "cuda" else ["fused", "composite"])
         report["loss"] = run_loss(sizes, args.device, args.dtypes.split(","), impls)
     if not args.skip_topk:
         print(f"top-k (N={TOPK_QUERIES}, M={args.topk_rows}, D={D}, k={TOPK_K}):", flush=True)

@@ -227,14 +227,14 @@ def test_trimodal_loss_through_the_flash_path(monkeypatch):
     """The whole loss (three pairs, class ids, the scale's gradient) with its pair statistics on the flash
     kernels, against the float64 reference. On a GPU through GALAXALIGN_CUDA_LOSS=flash; in the interpreter
     the CPU dispatch is pointed at the flash kernels (bf16 kept as bf16)."""
-    from galaxalign_batch.ops import backends, trimodal_contrastive_loss
+    from galaxalign_batch.ops import backends, fused, trimodal_contrastive_loss
 
     if ON_GPU:
         monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", "flash")
     else:
         pytest.importorskip("galaxalign_batch._core")
         used = []
-        monkeypatch.setattr(backends, "flash_loss", lambda x: used.append(x.dtype) or x.dtype in flash.HALF)
+        monkeypatch.setattr(fused, "_flash_loss", lambda x: used.append(x.dtype) or x.dtype in flash.HALF)
         monkeypatch.setattr(backends, "cpu_bf16_kernels", lambda: "bf16 (test: flash kernels in the interpreter)")
     g = torch.Generator().manual_seed(10)
     feats = [F.normalize(torch.randn(150, 40, generator=g, dtype=torch.float64), dim=1).to(torch.bfloat16).double()
@@ -255,3 +255,12 @@ def test_trimodal_loss_through_the_flash_path(monkeypatch):
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=3e-2, atol=4e-3 * float(want.abs().max()))
     torch.testing.assert_close(s, ref_s, rtol=1e-3, atol=1e-4)
+
+
+@cases
+def test_topk_refuses_queries_beyond_fp16_range():
+    q = torch.full((2, 16), 4e4)
+    rows = torch.randn(40, 16).half().to(DEVICE)
+    best_s, best_i = torch.full((2, 3), -float("inf"), device=DEVICE), torch.full((2, 3), -1, device=DEVICE)
+    with pytest.raises(ValueError, match="fp16's range"):
+        flash.topk_update(q.to(DEVICE), rows, 0, 3, best_s, best_i)

@@ -364,6 +364,14 @@ def test_restart_skips_a_checkpoint_torn_while_being_copied(labelled, tmp_path):
     assert find_latest(tmp_path / "checkpoints") == root / "epoch_0003"  # present is not complete
     assert newest_complete_checkpoint(tmp_path / "checkpoints") == root / "epoch_0001"
     assert newest_complete_checkpoint(tmp_path / "nowhere") is None
+    # the copy has only just begun: every file present, the state (or the weights) still 0 or 1 bytes long
+    # (torch.load raises EOFError / UnpicklingError there, not the RuntimeError of a longer torn zip)
+    for size in (0, 1):
+        for name in (ckpt.STATE_FILE, ckpt.MODEL_FILE):
+            ckpt.save_training_checkpoint(root / "epoch_0004", model, {"stage": "image-text"}, {"epoch": 4, "global_step": 4})
+            f = root / "epoch_0004" / name
+            f.write_bytes(f.read_bytes()[:size])
+            assert newest_complete_checkpoint(tmp_path / "checkpoints") == root / "epoch_0001", (size, name)
 
 
 def test_learning_rate_default_depends_on_the_starting_weights():

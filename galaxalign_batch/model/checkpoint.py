@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -126,8 +127,10 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         progress = json.loads((directory / PROGRESS_FILE).read_text())
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"{directory}: unreadable training checkpoint ({' '.join(str(e).split())[:200]})") from None
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        # a file cut short: empty -> EOFError, one byte -> UnpicklingError, longer -> RuntimeError (zip)
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"{directory}: unreadable training checkpoint ({why})") from None
     return state, progress
 
 

@@ -98,19 +98,6 @@ def cuda_topk_path() -> str:
     return path
 
 
-def flash_loss(x: torch.Tensor) -> bool:
-    """Whether the loss statistics of ``x``'s pairs go to the flash kernels (``GALAXALIGN_CUDA_LOSS=flash``,
-    a CUDA tensor of bf16/fp16, Triton importable; a missing Triton is an error, not a silent fallback)."""
-    if x.device.type != "cuda" or cuda_loss_path() != "flash" or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    from galaxalign_batch.ops import flash
-
-    reason = flash.why_unavailable(x.device)
-    if reason:
-        raise ConfigError(f"GALAXALIGN_CUDA_LOSS=flash: {reason}")
-    return True
-
-
 def cpu_bf16_kernels() -> str:
     """The CPU's bf16 loss kernels in use (``"x86-64-v4 + AVX512-BF16"``), or ``""`` when bf16 features are
     upcast to float32: chosen by ``_core`` from the CPU (AVX512-BF16) and ``GALAXALIGN_CPU_BF16`` (0, 1, auto)."""

@@ -362,13 +362,17 @@ def topk_update(queries: torch.Tensor, rows: torch.Tensor, start: int, k: int,
     ``best_s``/``best_i`` (n, k), in place; ties by lower index. Returns how many queries needed the exact
     fallback (their pre-selection could not be certified).
 
-    ``queries`` fp32 (n, d); ``rows`` fp16 or fp32 (m, d), contiguous, on the queries' device.
+    ``queries`` fp32 (n, d); ``rows`` fp16 or fp32 (m, d), contiguous, on the queries' device. With fp16 rows
+    the queries must lie within half of fp16's range (they are rounded to fp16 for the pre-selection).
     """
-    from galaxalign_batch.ops.topk import _merge
+    from galaxalign_batch.ops.reference import merge_topk
 
     n = queries.shape[0]
     m = rows.shape[0]
     q = queries.float().contiguous()
+    if rows.dtype == torch.float16 and not bool(q.abs().amax() < torch.finfo(torch.float16).max / 2):
+        raise ValueError("flash topk_update: queries beyond half of fp16's range cannot be pre-selected against "
+                         "fp16 rows (the tc path serves them)")
     seg = segment_maxima(q, rows)
     n_seg = seg.shape[1]
     kp = min(n_seg, max(2 * k, 4))
@@ -391,7 +395,7 @@ def topk_update(queries: torch.Tensor, rows: torch.Tensor, start: int, k: int,
         fallback = int(unsure.numel())
         if fallback:
             cs[unsure], ci[unsure] = _exact_topk(q[unsure], rows, k_here)
-    s, i = _merge(best_s, best_i, cs, ci + start, k)
+    s, i = merge_topk(best_s, best_i, cs, ci + start, k)
     best_s.copy_(s)
     best_i.copy_(i)
     return fallback

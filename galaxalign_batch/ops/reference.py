@@ -68,6 +68,15 @@ def similarity_topk(queries: torch.Tensor, matrix: torch.Tensor, k: int) -> tupl
     return order.values[:, :k].contiguous(), order.indices[:, :k].contiguous()
 
 
+def merge_topk(best_s: torch.Tensor | None, best_i: torch.Tensor | None, s: torch.Tensor, i: torch.Tensor, k: int):
+    """Merge two candidate lists (scores, row indices), best ``k`` first; the running list ``best_*`` holds
+    lower row indices than the new one, so a stable sort keeps ties by lower index."""
+    if best_s is not None:
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+    order = torch.sort(s, dim=1, descending=True, stable=True)
+    return order.values[:, :k], torch.gather(i, 1, order.indices[:, :k])
+
+
 def prototype_probs(features: torch.Tensor, prototypes: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """``softmax(s * features @ prototypes.T)`` over the K prototypes, shape (N, K)."""
     return torch.softmax(logit_scale * (features @ prototypes.T), dim=1)

@@ -34,20 +34,12 @@ def _check_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> 
     return m, d
 
 
-def _merge(best_s: torch.Tensor | None, best_i: torch.Tensor | None, s: torch.Tensor, i: torch.Tensor, k: int):
-    """Merge two candidate lists; earlier candidates have lower indices, so a stable sort keeps ties by index."""
-    if best_s is not None:
-        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-    order = torch.sort(s, dim=1, descending=True, stable=True)
-    return order.values[:, :k], torch.gather(i, 1, order.indices[:, :k])
-
-
 def _reference_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     q = queries.float()
     best_s = best_i = None
     for start, rows in iter_row_chunks(matrix, chunk_rows, q.device):
         s, i = reference.similarity_topk(q, rows, min(k, rows.shape[0]))
-        best_s, best_i = _merge(best_s, best_i, s, i + start, k)
+        best_s, best_i = reference.merge_topk(best_s, best_i, s, i + start, k)
     return best_s.contiguous(), best_i.contiguous()
 
 
