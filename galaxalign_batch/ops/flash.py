@@ -96,16 +96,22 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _pair_tile(a_ptr, b_ptr, scale_ptr, n_a, n_b, d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   GROUP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+        """This program's tile of a pair: (tile row, tile column, row indices, column indices, raw dots, scale)."""
+        pid_m, pid_n = _grouped(tl.program_id(0), n_a, n_b, BM, BN, GROUP)
+        ra = pid_m * BM + tl.arange(0, BM)
+        rb = pid_n * BN + tl.arange(0, BN)
+        x = _tile_dot(a_ptr, b_ptr, ra % n_a, rb % n_b, d, BM, BN, BK, EVEN_K, UPCAST, "ieee")
+        return pid_m, pid_n, ra, rb, x, tl.load(scale_ptr)
+
+    @triton.jit
     def _pair_stats_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, n_a, n_b, d,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
         """Per tile of ``s * a @ b.T``: each row's (max, sum-exp) over the tile's columns -> row_*[row, tile_n];
         each column's over the tile's rows -> col_*[tile_m, column]. Max in log2 units."""
-        pid_m, pid_n = _grouped(tl.program_id(0), n_a, n_b, BM, BN, GROUP)
-        ra = pid_m * BM + tl.arange(0, BM)
-        rb = pid_n * BN + tl.arange(0, BN)
-        x = _tile_dot(a_ptr, b_ptr, ra % n_a, rb % n_b, d, BM, BN, BK, EVEN_K, UPCAST, "ieee")
-        s = tl.load(scale_ptr)
+        pid_m, pid_n, ra, rb, x, s = _pair_tile(a_ptr, b_ptr, scale_ptr, n_a, n_b, d, BM, BN, BK, GROUP, EVEN_K, UPCAST)
         ok_a = ra < n_a
         ok_b = rb < n_b
         t = tl.where(ok_a[:, None] & ok_b[None, :], x * (s * 1.4426950408889634), -1.0e30)
@@ -124,11 +130,7 @@ if triton is not None:
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
         """Per tile: ``P = exp(s x - lse_row) + exp(s x - lse_col)`` -> p[row, col] (p's dtype); sum(P * x) -> gs[tile]."""
-        pid_m, pid_n = _grouped(tl.program_id(0), n_a, n_b, BM, BN, GROUP)
-        ra = pid_m * BM + tl.arange(0, BM)
-        rb = pid_n * BN + tl.arange(0, BN)
-        x = _tile_dot(a_ptr, b_ptr, ra % n_a, rb % n_b, d, BM, BN, BK, EVEN_K, UPCAST, "ieee")
-        s = tl.load(scale_ptr)
+        pid_m, pid_n, ra, rb, x, s = _pair_tile(a_ptr, b_ptr, scale_ptr, n_a, n_b, d, BM, BN, BK, GROUP, EVEN_K, UPCAST)
         ok_a = ra < n_a
         ok_b = rb < n_b
         lr = tl.load(lse_row_ptr + ra, mask=ok_a, other=0.0)
