@@ -42,7 +42,8 @@ def test_cases_in_the_interpreter():
 @pytest.mark.parametrize("arch,op", [(90, "wgmma"), (80, "mma.sync")])
 def test_kernels_compile_to_tensor_cores(arch, op):
     report = flash.compile_kernels(arch)
-    assert set(report) == {"pair_stats", "pair_grad", "segment_max_fp16", "segment_max_tf32", "rescore"}
+    assert set(report) == {"pair_stats", "pair_grad", "pair_stats_rows", "pair_grad_rows", "segment_max_fp16",
+                           "segment_max_tf32", "rescore"}
     for name, r in report.items():
         if name == "rescore":  # a gather and fp32 dot products on CUDA cores
             continue
@@ -234,7 +235,7 @@ def test_trimodal_loss_through_the_flash_path(monkeypatch):
     else:
         pytest.importorskip("galaxalign_batch._core")
         used = []
-        monkeypatch.setattr(fused, "_flash_loss", lambda x: used.append(x.dtype) or x.dtype in flash.HALF)
+        monkeypatch.setattr(fused, "use_flash_loss", lambda x: used.append(x.dtype) or x.dtype in flash.HALF)
         monkeypatch.setattr(backends, "cpu_bf16_kernels", lambda: "bf16 (test: flash kernels in the interpreter)")
     g = torch.Generator().manual_seed(10)
     feats = [F.normalize(torch.randn(150, 40, generator=g, dtype=torch.float64), dim=1).to(torch.bfloat16).double()
@@ -264,3 +265,44 @@ def test_topk_refuses_queries_beyond_fp16_range():
     best_s, best_i = torch.full((2, 3), -float("inf"), device=DEVICE), torch.full((2, 3), -1, device=DEVICE)
     with pytest.raises(ValueError, match="fp16's range"):
         flash.topk_update(q.to(DEVICE), rows, 0, 3, best_s, best_i)
+
+
+@cases
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_logsumexp_rectangular(dtype, monkeypatch):
+    """ops.row_logsumexp (the global-negatives building block) on the flash kernels: n != m, a signed upstream
+    gradient, several backward row chunks; against float64 autograd."""
+    from galaxalign_batch.ops import fused, row_logsumexp
+
+    monkeypatch.setenv("GALAXALIGN_TILE_MB", "1")
+    if ON_GPU:
+        monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", "flash")
+    else:
+        monkeypatch.setattr(fused, "use_flash_loss", lambda x: x.dtype in flash.HALF)
+    a, b = _pair(300, 1900, 40, dtype, seed=4)
+    w = torch.randn(300, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = []
+    for device, dt, impl in (("cpu", torch.float64, "reference"), (DEVICE, dtype, "fused")):
+        x = a.to(device, dt).detach().requires_grad_()
+        y = b.to(device, dt).detach().requires_grad_()
+        s = torch.tensor(17.0, device=device, dtype=torch.float64 if dt == torch.float64 else torch.float32,
+                         requires_grad=True)
+        lse = row_logsumexp(x, y, s, impl=impl)
+        (lse * w.to(device, lse.dtype)).sum().backward()
+        out.append([t.double().cpu() for t in (lse.detach(), x.grad, y.grad, s.grad)])
+    (lse, ga, gb, gs), (lse_ref, ga_ref, gb_ref, gs_ref) = out[1], out[0]
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=2e-5)
+    tol = 4e-3 if dtype == torch.bfloat16 else 5e-4
+    for got, want in ((ga, ga_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=tol * float(want.abs().max()))
+    torch.testing.assert_close(gs, gs_ref, rtol=1e-4, atol=1e-5)
+
+
+@cases
+def test_row_logsumexp_zero_upstream_gradient():
+    a, b = _pair(20, 30, 16, torch.bfloat16, seed=2)
+    x = a.to(DEVICE).requires_grad_()
+    y = b.to(DEVICE).requires_grad_()
+    s = torch.tensor(5.0, device=DEVICE, requires_grad=True)
+    (flash.row_logsumexp(x, y, s) * 0).sum().backward()
+    assert not x.grad.any() and not y.grad.any() and float(s.grad) == 0.0

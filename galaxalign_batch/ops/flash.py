@@ -29,6 +29,7 @@ import math
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # ships with torch's CUDA wheels; absent on some CPU-only installs
     import triton
@@ -40,7 +41,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HALF = (torch.bfloat16, torch.float16)
 SEG = 16  # rows per pre-selection segment of the top-k
 
-__all__ = ["available", "why_unavailable", "pair_lse_forward", "pair_weights", "pair_lse_backward_into", "topk_update",
+__all__ = ["available", "why_unavailable", "pair_lse_forward", "pair_weights", "pair_lse_backward_into", "row_lse",
+           "row_logsumexp", "topk_update",
            "segment_maxima", "rescore", "compile_kernels",
            "score_error_bound", "SEG"]
 
@@ -108,9 +110,9 @@ if triton is not None:
     @triton.jit
     def _pair_stats_kernel(a_ptr, b_ptr, scale_ptr, row_m_ptr, row_l_ptr, col_m_ptr, col_l_ptr, n_a, n_b, d,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr, COLS: tl.constexpr):
         """Per tile of ``s * a @ b.T``: each row's (max, sum-exp) over the tile's columns -> row_*[row, tile_n];
-        each column's over the tile's rows -> col_*[tile_m, column]. Max in log2 units."""
+        with COLS, each column's over the tile's rows -> col_*[tile_m, column]. Max in log2 units."""
         pid_m, pid_n, ra, rb, x, s = _pair_tile(a_ptr, b_ptr, scale_ptr, n_a, n_b, d, BM, BN, BK, GROUP, EVEN_K, UPCAST)
         ok_a = ra < n_a
         ok_b = rb < n_b
@@ -120,23 +122,29 @@ if triton is not None:
         n_tiles_b = tl.cdiv(n_b, BN)
         tl.store(row_m_ptr + ra.to(tl.int64) * n_tiles_b + pid_n, r_max, mask=ok_a)
         tl.store(row_l_ptr + ra.to(tl.int64) * n_tiles_b + pid_n, r_sum, mask=ok_a)
-        c_max = tl.max(t, axis=0)
-        c_sum = tl.sum(tl.exp2(t - c_max[None, :]), axis=0)
-        tl.store(col_m_ptr + pid_m.to(tl.int64) * n_b + rb, c_max, mask=ok_b)
-        tl.store(col_l_ptr + pid_m.to(tl.int64) * n_b + rb, c_sum, mask=ok_b)
+        if COLS:
+            c_max = tl.max(t, axis=0)
+            c_sum = tl.sum(tl.exp2(t - c_max[None, :]), axis=0)
+            tl.store(col_m_ptr + pid_m.to(tl.int64) * n_b + rb, c_max, mask=ok_b)
+            tl.store(col_l_ptr + pid_m.to(tl.int64) * n_b + rb, c_sum, mask=ok_b)
 
     @triton.jit
-    def _pair_grad_kernel(a_ptr, b_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, p_ptr, gs_ptr, n_a, n_b, d,
+    def _pair_grad_kernel(a_ptr, b_ptr, scale_ptr, lse_row_ptr, lse_col_ptr, w_row_ptr, p_ptr, gs_ptr, n_a, n_b, d,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-                          EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-        """Per tile: ``P = exp(s x - lse_row) + exp(s x - lse_col)`` -> p[row, col] (p's dtype); sum(P * x) -> gs[tile]."""
+                          EVEN_K: tl.constexpr, UPCAST: tl.constexpr, COLS: tl.constexpr):
+        """Per tile: ``P = exp(s x - lse_row) + exp(s x - lse_col)`` (COLS) or ``w_row * exp(s x - lse_row)``
+        -> p[row, col] (p's dtype); sum(P * x) -> gs[tile]."""
         pid_m, pid_n, ra, rb, x, s = _pair_tile(a_ptr, b_ptr, scale_ptr, n_a, n_b, d, BM, BN, BK, GROUP, EVEN_K, UPCAST)
         ok_a = ra < n_a
         ok_b = rb < n_b
         lr = tl.load(lse_row_ptr + ra, mask=ok_a, other=0.0)
-        lc = tl.load(lse_col_ptr + rb, mask=ok_b, other=0.0)
         t = x * (s * 1.4426950408889634)
-        p = tl.exp2(t - (lr * 1.4426950408889634)[:, None]) + tl.exp2(t - (lc * 1.4426950408889634)[None, :])
+        p = tl.exp2(t - (lr * 1.4426950408889634)[:, None])
+        if COLS:
+            lc = tl.load(lse_col_ptr + rb, mask=ok_b, other=0.0)
+            p += tl.exp2(t - (lc * 1.4426950408889634)[None, :])
+        else:
+            p *= tl.load(w_row_ptr + ra, mask=ok_a, other=0.0)[:, None]
         ok = ok_a[:, None] & ok_b[None, :]
         p = tl.where(ok, p, 0.0)
         tl.store(p_ptr + ra.to(tl.int64)[:, None] * n_b + rb[None, :], p.to(p_ptr.dtype.element_ty), mask=ok)
@@ -242,8 +250,22 @@ def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, t
     row_m, row_l = torch.empty((n, tiles_n), **f32), torch.empty((n, tiles_n), **f32)
     col_m, col_l = torch.empty((tiles_m, m), **f32), torch.empty((tiles_m, m), **f32)
     s = scale.to(a.device, torch.float32).reshape(1).contiguous()
-    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, col_m, col_l, n, m, d, **cfg, **opts)
+    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, col_m, col_l, n, m, d, COLS=True, **cfg, **opts)
     return _combine(row_m, row_l, 1), _combine(col_m, col_l, 0)
+
+
+def row_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, tiles: dict | None = None) -> torch.Tensor:
+    """Row log-sum-exp (fp32) of ``scale * a @ b.T`` for half ``a`` (n, d) and ``b`` (m, d), ``n != m`` allowed."""
+    _check(a, "row_lse")
+    a, b = a.contiguous(), b.to(a.dtype).contiguous()
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    cfg, opts = _config("pair_stats", d, a.dtype, tiles=tiles)
+    tiles_m, tiles_n = triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"])
+    row_m = torch.empty((n, tiles_n), dtype=torch.float32, device=a.device)
+    row_l = torch.empty_like(row_m)
+    s = scale.to(a.device, torch.float32).reshape(1).contiguous()
+    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, row_m, row_l, n, m, d, COLS=False, **cfg, **opts)
+    return _combine(row_m, row_l, 1)
 
 
 def _grad_rows(n: int, m: int, device: torch.device) -> int:
@@ -255,15 +277,21 @@ def _grad_rows(n: int, m: int, device: torch.device) -> int:
 
 
 def pair_weights(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, lse_row: torch.Tensor,
-                 lse_col: torch.Tensor, out: torch.Tensor, *, tiles: dict | None = None) -> torch.Tensor:
+                 lse_col: torch.Tensor | None, out: torch.Tensor, *, row_weights: torch.Tensor | None = None,
+                 tiles: dict | None = None) -> torch.Tensor:
     """``out = exp(s a b.T - lse_row) + exp(s a b.T - lse_col)`` (out: (n, m), the inputs' half type) from one
-    flash kernel; returns ``sum(out * a b.T)`` (fp32 scalar tensor), the scale's share before ``coef``."""
+    flash kernel, or with ``lse_col=None`` ``out = row_weights * exp(s a b.T - lse_row)`` (weights in [-1, 1]);
+    returns ``sum(out * a b.T)`` (fp32 scalar tensor), the scale's share before the caller's factor."""
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    cols = lse_col is not None
+    if cols == (row_weights is not None):
+        raise ValueError("pair_weights: give lse_col (square loss) or row_weights (row log-sum-exp), not both")
     cfg, opts = _config("pair_grad", d, a.dtype, tiles=tiles)
     s32 = scale.to(a.device, torch.float32).reshape(1).contiguous()
     grid = triton.cdiv(n, cfg["BM"]) * triton.cdiv(m, cfg["BN"])
     gs = torch.empty(grid, dtype=torch.float32, device=a.device)
-    _pair_grad_kernel[(grid,)](a, b, s32, lse_row, lse_col, out, gs, n, m, d, **cfg, **opts)
+    other = lse_col if cols else row_weights.float().contiguous()
+    _pair_grad_kernel[(grid,)](a, b, s32, lse_row, other, other, out, gs, n, m, d, COLS=cols, **cfg, **opts)
     return gs.sum()
 
 
@@ -291,6 +319,54 @@ def pair_lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, g
         grad_a[i0:i0 + rows] += factor * mm_f32(p, b)
         grad_b += factor * mm_f32(p.T, ac)
     return grad_s * coef
+
+
+class RowLogSumExp(torch.autograd.Function):
+    """``lse[i] = logsumexp_j scale * a[i] . b[j]`` on the flash kernels, for half ``a`` (n, d), ``b`` (m, d).
+
+    Backward per chunk of rows: ``P = w_i softmax_ij`` with ``w = grad / max|grad|`` (so ``P`` fits the half
+    type) from one kernel, then ``grad_a = s max|grad| P b`` and ``grad_b = s max|grad| P.T a`` from cuBLAS.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        lse = row_lse(a, b, scale)
+        ctx.save_for_backward(a, b, scale, lse)
+        return lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        from galaxalign_batch.ops.blocked import mm_f32
+
+        a, b, scale, lse = ctx.saved_tensors
+        a, b = a.contiguous(), b.to(a.dtype).contiguous()
+        n, m = a.shape[0], b.shape[0]
+        grad = grad.float()
+        top = float(grad.abs().amax())
+        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=a.device)
+        grad_s = torch.zeros((), dtype=torch.float32, device=a.device)
+        if top > 0:
+            w = (grad / top).contiguous()
+            factor = top * float(scale)
+            step = _grad_rows(n, m, a.device)
+            buf = torch.empty((step, m), dtype=a.dtype, device=a.device)
+            for i0 in range(0, n, step):
+                rows = min(step, n - i0)
+                ac, p = a[i0:i0 + rows], buf[:rows]
+                grad_s += pair_weights(ac, b, scale, lse[i0:i0 + rows], None, p, row_weights=w[i0:i0 + rows])
+                grad_a[i0:i0 + rows] += factor * mm_f32(p, b)
+                grad_b += factor * mm_f32(p.T, ac)
+            grad_s *= top
+        return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_s.to(scale.dtype).reshape(scale.shape)
+
+
+def row_logsumexp(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Differentiable row log-sum-exp on the flash kernels (what :func:`galaxalign_batch.ops.row_logsumexp`
+    runs for CUDA half inputs with ``GALAXALIGN_CUDA_LOSS=flash``)."""
+    _check(a, "row_logsumexp")
+    return RowLogSumExp.apply(a.contiguous(), b.to(a.dtype).contiguous(), scale)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,6 +483,10 @@ def topk_update(queries: torch.Tensor, rows: torch.Tensor, start: int, k: int,
 # Ahead-of-time compilation (no GPU needed): what the kernels lower to
 
 
+def _with(config: tuple[dict, dict], **consts) -> tuple[dict, dict]:
+    return dict(config[0], **consts), config[1]
+
+
 def _kernel_specs(half: str = "bf16", d: int = 512) -> dict:
     """Per kernel: the function, its signature, the GPU launch's constexprs and options (:func:`_config`) and the
     arguments a launch with ``d`` = 512 and aligned buffers specialises as 16-divisible."""
@@ -415,12 +495,14 @@ def _kernel_specs(half: str = "bf16", d: int = 512) -> dict:
     pair = dict(a_ptr=h, b_ptr=h, scale_ptr=f32)
     seg = dict(out_ptr=f32, n_q="i32", m="i32", d="i32", n_seg="i32")
     return {
-        "pair_stats": (_pair_stats_kernel, dict(pair, row_m_ptr=f32, row_l_ptr=f32, col_m_ptr=f32, col_l_ptr=f32,
-                                                n_a="i32", n_b="i32", d="i32"),
-                       _config("pair_stats", d, hdt, gpu=True), (0, 1, 3, 4, 5, 6, 9)),
-        "pair_grad": (_pair_grad_kernel, dict(pair, lse_row_ptr=f32, lse_col_ptr=f32, p_ptr=h, gs_ptr=f32,
-                                              n_a="i32", n_b="i32", d="i32"),
-                      _config("pair_grad", d, hdt, gpu=True), (0, 1, 3, 4, 5, 6, 9)),
+        **{f"pair_stats{suffix}": (_pair_stats_kernel, dict(pair, row_m_ptr=f32, row_l_ptr=f32, col_m_ptr=f32,
+                                                             col_l_ptr=f32, n_a="i32", n_b="i32", d="i32"),
+                                    _with(_config("pair_stats", d, hdt, gpu=True), COLS=cols), (0, 1, 3, 4, 5, 6, 9))
+           for suffix, cols in (("", True), ("_rows", False))},
+        **{f"pair_grad{suffix}": (_pair_grad_kernel, dict(pair, lse_row_ptr=f32, lse_col_ptr=f32, w_row_ptr=f32, p_ptr=h,
+                                                           gs_ptr=f32, n_a="i32", n_b="i32", d="i32"),
+                                   _with(_config("pair_grad", d, hdt, gpu=True), COLS=cols), (0, 1, 3, 4, 5, 6, 7, 10))
+           for suffix, cols in (("", True), ("_rows", False))},
         "segment_max_fp16": (_segment_max_kernel, dict(q_ptr="*fp16", x_ptr="*fp16", **seg),
                              _config("segment_max", d, torch.float16, gpu=True), (0, 1, 2, 5)),
         "segment_max_tf32": (_segment_max_kernel, dict(q_ptr=f32, x_ptr=f32, **seg),

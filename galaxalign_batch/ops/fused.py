@@ -48,7 +48,7 @@ def _bf16_bits(x: torch.Tensor):
     return x.detach().view(torch.uint16).numpy()
 
 
-def _flash_loss(x: torch.Tensor) -> bool:
+def use_flash_loss(x: torch.Tensor) -> bool:
     """Whether the loss statistics of ``x``'s pairs go to the flash kernels (``GALAXALIGN_CUDA_LOSS=flash``,
     a CUDA tensor of bf16/fp16, Triton importable; a missing Triton is an error, not a silent fallback)."""
     if x.device.type != "cuda" or backends.cuda_loss_path() != "flash" or x.dtype not in (torch.bfloat16, torch.float16):
@@ -63,7 +63,7 @@ def _flash_loss(x: torch.Tensor) -> bool:
 
 def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = a.shape[0]
-    if _flash_loss(a):
+    if use_flash_loss(a):
         from galaxalign_batch.ops import flash
 
         return flash.pair_lse_forward(a, b, scale.float())
@@ -95,7 +95,7 @@ def _lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple
 
 def _lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, grad_b):
     """Add the gradients of ``coef * (sum lse_row + sum lse_col)`` into grad_a/grad_b; return d/dscale."""
-    if _flash_loss(a):
+    if use_flash_loss(a):
         from galaxalign_batch.ops import flash
 
         return flash.pair_lse_backward_into(a, b, scale.float(), lse_row, lse_col, coef, grad_a, grad_b)

@@ -98,7 +98,8 @@ def row_logsumexp(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | 
     rows against the all-gathered batch of every worker (global negatives). Differentiable in ``a``,
     ``b`` and ``logit_scale`` for any upstream gradient. ``impl="fused"`` (and ``"auto"``) is the
     blocked algorithm of :mod:`galaxalign_batch.ops.blocked`: tiles of rows through the vendor GEMM
-    (tensor cores for bf16/fp16 on a GPU), never the ``n x m`` matrix, memory O(tile + (n + m) D);
+    (tensor cores for bf16/fp16 on a GPU), never the ``n x m`` matrix, memory O(tile + (n + m) D); with
+    ``GALAXALIGN_CUDA_LOSS=flash`` CUDA bf16/fp16 inputs go to :mod:`galaxalign_batch.ops.flash` instead;
     ``"reference"`` materialises the matrix. Returns float32 (float64 for float64 inputs), shape (n,).
     """
     if impl not in ("auto", "fused", "reference"):
@@ -121,6 +122,12 @@ def row_logsumexp(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | 
     if impl == "reference":
         wd = torch.float64 if dtype == torch.float64 else torch.float32
         return torch.logsumexp(logit_scale.to(wd) * (a.to(wd) @ b.to(wd).T), dim=1)
+    from galaxalign_batch.ops import fused
+
+    if fused.use_flash_loss(a):  # GALAXALIGN_CUDA_LOSS=flash, CUDA half inputs
+        from galaxalign_batch.ops.flash import row_logsumexp as flash_row_logsumexp
+
+        return flash_row_logsumexp(a, b, logit_scale)
     from galaxalign_batch.ops.blocked import row_logsumexp as blocked_row_logsumexp
 
     return blocked_row_logsumexp(a, b, logit_scale)
