@@ -306,3 +306,25 @@ def test_row_logsumexp_zero_upstream_gradient():
     s = torch.tensor(5.0, device=DEVICE, requires_grad=True)
     (flash.row_logsumexp(x, y, s) * 0).sum().backward()
     assert not x.grad.any() and not y.grad.any() and float(s.grad) == 0.0
+
+
+@cases
+@pytest.mark.parametrize("kind", ["numpy-fp16", "tensor-fp32"])
+def test_similarity_topk_through_the_flash_path(kind, monkeypatch):
+    """ops.similarity_topk with its top-k on the flash kernels: a host numpy matrix streamed in chunks, and a
+    resident tensor scored in one chunk; integer data, so the answer is exact, ties by lower row index."""
+    from galaxalign_batch.ops import fused, similarity_topk
+
+    if ON_GPU:
+        monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", "flash")
+    else:
+        pytest.importorskip("galaxalign_batch._core")
+        monkeypatch.setattr(fused, "use_flash_topk", lambda q, matrix: True)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randint(-2, 3, (30, 24), generator=g).float()
+    mat = torch.randint(-2, 3, (2600, 24), generator=g).float()
+    order = torch.sort(q @ mat.T, dim=1, descending=True, stable=True)
+    matrix = mat.half().numpy() if kind == "numpy-fp16" else mat.to(DEVICE)
+    scores, index = similarity_topk(q.to(DEVICE), matrix, 12, chunk_rows=700, impl="fused")
+    assert torch.equal(index.cpu(), order.indices[:, :12])
+    assert torch.equal(scores.cpu(), order.values[:, :12])

@@ -237,8 +237,27 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
     m, _ = matrix_shape(matrix)
     n = queries.shape[0]
     device = queries.device
-    starts = list(range(0, m, chunk_rows))
-    if device.type == "cpu":
+    if use_flash_topk(queries, matrix):
+        from galaxalign_batch.ops import flash
+
+        q = queries.detach().float().contiguous()
+        best_s = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
+        best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
+        if isinstance(matrix, torch.Tensor) and matrix.device == device:
+            # resident rows need no streaming: chunks as large as the (n, rows / SEG) segment maxima allow
+            budget_rows = blocked.tile_budget_bytes(device) * flash.SEG // max(1, 4 * n)
+            chunk_rows = max(chunk_rows, budget_rows // flash.SEG * flash.SEG)
+        load = lambda s: host_or_device_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
+        fallbacks = [0]
+
+        def update(s: int, rows: torch.Tensor) -> None:
+            rows = rows.to(device).contiguous()
+            fallbacks[0] += flash.topk_update(q, rows, s, k, best_s, best_i)
+
+        def result():
+            log.debug("similarity_topk (flash): %d query-chunks recomputed exactly (uncertified)", fallbacks[0])
+            return best_s, best_i
+    elif device.type == "cpu":
         load = lambda s: numpy_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
         q = queries.detach().float().contiguous().numpy()
         best_s = np.full((n, k), -np.inf, dtype=np.float32)
@@ -251,17 +270,8 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         q = queries.detach().float().contiguous()
         best_s = torch.full((n, k), -float("inf"), dtype=torch.float32, device=device)
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
-        from galaxalign_batch.ops import flash
-
         cuda = _cuda()
-        path = backends.cuda_topk_path()
-        use_flash = path == "flash" and _flash_topk_ok(q, matrix)
-        if use_flash and isinstance(matrix, torch.Tensor) and matrix.device == device:
-            # resident rows need no streaming: chunks as large as the (n, rows / SEG) segment maxima allow
-            budget_rows = blocked.tile_budget_bytes(device) * flash.SEG // max(1, 4 * n)
-            chunk_rows = max(chunk_rows, budget_rows // flash.SEG * flash.SEG)
-            starts = list(range(0, m, chunk_rows))
-        tc = path in ("tc", "flash") and hasattr(cuda, "topk_scores_update")
+        tc = backends.cuda_topk_path() in ("tc", "flash") and hasattr(cuda, "topk_scores_update")
         # fp16 rows: the queries as a sum of two fp16 parts (hi + lo), so two fp16 tensor-core GEMMs give
         # scores within ~2^-21 of the fp32 queries' (one fp16 rounding of the queries would reorder near-ties)
         q_hi = q.half() if tc else None
@@ -270,9 +280,6 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
 
         def update(s: int, rows: torch.Tensor) -> None:
             rows = rows.to(device).contiguous()  # on this thread's current stream, before the kernel
-            if use_flash:
-                fallbacks[0] += flash.topk_update(q, rows, s, k, best_s, best_i)
-                return
             if tc:  # the score tile from cuBLAS (fp16 rows: fp16 tensor cores, fp32 accumulate), then selection
                 step = max(1, min(n, budget // max(1, 4 * rows.shape[0])))
                 for q0 in range(0, n, step):
@@ -292,12 +299,8 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
                 best_s.data_ptr(), best_i.data_ptr(), _cuda_stream(device), _cuda_index(device),
             )
 
-        fallbacks = [0]
-
-        def result():
-            if use_flash:
-                log.debug("similarity_topk (flash): %d of %d query-chunks recomputed exactly", fallbacks[0], n * len(starts))
-            return best_s, best_i
+        result = lambda: (best_s, best_i)  # noqa: E731
+    starts = list(range(0, m, chunk_rows))
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, starts[0])
         for pos, start in enumerate(starts):
@@ -308,8 +311,11 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
     return result()
 
 
-def _flash_topk_ok(queries: torch.Tensor, matrix: Any) -> bool:
-    """Whether the flash top-k serves these queries (GALAXALIGN_CUDA_TOPK=flash); a missing Triton is an error."""
+def use_flash_topk(queries: torch.Tensor, matrix: Any) -> bool:
+    """Whether the flash top-k serves these queries: ``GALAXALIGN_CUDA_TOPK=flash``, CUDA queries, and for fp16
+    rows queries within half of fp16's range (else the ``tc`` path serves them). A missing Triton is an error."""
+    if queries.device.type != "cuda" or backends.cuda_topk_path() != "flash":
+        return False
     from galaxalign_batch.ops import flash
 
     reason = flash.why_unavailable(queries.device)
