@@ -11,6 +11,8 @@ in registers:
 - loss backward (:func:`pair_lse_backward_into`): one kernel recomputes each tile and writes the softmax
   weights ``P_row + P_col`` (at most 2, so fp16 keeps its precision) in the input's half type, plus the
   tile's share of d/dscale; the two gradient products go to cuBLAS (tensor cores, fp32 output).
+- rectangular row log-sum-exp (:func:`row_logsumexp`, global negatives across workers): the same kernels
+  without the column terms.
 - top-k (:func:`topk_update`): one kernel computes each ``BM x BN`` score tile and writes only the maximum
   of every segment of ``SEG`` consecutive rows (fp16 rows: the queries rounded once to fp16; fp32 rows:
   TF32). The top ``k`` rows lie in at most ``k`` segments, so the rows of the ``2 k`` best segments are
@@ -20,7 +22,7 @@ in registers:
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's
 interpreter (how CI tests them: ``tests/test_ops_flash.py``). fp32 loss inputs stay on the ``tc`` path.
-See ``docs/kernels.md`` ("Flash path").
+See ``docs/kernels.md`` ("CUDA: three paths", ``flash``).
 """
 
 from __future__ import annotations
@@ -42,9 +44,7 @@ HALF = (torch.bfloat16, torch.float16)
 SEG = 16  # rows per pre-selection segment of the top-k
 
 __all__ = ["available", "why_unavailable", "pair_lse_forward", "pair_weights", "pair_lse_backward_into", "row_lse",
-           "row_logsumexp", "topk_update",
-           "segment_maxima", "rescore", "compile_kernels",
-           "score_error_bound", "SEG"]
+           "row_logsumexp", "topk_update", "segment_maxima", "rescore", "score_error_bound", "compile_kernels", "SEG"]
 
 
 def why_unavailable(device: torch.device) -> str:
@@ -182,7 +182,6 @@ if triton is not None:
             qv = tl.load(q_ptr + i.to(tl.int64) * d + rk, mask=rk < d, other=0.0)
             acc += tl.sum(xv.to(tl.float32) * qv[None, :], axis=1)
         tl.store(out_ptr + i.to(tl.int64) * c + rc, acc, mask=ok)
-
 
 
 def _config(kernel: str, d: int, dtype: torch.dtype, gpu: bool = not INTERPRET, tiles: dict | None = None) -> tuple[dict, dict]:
@@ -347,7 +346,7 @@ class RowLogSumExp(torch.autograd.Function):
         grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=a.device)
         grad_s = torch.zeros((), dtype=torch.float32, device=a.device)
-        if top > 0:
+        if top != 0:  # (a NaN gradient propagates)
             w = (grad / top).contiguous()
             factor = top * float(scale)
             step = _grad_rows(n, m, a.device)
