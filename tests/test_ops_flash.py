@@ -9,6 +9,7 @@ On a machine with a GPU the cases run compiled, on CUDA tensors.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -328,3 +329,16 @@ def test_similarity_topk_through_the_flash_path(kind, monkeypatch):
     scores, index = similarity_topk(q.to(DEVICE), matrix, 12, chunk_rows=700, impl="fused")
     assert torch.equal(index.cpu(), order.indices[:, :12])
     assert torch.equal(scores.cpu(), order.values[:, :12])
+
+
+@cases
+@pytest.mark.skipif(ON_GPU, reason="the GPU check runs the benchmark itself")
+def test_flash_kernel_benchmark_runs(tmp_path):
+    """bench/flash_kernels.py (what a GPU lease runs) at toy sizes in the interpreter, so it cannot rot unseen."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "flash_kernels.py")
+    proc = subprocess.run([sys.executable, "-W", "ignore", script, "--smoke", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} >= {"pair_lse_forward", "pair_weights", "segment_maxima", "topk_update"}
+    assert all(r["time_s"] > 0 for r in rows)
