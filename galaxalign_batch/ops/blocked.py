@@ -60,6 +60,20 @@ def mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.mm(x, y.to(x.dtype))
 
 
+def split_half(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``q`` as a sum of two fp16 parts ``hi + lo``: two fp16 tensor-core GEMMs against fp16 rows then give
+    scores within ~2^-21 of fp32 queries' (one fp16 rounding of the queries would reorder near-ties)."""
+    hi = q.half()
+    return hi, (q - hi.float()).half()
+
+
+def split_scores(hi: torch.Tensor, lo: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """fp32 scores ``(hi + lo) @ rows.T`` of :func:`split_half` queries against fp16 ``rows``."""
+    scores = mm_f32(hi, rows.T)
+    scores += mm_f32(lo, rows.T)
+    return scores
+
+
 def gemm_path(dtype: torch.dtype, device: torch.device) -> str:
     """How :func:`mm_f32` multiplies tiles of ``dtype`` on ``device`` (for logs and benchmarks)."""
     if dtype in _HALF:

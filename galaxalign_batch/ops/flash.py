@@ -237,34 +237,31 @@ def _combine(m2: torch.Tensor, l: torch.Tensor, dim: int) -> torch.Tensor:
     return (top.squeeze(dim) + torch.log2(total)) * math.log(2.0)
 
 
-def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, tiles: dict | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column log-sum-exp (fp32) of ``scale * a @ b.T`` for half ``a`` (n, d) and ``b`` (m, d)."""
-    _check(a, "pair_lse_forward")
+def _stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, cols: bool, tiles: dict | None, what: str):
+    """One pass of the statistics kernel: row (and with ``cols`` column) log-sum-exp, fp32."""
+    _check(a, what)
     a, b = a.contiguous(), b.to(a.dtype).contiguous()
     n, m, d = a.shape[0], b.shape[0], a.shape[1]
     cfg, opts = _config("pair_stats", d, a.dtype, tiles=tiles)
     tiles_m, tiles_n = triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"])
     f32 = dict(dtype=torch.float32, device=a.device)
     row_m, row_l = torch.empty((n, tiles_n), **f32), torch.empty((n, tiles_n), **f32)
-    col_m, col_l = torch.empty((tiles_m, m), **f32), torch.empty((tiles_m, m), **f32)
+    col_m, col_l = (torch.empty((tiles_m, m), **f32), torch.empty((tiles_m, m), **f32)) if cols else (row_m, row_l)
     s = scale.to(a.device, torch.float32).reshape(1).contiguous()
-    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, col_m, col_l, n, m, d, COLS=True, **cfg, **opts)
-    return _combine(row_m, row_l, 1), _combine(col_m, col_l, 0)
+    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, col_m, col_l, n, m, d, COLS=cols, **cfg, **opts)
+    lse_row = _combine(row_m, row_l, 1)
+    return (lse_row, _combine(col_m, col_l, 0)) if cols else lse_row
+
+
+def pair_lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, tiles: dict | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column log-sum-exp (fp32) of ``scale * a @ b.T`` for half ``a`` (n, d) and ``b`` (m, d)."""
+    return _stats(a, b, scale, True, tiles, "pair_lse_forward")
 
 
 def row_lse(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, tiles: dict | None = None) -> torch.Tensor:
     """Row log-sum-exp (fp32) of ``scale * a @ b.T`` for half ``a`` (n, d) and ``b`` (m, d), ``n != m`` allowed."""
-    _check(a, "row_lse")
-    a, b = a.contiguous(), b.to(a.dtype).contiguous()
-    n, m, d = a.shape[0], b.shape[0], a.shape[1]
-    cfg, opts = _config("pair_stats", d, a.dtype, tiles=tiles)
-    tiles_m, tiles_n = triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"])
-    row_m = torch.empty((n, tiles_n), dtype=torch.float32, device=a.device)
-    row_l = torch.empty_like(row_m)
-    s = scale.to(a.device, torch.float32).reshape(1).contiguous()
-    _pair_stats_kernel[(tiles_m * tiles_n,)](a, b, s, row_m, row_l, row_m, row_l, n, m, d, COLS=False, **cfg, **opts)
-    return _combine(row_m, row_l, 1)
+    return _stats(a, b, scale, False, tiles, "row_lse")
 
 
 def _grad_rows(n: int, m: int, device: torch.device) -> int:
@@ -301,23 +298,30 @@ def pair_lse_backward_into(a, b, scale, lse_row, lse_col, coef: float, grad_a, g
     (:func:`pair_weights`, in the inputs' half type); ``grad_a += coef s P @ b`` and ``grad_b += coef s P.T @ a``
     from cuBLAS.
     """
+    _check(a, "pair_lse_backward_into")
+    lse_col = lse_col.float().contiguous()
+    return coef * _weighted_products(a, b, scale, lse_row, coef * float(scale), grad_a, grad_b, lse_col=lse_col)
+
+
+def _weighted_products(a, b, scale, lse_row, factor: float, grad_a, grad_b, *, lse_col=None, row_weights=None):
+    """For each chunk of rows of ``a``: the weights ``P`` of :func:`pair_weights` (one kernel, half type), then
+    ``grad_a += factor P @ b`` and ``grad_b += factor P.T @ a`` (cuBLAS). Returns ``sum(P * a b.T)`` (fp32)."""
     from galaxalign_batch.ops.blocked import mm_f32
 
-    _check(a, "pair_lse_backward_into")
     a, b = a.contiguous(), b.to(a.dtype).contiguous()
     n, m = a.shape[0], b.shape[0]
-    lse_row, lse_col = lse_row.float().contiguous(), lse_col.float().contiguous()
-    factor = coef * float(scale)
+    lse_row = lse_row.float().contiguous()
     step = _grad_rows(n, m, a.device)
     buf = torch.empty((step, m), dtype=a.dtype, device=a.device)
-    grad_s = torch.zeros((), dtype=torch.float32, device=a.device)
+    total = torch.zeros((), dtype=torch.float32, device=a.device)
     for i0 in range(0, n, step):
         rows = min(step, n - i0)
         ac, p = a[i0:i0 + rows], buf[:rows]
-        grad_s += pair_weights(ac, b, scale, lse_row[i0:i0 + rows], lse_col, p)
+        w = None if row_weights is None else row_weights[i0:i0 + rows]
+        total += pair_weights(ac, b, scale, lse_row[i0:i0 + rows], lse_col, p, row_weights=w)
         grad_a[i0:i0 + rows] += factor * mm_f32(p, b)
         grad_b += factor * mm_f32(p.T, ac)
-    return grad_s * coef
+    return total
 
 
 class RowLogSumExp(torch.autograd.Function):
@@ -336,11 +340,7 @@ class RowLogSumExp(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        from galaxalign_batch.ops.blocked import mm_f32
-
         a, b, scale, lse = ctx.saved_tensors
-        a, b = a.contiguous(), b.to(a.dtype).contiguous()
-        n, m = a.shape[0], b.shape[0]
         grad = grad.float()
         top = float(grad.abs().amax())
         grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device)
@@ -348,16 +348,7 @@ class RowLogSumExp(torch.autograd.Function):
         grad_s = torch.zeros((), dtype=torch.float32, device=a.device)
         if top != 0:  # (a NaN gradient propagates)
             w = (grad / top).contiguous()
-            factor = top * float(scale)
-            step = _grad_rows(n, m, a.device)
-            buf = torch.empty((step, m), dtype=a.dtype, device=a.device)
-            for i0 in range(0, n, step):
-                rows = min(step, n - i0)
-                ac, p = a[i0:i0 + rows], buf[:rows]
-                grad_s += pair_weights(ac, b, scale, lse[i0:i0 + rows], None, p, row_weights=w[i0:i0 + rows])
-                grad_a[i0:i0 + rows] += factor * mm_f32(p, b)
-                grad_b += factor * mm_f32(p.T, ac)
-            grad_s *= top
+            grad_s = top * _weighted_products(a, b, scale, lse, top * float(scale), grad_a, grad_b, row_weights=w)
         return grad_a.to(a.dtype), grad_b.to(b.dtype), grad_s.to(scale.dtype).reshape(scale.shape)
 
 
@@ -413,18 +404,22 @@ def rescore(queries: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> t
     return out
 
 
+def fits_fp16(queries: torch.Tensor) -> bool:
+    """Whether ``queries`` lie within half of fp16's range, as the pre-selection against fp16 rows needs."""
+    return bool(queries.abs().amax() < torch.finfo(torch.float16).max / 2)
+
+
 def _exact_topk(q: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` of fp32 ``q @ rows.T`` (ties by lower index), a few queries at a time within the tile budget.
     fp16 rows: the queries as hi + lo fp16 parts through two GEMMs with fp32 output (as the ``tc`` path)."""
-    from galaxalign_batch.ops.blocked import mm_f32, tile_budget_bytes
+    from galaxalign_batch.ops.blocked import split_half, split_scores, tile_budget_bytes
 
     step = max(1, min(q.shape[0], tile_budget_bytes(rows.device) // max(1, 16 * rows.shape[0])))  # scores + sort
     out_s, out_i = [], []
     for q0 in range(0, q.shape[0], step):
         qc = q[q0:q0 + step]
         if rows.dtype == torch.float16:
-            hi = qc.half()
-            scores = mm_f32(hi, rows.T) + mm_f32((qc - hi.float()).half(), rows.T)
+            scores = split_scores(*split_half(qc), rows)
         else:
             scores = qc @ rows.T
         top = torch.sort(scores, dim=1, descending=True, stable=True)
@@ -447,7 +442,7 @@ def topk_update(queries: torch.Tensor, rows: torch.Tensor, start: int, k: int,
     n = queries.shape[0]
     m = rows.shape[0]
     q = queries.float().contiguous()
-    if rows.dtype == torch.float16 and not bool(q.abs().amax() < torch.finfo(torch.float16).max / 2):
+    if rows.dtype == torch.float16 and not fits_fp16(q):
         raise ValueError("flash topk_update: queries beyond half of fp16's range cannot be pre-selected against "
                          "fp16 rows (the tc path serves them)")
     seg = segment_maxima(q, rows)

@@ -272,10 +272,7 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
         cuda = _cuda()
         tc = backends.cuda_topk_path() in ("tc", "flash") and hasattr(cuda, "topk_scores_update")
-        # fp16 rows: the queries as a sum of two fp16 parts (hi + lo), so two fp16 tensor-core GEMMs give
-        # scores within ~2^-21 of the fp32 queries' (one fp16 rounding of the queries would reorder near-ties)
-        q_hi = q.half() if tc else None
-        q_lo = (q - q_hi.float()).half() if tc else None
+        q_hi, q_lo = blocked.split_half(q) if tc else (None, None)  # fp16 rows: two fp16 GEMMs (hi + lo)
         budget = blocked.tile_budget_bytes(device)
 
         def update(s: int, rows: torch.Tensor) -> None:
@@ -284,8 +281,7 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
                 step = max(1, min(n, budget // max(1, 4 * rows.shape[0])))
                 for q0 in range(0, n, step):
                     if rows.dtype == torch.float16:
-                        scores = blocked.mm_f32(q_hi[q0:q0 + step], rows.T)
-                        scores += blocked.mm_f32(q_lo[q0:q0 + step], rows.T)
+                        scores = blocked.split_scores(q_hi[q0:q0 + step], q_lo[q0:q0 + step], rows)
                     else:
                         scores = blocked.mm_f32(q[q0:q0 + step], rows.T).contiguous()
                     cuda.topk_scores_update(
@@ -322,7 +318,7 @@ def use_flash_topk(queries: torch.Tensor, matrix: Any) -> bool:
     if reason:
         raise ConfigError(f"GALAXALIGN_CUDA_TOPK=flash: {reason}")
     half = getattr(matrix, "dtype", None) in (torch.float16, np.float16)
-    if half and not bool(queries.abs().amax() < torch.finfo(torch.float16).max / 2):
+    if half and not flash.fits_fp16(queries):
         log.debug("similarity_topk: queries beyond fp16's range, the tc path serves them")
         return False
     return True
