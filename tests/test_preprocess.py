@@ -401,3 +401,21 @@ def test_galaxy10_hdf5_with_mixed_pxscale_is_cut_at_one_angular_size(tmp_path):
         f["ans"] = np.repeat(np.arange(3), 10).astype(np.uint8)
     old = load_dataset(tmp_path / "no_scale.h5", load_vocabulary("galaxy10"), spec=spec).split("all").images
     assert np.abs(old[1].astype(np.int16) - old[0]).max() > 100
+
+
+def test_preprocess_benchmark_compares_like_for_like(tmp_path):
+    """bench/preprocess.py at a toy size: its baseline must cut the same pictures as the fast path (same
+    orientation, stretch and centre), or its speed ratio compares two different products."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "preprocess.py"
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, str(script), "--bricks", "1", "--size", "800", "--data", str(tmp_path / "data"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["paths"]["baseline"]["cutouts"] == figures["paths"]["fast_1thread"]["cutouts"] > 20
+    assert figures["median_corr_fast_vs_baseline"] > 0.95, proc.stdout[-2000:]
+    assert "warning" not in proc.stderr
