@@ -134,3 +134,24 @@ def test_errors_about_values_are_value_errors():
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, GalaxAlignError)
     e = TileError("a.fits", "truncated\nfile")
     assert isinstance(e, ValueError) and str(e) == "a.fits: truncated file"
+
+
+# Folder renames, each its owner's own commit protocol (a training checkpoint, the store's groups and lock).
+FOLDER_RENAMES = {"model/checkpoint.py", "store/embedding_store.py", "store/derived.py", "store/lock.py"}
+
+
+def test_files_are_replaced_through_one_helper():
+    """Every output file is written through ``galaxalign_batch.atomic`` (a temporary name unique to the
+    writer, removed on an error), not a hand-made ``tmp`` + ``os.replace``: fixed temporary names let two
+    writers of one file publish a half-written one."""
+    import re
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "atomic.py" or rel in FOLDER_RENAMES:
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bos\.(replace|rename)\(|\.partial\b[\"']", line):
+                found.append(f"{rel}:{no}: {line.strip()}")
+    assert not found, "write these through galaxalign_batch.atomic:\n" + "\n".join(found)

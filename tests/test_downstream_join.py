@@ -10,6 +10,7 @@ import torch
 from astropy.coordinates import angular_separation
 from astropy.table import Table
 
+from galaxalign_batch import atomic
 from galaxalign_batch.cli import main
 from galaxalign_batch.downstream.catalogs import read_catalog
 from galaxalign_batch.downstream.classify import Scorer, classify_store
@@ -229,7 +230,7 @@ def test_bad_inputs_one_line_errors_and_nothing_written(store_path, tmp_path, ca
     out = tmp_path / "o.parquet"
     assert main(["--no-progress", "join", "--store", str(store_path), "--catalog", str(tmp_path / "notes.csv"),
                  "--out", str(out), "--radius", "1arcsec"]) == 1
-    assert not out.exists() and not (tmp_path / "o.parquet.partial").exists()
+    assert not out.exists() and not atomic.partials(tmp_path)
     err = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(err) == 1 and "no recognisable RA column" in err[0] and "\n" not in err[0]
     (tmp_path / "junk.fits").write_bytes(b"not a fits file at all")

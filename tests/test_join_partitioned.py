@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from galaxalign_batch import atomic
 from galaxalign_batch.downstream.join import join_catalog
 from galaxalign_batch.downstream.partitioned import SUCCESS, join_partitioned, read_partitioned
 from galaxalign_batch.errors import ConfigError
@@ -126,7 +127,7 @@ def test_partitioned_equals_the_one_file_join_locally(store_path, catalog, refer
     manifest = json.loads((out / SUCCESS).read_text())
     files = sorted(p.name for p in out.glob("part-*.parquet"))
     assert files == sorted(p["file"] for p in manifest["partitions"])
-    assert not list(out.glob("*.partial")) and not (out / "_spill").exists()
+    assert not atomic.partials(out) and not (out / "_spill").exists()
     assert manifest["catalog_rows"] == 1200 and manifest["matched"] == s.matched
     assert s.matched == int(reference.column("store_row").is_valid().to_numpy(zero_copy_only=False).sum())
     _same(read_partitioned(out), reference)
@@ -256,7 +257,7 @@ def test_a_killed_worker_then_a_rerun_gives_the_same_output(loopback_cluster, st
     s = join_partitioned(store_path, catalog, out, radius=1.0, address=loopback_cluster, partition_rows=300,
                          split_rows=250)
     assert s.done_before >= 1  # the partitions finished before the kill are kept, not redone
-    assert not list(out.glob("*.partial"))
+    assert not atomic.partials(out)
     _same(read_partitioned(out), reference)
     assert s.partitions > 4
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.cli import _options as opt
 
 log = logging.getLogger("galaxalign_batch")
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                                "--survey", str(sky)], timings)
 
     summary = demo_summary(out, model, store, time.perf_counter() - t0, timings, args.size)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_json(out / "summary.json", summary)
     print("\n== summary (summary.json)")
     for k in ("test_accuracy", "survey_accuracy", "mean_pairwise_cosine", "neighbour_same_class",
               "first_query_neighbours_same_class"):
@@ -206,7 +207,8 @@ def _truth_catalog(sky: Path, path: Path) -> Path:
         t = Table.read(layout.tractor_path(sky, brick))
         t = t[t["brick_primary"]]
         tables.append(t[["brickname", "objid", "ra", "dec", "type", "true_class_key"]])
-    vstack(tables).write(path, overwrite=True)
+    with atomic.replacing(path) as tmp:
+        vstack(tables).write(tmp, format="fits", overwrite=True)
     return path
 
 

@@ -4,9 +4,9 @@ or a drawn symbol; one query or a file of them."""
 from __future__ import annotations
 
 import argparse
-import os
 import textwrap
 
+from galaxalign_batch import atomic
 from galaxalign_batch.cli import _options as opt
 
 EXAMPLES = """\
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     if args.csv:
         table = batch_table(results) if items is not None else results[0].table
-        table.to_csv(args.csv + ".partial", index=False)
-        os.replace(args.csv + ".partial", args.csv)
+        with atomic.replacing(args.csv) as tmp:
+            table.to_csv(tmp, index=False)
         print(f"table written to {args.csv} (with a Legacy Survey viewer link per result)")
     if args.plot:
         plot_grid(store, results[0], args.plot, roots=args.survey)

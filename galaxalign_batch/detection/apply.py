@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 from astropy.table import Table, vstack
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,7 @@ def detect_tiles(tiles: Sequence[str], model_path: str | os.PathLike, out: str |
     table.meta.update({"DETECTOR": info.get("kind", "")[:60], "DETSHA": file_digest(model_path),
                        "WINDOW": int(window or model.config.field), "MARGIN": int(margin),
                        "MINSCORE": float(min_score), "NMSIOU": float(nms_iou)})
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".partial.fits"
-    table.write(tmp, overwrite=True)
-    os.replace(tmp, out)
+    with atomic.replacing(out) as tmp:
+        table.write(tmp, format="fits", overwrite=True)
     summary.seconds = time.perf_counter() - t0
     return summary

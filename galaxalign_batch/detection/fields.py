@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table, vstack
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,14 @@ class FieldSet:
         return np.stack([np.asarray(t[c], np.float32)[sel] for c in ("x0", "y0", "x1", "y1")], 1).reshape(-1, 4)
 
     def save(self, path: str | os.PathLike) -> None:
-        """One ``.npz`` (pixels, noise) plus the tables as FITS beside it (``PATH.truth.fits``, ``PATH.origin.fits``)."""
+        """One ``.npz`` (pixels, noise) plus the tables as FITS beside it (``PATH.truth.fits``, ``PATH.origin.fits``),
+        each file replaced whole, the ``.npz`` last (a set killed while being saved has no new ``.npz``)."""
         base = os.fspath(path).removesuffix(".npz")
-        np.savez(base + ".npz", images=self.images, sigma=self.sigma, pixscale=self.pixscale)
-        self.truth.write(base + ".truth.fits", overwrite=True)
-        self.origin.write(base + ".origin.fits", overwrite=True)
+        for name, table in ((".truth.fits", self.truth), (".origin.fits", self.origin)):
+            with atomic.replacing(base + name) as tmp:
+                table.write(tmp, format="fits", overwrite=True)
+        with atomic.replacing(base + ".npz") as tmp:
+            np.savez(tmp, images=self.images, sigma=self.sigma, pixscale=self.pixscale)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FieldSet":

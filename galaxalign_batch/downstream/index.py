@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch import progress
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore
@@ -216,11 +217,9 @@ def build_index(store: EmbeddingStore, kind: str = "ivf", *, nlist: int | None =
         log.warning("%s index: recall@10 %.3f at the largest setting tried is below the target %.2f",
                     kind, table[str(chosen)][str(min(10, n))], target_recall)
     path, meta_path = index_paths(store, kind)
-    faiss.write_index(index, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    with atomic.replacing(path) as tmp:
+        faiss.write_index(index, tmp)
+    atomic.write_json(meta_path, meta)
     result.meta = meta
     log.info("built %s", result.describe())
     return result
@@ -302,8 +301,8 @@ def fill_shard(store_path: str, trained: str, ranges: list, pixels: np.ndarray, 
         x = np.ascontiguousarray(store.read_embeddings(slice(a, b))[keep], dtype=np.float32)
         index.add_with_ids(x, (a + keep).astype(np.int64))
         added += len(keep)
-    faiss.write_index(index, out + ".tmp")
-    os.replace(out + ".tmp", out)
+    with atomic.replacing(out) as tmp:
+        faiss.write_index(index, tmp)
     return {"file": os.path.basename(out), "rows": added, "bytes_read": process_bytes_read() - r0}
 
 
@@ -380,9 +379,7 @@ def build_sharded_index(store: EmbeddingStore, *, shard_rows: int, nlist: int | 
     params = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p <= nlist] or [1]
     chosen, table, eval_rows = _tune(result, store, params, n_eval, target_recall, seed)
     meta.update(param=int(chosen), n_eval=int(len(eval_rows)), recall=table)
-    with open(meta_path + ".tmp", "w") as f:  # written last: marks a complete index
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic.write_json(meta_path, meta)  # written last: marks a complete index
     if os.path.exists(path):  # a one-file index of an earlier build
         os.remove(path)
     result.meta = meta

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import catalog_positions, read_catalog
@@ -342,13 +343,7 @@ def join_catalog(store_path: str | os.PathLike, catalog: str | os.PathLike, out:
     schema_meta = dict(table.schema.metadata or {})
     schema_meta[b"galaxalign_join"] = json.dumps(meta).encode()
     table = table.replace_schema_metadata(schema_meta)
-    tmp = out + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    try:
+    with atomic.replacing(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     matched = int((rows >= 0).sum())
     return JoinSummary(out, len(rows), matched, how, time.perf_counter() - t0, names)

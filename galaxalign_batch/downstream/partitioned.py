@@ -18,8 +18,8 @@ identical positions: the lower store row), cut so that no process holds the stor
    partition) under ``OUT/_spill``. A partition's task reads its record batches one at a time.
 4. **Partition tasks.** A KD-tree on the partition's store rows (unit vectors: no RA wrap or pole
    singularity) answers each catalogue batch; the store columns of the matches are gathered and the
-   batch is appended to ``OUT/part-PP-PIXEL.parquet.partial``, renamed into place when the
-   partition is done. Catalogue rows without a valid position go to ``part-invalid.parquet``.
+   batch is appended to a temporary file beside ``OUT/part-PP-PIXEL.parquet``
+   (:func:`galaxalign_batch.atomic.replacing`), renamed into place when the partition is done. Catalogue rows without a valid position go to ``part-invalid.parquet``.
 5. **The manifest** ``OUT/_SUCCESS`` (JSON: the plan, every partition file with its rows and
    matches, totals) is written last, atomically: a folder without it is not a finished join.
 
@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import DEC_NAMES, RA_NAMES, _angle_column, catalog_format, find_column
 from galaxalign_batch.downstream.common import CatalogError, classification_of
@@ -196,11 +197,9 @@ def _spill_table(table, first_row: int, path: str, ra_name: str, dec_name: str, 
     spix = pix[by]
     starts = np.flatnonzero(np.r_[True, spix[1:] != spix[:-1]]) if n else np.zeros(0, np.int64)
     stops = np.r_[starts[1:], n]
-    tmp = out + ".partial"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+    with atomic.replacing(out) as tmp, pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         for a, b in zip(starts, stops):
             w.write_batch(table.slice(int(a), int(b - a)).combine_chunks().to_batches()[0])
-    os.replace(tmp, out)
     return {"file": out, "pix": spix[starts].tolist(), "rows": (stops - starts).tolist(), "n": n}
 
 
@@ -353,49 +352,46 @@ def join_partition(store_path: str, out_dir: str, order: int, pix: int, ranges: 
         del ra, dec, hp, by_hp
     chord = float(chord_from_arcsec(radius)) * (1 + 1e-12)
     final = os.path.join(out_dir, partition_file(order, pix))
-    tmp = final + ".partial"
     writer = None
     n_cat = matched = 0
     store_rows = int(len(rows))
-    try:
-        for i, (fname, index) in enumerate(batches):
-            with pa.memory_map(fname) as src:
-                table = pa.ipc.open_file(src).get_batch(index)
-                table = pa.Table.from_batches([table])
-            cat_ra = table.column("__ra").to_numpy()
-            cat_dec = table.column("__dec").to_numpy()
-            table = table.drop_columns(["__ra", "__dec"])
-            m = table.num_rows
-            best = np.full(m, -1, np.int64)
-            sep = np.full(m, np.nan)
-            ok = np.isfinite(cat_ra)
-            if tree is not None and ok.any():
-                d, idx = tree.query(radec_to_xyz(cat_ra[ok], cat_dec[ok]), k=1, distance_upper_bound=chord)
-                hit = np.isfinite(d)
-                s = np.full(len(d), np.nan)
-                s[hit] = arcsec_from_chord(d[hit])
-                hit &= s <= radius  # the chord bound was widened by rounding slack only
-                b = np.full(len(d), -1, np.int64)
-                b[hit] = rows[idx[hit]]
-                best[ok], sep[ok] = b, np.where(hit, s, np.nan)
-            out = _output_table(store, table, best, sep, options)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, out.schema)
-            writer.write_table(out)
-            n_cat += m
-            matched += int((best >= 0).sum())
-            if fault is not None and i == 0:
-                _maybe_die(fault)
-        if writer is None:  # no catalogue batch (cannot happen for a planned partition): an empty file
-            raise RuntimeError(f"partition {pix}: no catalogue rows")
-        writer.close()
-        writer = None
-        os.replace(tmp, final)
-    finally:
-        if writer is not None:
+    with atomic.replacing(final) as tmp:
+        try:
+            for i, (fname, index) in enumerate(batches):
+                with pa.memory_map(fname) as src:
+                    table = pa.ipc.open_file(src).get_batch(index)
+                    table = pa.Table.from_batches([table])
+                cat_ra = table.column("__ra").to_numpy()
+                cat_dec = table.column("__dec").to_numpy()
+                table = table.drop_columns(["__ra", "__dec"])
+                m = table.num_rows
+                best = np.full(m, -1, np.int64)
+                sep = np.full(m, np.nan)
+                ok = np.isfinite(cat_ra)
+                if tree is not None and ok.any():
+                    d, idx = tree.query(radec_to_xyz(cat_ra[ok], cat_dec[ok]), k=1, distance_upper_bound=chord)
+                    hit = np.isfinite(d)
+                    s = np.full(len(d), np.nan)
+                    s[hit] = arcsec_from_chord(d[hit])
+                    hit &= s <= radius  # the chord bound was widened by rounding slack only
+                    b = np.full(len(d), -1, np.int64)
+                    b[hit] = rows[idx[hit]]
+                    best[ok], sep[ok] = b, np.where(hit, s, np.nan)
+                out = _output_table(store, table, best, sep, options)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, out.schema)
+                writer.write_table(out)
+                n_cat += m
+                matched += int((best >= 0).sum())
+                if fault is not None and i == 0:
+                    _maybe_die(fault)
+            if writer is None:  # no catalogue batch (cannot happen for a planned partition): an empty file
+                raise RuntimeError(f"partition {pix}: no catalogue rows")
             writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            writer = None
+        finally:
+            if writer is not None:
+                writer.close()
     return {"pix": pix, "file": os.path.basename(final), "rows": n_cat, "matched": matched, "store_rows": store_rows,
             "bytes_read": process_bytes_read() - r0, "seconds": time.perf_counter() - t0}
 
@@ -434,12 +430,7 @@ def _output_table(store, table, rows: np.ndarray, sep: np.ndarray, options: dict
 # ---------------------------------------------------------------------------------------------- the driver
 
 def _write_json(path: str, value) -> None:
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, default=int)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, value, durable=True, default=int)
 
 
 def _read_json(path: str):
@@ -451,8 +442,8 @@ def _read_json(path: str):
 
 
 def _ours(name: str) -> bool:
-    return (name.startswith("part-") and ".parquet" in name) or name in (SUCCESS, PLAN, SPILL, PLAN + ".partial",
-                                                                          SUCCESS + ".partial")
+    return (name.lstrip(".").startswith("part-") and ".parquet" in name) or name in (SUCCESS, PLAN, SPILL) or (
+        atomic.is_partial(name) and name.lstrip(".").startswith((SUCCESS, PLAN)))
 
 
 def _start_afresh(out: str) -> None:
@@ -521,6 +512,8 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
         _write_json(os.path.join(out, PLAN), {"digest": digest, "plan": plan})
     if os.path.exists(os.path.join(out, SUCCESS)):
         os.remove(os.path.join(out, SUCCESS))
+    for p in atomic.partials(out):  # what workers killed in an earlier run left half-written
+        p.unlink(missing_ok=True)
 
     fault = None
     spec = os.environ.get(FAULT_ENV)
@@ -625,6 +618,8 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
                                 "matched": results[p]["matched"]} for p in sorted(results)],
                 "software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     shutil.rmtree(os.path.join(out, SPILL), ignore_errors=True)
+    for p in atomic.partials(out):  # of attempts Ray retried after a node or worker was lost
+        p.unlink(missing_ok=True)
     _write_json(os.path.join(out, SUCCESS), manifest)
     added = ["catalog_row", "store_row", "object_id", "store_ra", "store_dec", "separation_arcsec"]
     return PartitionedJoinSummary(out, catalog_rows, matched, len(results), done_before, order, meta["how"],

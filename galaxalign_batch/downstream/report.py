@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch import progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import Classification, classification_of
@@ -370,11 +371,7 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, *, roots
             f"{html.escape(os.path.basename(os.path.normpath(store.path)))}</title><style>{CSS}</style></head><body>"
             f"<h1>Embedding store report</h1><p>{html.escape(os.path.abspath(store.path))} &middot; galaxalign-batch "
             f"{__version__} &middot; {when}</p>{note_html}{body}</body></html>")
-    tmp = out + ".partial"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, out)
+    atomic.write_text(out, page)
     return ReportSummary(out, n, cls is not None, truth_rows, accuracy, time.perf_counter() - t0, notes)
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch import progress
 from galaxalign_batch.downstream.common import QueryError, classification_of
 from galaxalign_batch.downstream.index import APPROX_THRESHOLD, KINDS, get_index
@@ -585,13 +586,11 @@ def plot_grid(store: EmbeddingStore, result: SearchResult, path: str | os.PathLi
             orientation = "north-up" if i == 0 and result.query.kind == "symbol" else store.cutout_spec.orientation
             ax.imshow(to_rgb8(pix, orientation), interpolation="nearest")
         ax.set_title(title, fontsize=8)
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
     try:
-        fig.savefig(tmp, dpi=100)
+        with atomic.replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
     missing = sum(p is None for _, p in panels)  # the text panel is not a picture
     if missing:
         log.warning("%d of %d pictures could not be re-made (tiles not found: pass --survey ROOT)", missing, len(panels))

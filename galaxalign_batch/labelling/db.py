@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 
 #: Marks a person can give instead of a class; they are kept but never exported or trained on.
@@ -258,10 +259,8 @@ class LabelDB:
 
         path = os.fspath(path)
         rows = [(lab.object_id, lab.label) for lab in self.labels() if lab.kind == "class"]
-        tmp = path + ".partial"
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic.replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["object_id", "label"])
             w.writerows(rows)
-        os.replace(tmp, path)
         return len(rows)

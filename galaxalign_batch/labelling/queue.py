@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.progress import bar
 from galaxalign_batch.store import EmbeddingStore
 
@@ -126,9 +127,8 @@ class Clusters:
             except (OSError, ValueError, KeyError) as e:
                 log.warning("%s: ignoring an unreadable cluster cache (%s)", path, e)
         c = cls.compute(store, **kw)
-        tmp = path + ".partial.npz"
-        np.savez(tmp, key=np.array(key), centroids=c.centroids, label=c.label, cosine=c.cosine)
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            np.savez(tmp, key=np.array(key), centroids=c.centroids, label=c.label, cosine=c.cosine)
         return c
 
     def first_round(self) -> np.ndarray:

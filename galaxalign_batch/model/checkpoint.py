@@ -36,6 +36,7 @@ META_KEY = "galaxalign"  # the header key of the description
 FORMAT_VERSION = 1
 
 STATE_FILE = "train_state.pt"
+PARTIAL_DIR = ".partial"  # the suffix of a checkpoint folder being written (renamed into place when whole)
 PROGRESS_FILE = "progress.json"
 _USER_IMAGES = "__symbols__.user_images"
 _USER_LABELS = "__symbols__.user_labels"
@@ -110,7 +111,7 @@ def _model_path(path: str | os.PathLike) -> Path:
 def save_training_checkpoint(directory: str | os.PathLike, model: GalaxAlignModel, state: dict, progress: dict) -> Path:
     """Write ``model.safetensors``, ``train_state.pt`` and ``progress.json`` into a fresh directory, atomically."""
     directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".partial")
+    tmp = directory.with_name(directory.name + PARTIAL_DIR)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, tmp / MODEL_FILE)
@@ -119,6 +120,22 @@ def save_training_checkpoint(directory: str | os.PathLike, model: GalaxAlignMode
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether ``directory`` is a renamed-into-place training checkpoint with its three files (not a
+    ``*.partial`` folder being written; the files may still be torn: :func:`load_training_state` says)."""
+    return (not directory.name.endswith(PARTIAL_DIR) and (directory / MODEL_FILE).is_file()
+            and (directory / STATE_FILE).is_file() and (directory / PROGRESS_FILE).is_file())
+
+
+def prune(root: Path, pattern: str, keep: int) -> None:
+    """Remove all but the last ``keep`` (by name) complete checkpoint folders matching ``pattern`` in ``root``."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    done = sorted(p for p in root.glob(pattern) if p.is_dir() and not p.name.endswith(PARTIAL_DIR))
+    for p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
@@ -142,7 +159,7 @@ def find_latest(root: str | os.PathLike) -> Path | None:
     best, best_key = None, None
     for progress in root.rglob(PROGRESS_FILE):
         d = progress.parent
-        if d.name.endswith(".partial") or not (d / MODEL_FILE).is_file() or not (d / STATE_FILE).is_file():
+        if not is_complete(d):
             continue
         try:
             p = json.loads(progress.read_text())

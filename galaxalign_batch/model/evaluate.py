@@ -18,10 +18,12 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 
@@ -119,7 +121,7 @@ def evaluate_model(model: GalaxAlignModel, images, labels: np.ndarray, ks=(1, 5,
     return result
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], title: str, path: str | os.PathLike) -> None:
+def plot_confusion(cm: np.ndarray, names: list[str], title: str, path: "str | os.PathLike | IO[bytes]") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +143,14 @@ def plot_confusion(cm: np.ndarray, names: list[str], title: str, path: str | os.
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        if hasattr(path, "write"):  # a file object (the report embeds the picture)
+            fig.savefig(path, format="png", dpi=110)
+        else:
+            with atomic.replacing(path) as tmp:
+                fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -220,9 +228,9 @@ def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLi
             metrics["confusion_png"] = png.name
         results.append(r)
     md, rows = comparison_table(results, ks)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1))
-    (out / "table.json").write_text(json.dumps(rows, indent=1))
-    (out / "table.md").write_text(md)
+    atomic.write_json(out / "metrics.json", results)
+    atomic.write_json(out / "table.json", rows)
+    atomic.write_text(out / "table.md", md)
     return {"results": results, "table_md": md, "rows": rows}
 
 

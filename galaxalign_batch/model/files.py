@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 
 __all__ = ["write_weights", "read_description", "read_weights"]
@@ -25,17 +26,12 @@ def write_weights(path: str | os.PathLike, tensors: Mapping[str, Any], key: str,
     stored in the header under ``key``) to ``path`` atomically: a reader sees the old file or the new
     one, never a part. Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if any(type(v).__module__.startswith("torch") for v in tensors.values()):
         from safetensors.torch import save_file
     else:
         from safetensors.numpy import save_file
-    try:
-        save_file(dict(tensors), str(tmp), metadata={key: json.dumps(description)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replacing(path) as tmp:
+        save_file(dict(tensors), tmp, metadata={key: json.dumps(description)})
     return path
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
@@ -39,7 +40,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume == "no" and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps({**cfg.to_dict(), "batch": cfg.batch_layout()}, indent=1))
+    atomic.write_json(out / "train_config.json", {**cfg.to_dict(), "batch": cfg.batch_layout()})
     if cfg.workers >= 1:
         return train_distributed(cfg)
     if cfg.threads:
@@ -64,7 +65,7 @@ def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
     found = []
     for progress in root.rglob(ckpt.PROGRESS_FILE):
         d = progress.parent
-        if d.name.endswith(".partial") or not (d / ckpt.MODEL_FILE).is_file() or not (d / ckpt.STATE_FILE).is_file():
+        if not ckpt.is_complete(d):
             continue
         try:
             p = json.loads(progress.read_text())

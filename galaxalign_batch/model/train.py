@@ -23,10 +23,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
@@ -487,7 +486,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                    "val_accuracy": last_val, "train_images": len(train), "val_images": len(val),
                    "workers": ctx.world_size, "batch": layout, "resumed_from": str(start) if start else None,
                    "device": str(device), "config": cfg.to_dict()}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_json(out / "train_summary.json", summary)
         writer.close()
         epochs_bar.close()
     return summary
@@ -596,9 +595,7 @@ def _save_epoch(ctx: RunContext, out: Path, model, optimizer, scheduler, stage: 
                 "config": cfg.to_dict()}
     d = ckpt.save_training_checkpoint(root / f"epoch_{epoch:04d}", model, state, progress)
     if ctx.checkpoint_root is None:  # local runs keep the last few; Ray keeps its own (CheckpointConfig)
-        old = sorted(p for p in root.glob("epoch_*") if p.is_dir() and not p.name.endswith(".partial"))
-        for p in old[:-ctx.keep_checkpoints]:
-            shutil.rmtree(p, ignore_errors=True)
+        ckpt.prune(root, "epoch_*", keep=ctx.keep_checkpoints)
     return d
 
 
@@ -612,7 +609,7 @@ class _MetricsWriter:
         if resume_epoch and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
-        with open(self.path, "w", newline="") as f:
+        with atomic.replacing(self.path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, METRIC_FIELDS)
             w.writeheader()
             w.writerows(rows)

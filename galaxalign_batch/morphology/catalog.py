@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 from astropy.table import Table
 
+from galaxalign_batch import atomic
 from galaxalign_batch import progress
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.morphology.measure import (DEFAULT_PSF_FWHM_ARCSEC, MEASURED_COLUMNS, MorphologyConfig,
@@ -79,15 +80,9 @@ def table_format(out: str) -> str:
 
 def write_table(table: Table, out: str | os.PathLike) -> None:
     """Write ``table`` to ``out`` (format by suffix) through a temporary file and a rename."""
-    out = os.fspath(out)
-    fmt = table_format(out)
-    tmp = out + ".partial" + os.path.splitext(out)[1]
-    try:
+    fmt = table_format(os.fspath(out))
+    with atomic.replacing(out) as tmp:
         table.write(tmp, format=fmt, overwrite=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_table(path: str | os.PathLike) -> Table:

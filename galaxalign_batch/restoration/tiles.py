@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.survey.windows import wavelet_sigma, window_jobs, window_starts
 
@@ -155,10 +156,8 @@ def write_cube(path: str | os.PathLike, data: np.ndarray, tile, cards: dict) -> 
     header["BUNIT"] = ("nanomaggy", "restored surface brightness per pixel")
     for k, v in cards.items():
         header[k] = v
-    path = os.fspath(path)
-    tmp = path + ".partial"
-    fits.PrimaryHDU(np.asarray(data, np.float32), header=header).writeto(tmp, overwrite=True)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        fits.PrimaryHDU(np.asarray(data, np.float32), header=header).writeto(tmp, overwrite=True)
 
 
 def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str | os.PathLike, *,

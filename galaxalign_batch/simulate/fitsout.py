@@ -9,11 +9,11 @@ seed is fixed per brick so the same simulation gives the same bytes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.survey.layout import BrickInfo
 
 RELEASE = 9999              # a DR9-like release number that no real release uses
@@ -75,14 +75,6 @@ def brick_header(brick: BrickInfo, wcs, bands, band: str | None, generator: str)
     return [dict(name=k, value=v, comment=c) for k, v, c in cards]
 
 
-def _atomic(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    return tmp
-
-
 def write_image(path: Path, data: np.ndarray, cards: list[dict], kind: str, dither_seed: int) -> None:
     """Write one fpacked coadd (HDU 1) the way legacypipe does; ``kind``: image | invvar | maskbits."""
     import fitsio
@@ -106,10 +98,8 @@ def write_image(path: Path, data: np.ndarray, cards: list[dict], kind: str, dith
     else:
         comp = dict(compress="RICE", tile_dims=t, qlevel=-1e-4 if kind == "image" else 16.0,
                     qmethod="SUBTRACTIVE_DITHER_2", dither_seed=int(dither_seed))
-    tmp = _atomic(path)
-    with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
+    with atomic.replacing(path) as tmp, fitsio.FITS(tmp, "rw", clobber=True) as f:
         f.write(data, header=hdr, **comp)
-    os.replace(tmp, path)
 
 
 def write_table(path: Path, table: np.ndarray, cards: list[dict] | None = None, extname: str | None = None) -> None:
@@ -119,10 +109,8 @@ def write_table(path: Path, table: np.ndarray, cards: list[dict] | None = None, 
     hdr = fitsio.FITSHDR()
     for c in cards or []:
         hdr.add_record(c)
-    tmp = _atomic(path)
-    with fitsio.FITS(str(tmp), "rw", clobber=True) as f:
+    with atomic.replacing(path) as tmp, fitsio.FITS(tmp, "rw", clobber=True) as f:
         f.write(table, header=hdr, extname=extname)
-    os.replace(tmp, path)
 
 
 def survey_bricks_table(bricks: list[BrickInfo]) -> np.ndarray:

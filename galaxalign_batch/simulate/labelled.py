@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate.galaxies import GENERATOR_VERSION, class_keys, draw_galaxy
@@ -176,9 +176,8 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
             arrays[name] = (np.stack([per_class[c][name][i] for c, i in items]) if items
                             else np.empty((0,) + ref.shape[1:], ref.dtype))
         path = odir / f"{s}.npz"
-        tmp = odir / f".{s}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic.replacing(path) as tmp:
+            np.savez(tmp, **arrays)
         files[s] = str(path)
         per_split[s] = {keys[c]: int((arrays["label"] == c).sum()) for c in range(len(keys))}
     manifest = dict(
@@ -195,5 +194,5 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
                 "neighbours": "int16 galaxies and stars drawn around the labelled one"},
         seconds=round(time.perf_counter() - t0, 2),
     )
-    mpath.write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(mpath, manifest, indent=2)
     return manifest

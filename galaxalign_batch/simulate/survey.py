@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate import fitsout
@@ -497,7 +498,7 @@ def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed:
                    n_galaxies=sum(r["n_galaxies"] for r in results), n_stars=sum(r["n_stars"] for r in results),
                    n_primary=sum(r["n_primary"] for r in results), per_brick=results,
                    seconds=round(time.perf_counter() - t0, 2))
-    (out / MANIFEST).write_text(json.dumps(dict(params=params, bricks=names), indent=2) + "\n")
+    atomic.write_json(out / MANIFEST, dict(params=params, bricks=names), indent=2)
     return summary
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import zarr
 
+from galaxalign_batch import atomic
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.store import io as store_io
@@ -176,7 +177,7 @@ class EmbeddingStore(StoreReader):
                                    dimension_names=("tile",), attributes={"description": col.doc})
             writer.sync()
             if durable:
-                store_io.fsync_dir(tmp)
+                atomic.fsync_dir(tmp)
             store_io._hook(writer, f"rename {tmp} -> {final}")
             try:
                 os.rename(tmp, final)  # the creation's commit point
@@ -186,7 +187,7 @@ class EmbeddingStore(StoreReader):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if durable:
-            store_io.fsync_dir(parent)
+            atomic.fsync_dir(parent)
         return cls.open(final, "r+", durable=durable)
 
     @classmethod
@@ -415,7 +416,7 @@ class EmbeddingStore(StoreReader):
         self._writer.sync()  # every file this commit wrote is durable before the record pointing to it
         self.group.update_attributes(dict(updates))
         if self._writer.durable:
-            store_io.fsync_dir(self.path)
+            atomic.fsync_dir(self.path)
 
     def update_attrs(self, updates: Mapping[str, Any]) -> None:
         """Set some root attributes in one write (not the commit keys)."""

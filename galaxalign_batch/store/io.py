@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from zarr.storage import LocalStore
 
-PARTIAL_SUFFIX = ".partial"
+from galaxalign_batch import atomic
+
+PARTIAL_SUFFIX = atomic.PARTIAL
 
 
 def before_write(store: "WriteStore | None", key: str) -> None:
@@ -39,43 +40,12 @@ def _hook(store: "WriteStore | None", key: str) -> None:
     io_mod.before_write(store, key)
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory (makes a rename inside it durable); ignored where directories cannot be opened."""
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, durable: bool = True,
                        exclusive: bool = False) -> None:
-    """Replace (or, with ``exclusive``, create) the file ``path`` with ``data`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # fails with FileExistsError if path exists
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace (or, with ``exclusive``, create) the store file ``path`` with ``data`` in one rename
+    (:func:`galaxalign_batch.atomic.write_bytes`; the temporary name is visible and ends with ``.partial``,
+    which :func:`remove_partials` removes)."""
+    atomic.write_bytes(path, data, durable=durable, exclusive=exclusive, hidden=False, keep_suffix=False)
 
 
 class WriteStore(LocalStore):
@@ -142,7 +112,7 @@ class WriteStore(LocalStore):
             return
         dirty, self._dirty = self._dirty, set()
         for d in sorted(dirty):
-            fsync_dir(d)
+            atomic.fsync_dir(d)
 
 
 def remove_partials(root: str | os.PathLike) -> int:

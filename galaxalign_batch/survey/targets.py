@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError, TileError
 
 log = logging.getLogger(__name__)
@@ -299,12 +300,10 @@ def assign_targets(targets: Targets, tiles, geometry=read_geometry) -> Assignmen
 def write_outside(path: str | os.PathLike, targets: Targets, assignment: Assignment) -> str:
     """Write the targets no tile holds as CSV (row, target_id, ra, dec, reason), atomically; returns the path."""
     path = os.fspath(path)
-    tmp = f"{path}.partial"
-    with open(tmp, "w", newline="") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "target_id", "ra", "dec", "reason"])
         for i, why in zip(assignment.outside.tolist(), assignment.reasons.tolist()):
             w.writerow([i, targets.ids[i], "" if not np.isfinite(targets.ra[i]) else repr(float(targets.ra[i])),
                         "" if not np.isfinite(targets.dec[i]) else repr(float(targets.dec[i])), why])
-    os.replace(tmp, path)
     return path
