@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galaxalign_batch import atomic
-from galaxalign_batch import progress
+from galaxalign_batch import atomic, progress
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.store import EmbeddingStore
 

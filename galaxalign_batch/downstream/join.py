@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from galaxalign_batch import atomic
-from galaxalign_batch import progress
+from galaxalign_batch import atomic, progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import catalog_positions, read_catalog
 from galaxalign_batch.downstream.common import CatalogError, classification_of

@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from galaxalign_batch import atomic
-from galaxalign_batch import progress
+from galaxalign_batch import atomic, progress
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import Classification, classification_of
 from galaxalign_batch.preprocess.pictures import png_base64, to_rgb8

@@ -19,8 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from galaxalign_batch import atomic
-from galaxalign_batch import progress
+from galaxalign_batch import atomic, progress
 from galaxalign_batch.downstream.common import QueryError, classification_of
 from galaxalign_batch.downstream.index import APPROX_THRESHOLD, KINDS, get_index
 from galaxalign_batch.errors import ConfigError

@@ -20,8 +20,7 @@ from typing import Sequence
 import numpy as np
 from astropy.table import Table
 
-from galaxalign_batch import atomic
-from galaxalign_batch import progress
+from galaxalign_batch import atomic, progress
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.morphology.measure import (DEFAULT_PSF_FWHM_ARCSEC, MEASURED_COLUMNS, MorphologyConfig,
                                                  band_noise, empty_row, measure_source, moffat_psf)
