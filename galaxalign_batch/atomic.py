@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["PARTIAL", "replacing", "temporary_name", "write_bytes", "write_text", "write_json", "is_partial",
-           "partials", "fsync_dir"]
+           "partials", "remove_partials", "fsync_dir"]
 
 PARTIAL = ".partial"
 
@@ -138,3 +138,20 @@ def partials(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(folder / n for n in os.listdir(folder) if is_partial(n) and (folder / n).is_file())
+
+
+def remove_partials(folder: str | os.PathLike, *, recursive: bool = False) -> int:
+    """Remove the temporary files killed writers left in ``folder`` (and below it, with ``recursive``); returns
+    how many. Only for a folder whose writers are known to be gone (a store under its lock, a job's own folder)."""
+    n = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for f in files:
+            if is_partial(f):
+                try:
+                    os.unlink(os.path.join(dirpath, f))
+                    n += 1
+                except OSError:
+                    pass
+        if not recursive:
+            break
+    return n

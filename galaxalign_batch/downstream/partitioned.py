@@ -512,8 +512,7 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
         _write_json(os.path.join(out, PLAN), {"digest": digest, "plan": plan})
     if os.path.exists(os.path.join(out, SUCCESS)):
         os.remove(os.path.join(out, SUCCESS))
-    for p in atomic.partials(out):  # what workers killed in an earlier run left half-written
-        p.unlink(missing_ok=True)
+    atomic.remove_partials(out)  # what workers killed in an earlier run left half-written
 
     fault = None
     spec = os.environ.get(FAULT_ENV)
@@ -618,8 +617,7 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
                                 "matched": results[p]["matched"]} for p in sorted(results)],
                 "software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     shutil.rmtree(os.path.join(out, SPILL), ignore_errors=True)
-    for p in atomic.partials(out):  # of attempts Ray retried after a node or worker was lost
-        p.unlink(missing_ok=True)
+    atomic.remove_partials(out)  # of attempts Ray retried after a node or worker was lost
     _write_json(os.path.join(out, SUCCESS), manifest)
     added = ["catalog_row", "store_row", "object_id", "store_ra", "store_dec", "separation_arcsec"]
     return PartitionedJoinSummary(out, catalog_rows, matched, len(results), done_before, order, meta["how"],

@@ -117,13 +117,4 @@ class WriteStore(LocalStore):
 
 def remove_partials(root: str | os.PathLike) -> int:
     """Remove ``*.partial`` files a killed writer left under ``root``; returns how many (call under the lock)."""
-    n = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if f.endswith(PARTIAL_SUFFIX):
-                try:
-                    os.unlink(os.path.join(dirpath, f))
-                    n += 1
-                except OSError:
-                    pass
-    return n
+    return atomic.remove_partials(root, recursive=True)
