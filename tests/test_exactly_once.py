@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import zarr
 
-from galaxalign_batch.store import EmbeddingStore, LockError, StoreError, io as store_io, lock as store_lock, open_store
+from galaxalign_batch import lease
+from galaxalign_batch.store import EmbeddingStore, LockError, StoreError, io as store_io, open_store
 from galaxalign_batch.store.verify import verify_store
 
 DIM = 8
@@ -115,7 +116,7 @@ def content(path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("clean") / "clean.zarr"
-    with store_lock.locked(path):
+    with lease.locked(path):
         run(path)
     ref = content(path)
     assert len(ref["rows"]) == 22 and ref["done"] == {"a", "b", "c", "d", "e"} and set(ref["failed"]) == {"f"}
@@ -179,7 +180,7 @@ def test_a_crash_at_every_write_of_store_creation_leaves_no_store(tmp_path, inje
         assert not os.path.exists(path), f"a half-made store after a crash at write {k} of {writes}"
         leftovers = [e for e in os.listdir(tmp_path) if e.startswith(f".k{k}.zarr.creating-")]
         assert len(leftovers) == 1
-        with store_lock.locked(path):  # the re-run, as embed runs it: under the lock
+        with lease.locked(path):  # the re-run, as embed runs it: under the lock
             run(path)
         assert content(path) == reference
         assert not [e for e in os.listdir(tmp_path) if e.startswith(f".k{k}.zarr.creating-")]
@@ -223,7 +224,7 @@ def test_a_second_writer_object_cannot_commit_over_the_first(tmp_path):
 
 HOLDER = """
 import sys, time
-from galaxalign_batch.store import lock
+from galaxalign_batch import lease as lock
 lock.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
@@ -241,7 +242,7 @@ def test_a_live_holder_is_refused_with_one_line_and_a_dead_one_is_taken_over(tmp
     holder = _holder(store)
     try:
         with pytest.raises(LockError) as e:
-            store_lock.acquire(store)
+            lease.acquire(store)
         msg = str(e.value)
         assert "\n" not in msg and f"pid {holder.pid}" in msg and socket.gethostname() in msg
         assert "--force-unlock" in msg and "last heartbeat" in msg
@@ -252,15 +253,15 @@ def test_a_live_holder_is_refused_with_one_line_and_a_dead_one_is_taken_over(tmp
         holder.kill()
         holder.wait()
     with caplog.at_level("WARNING"):
-        lock = store_lock.acquire(store)  # the holder is gone: its lease is stale
+        lock = lease.acquire(store)  # the holder is gone: its lease is stale
     assert any("stale lock" in r.getMessage() and "process is gone" in r.getMessage() for r in caplog.records)
-    assert store_lock.read_lease(lock.path)["pid"] == os.getpid()
-    store_lock.release(lock)
+    assert lease.read_lease(lock.path)["pid"] == os.getpid()
+    lease.release(lock)
     assert not os.path.exists(lock.path)
 
 
 def _fake_lease(store, host: str, age_s: float, **extra) -> str:
-    path = store_lock.lock_path(store)
+    path = lease.lock_path(store)
     with open(path, "w") as f:
         json.dump({"host": host, "pid": 12345, "started": "then", "command": "galaxalign-batch embed ...",
                    "token": "other", **extra}, f)
@@ -273,23 +274,23 @@ def test_stale_rules_for_other_hosts_recycled_pids_and_force_unlock(tmp_path):
     store = tmp_path / "s.zarr"
     _fake_lease(store, "node-17", age_s=5)  # another host, fresh heartbeat: held
     with pytest.raises(LockError, match="host node-17 pid 12345"):
-        store_lock.acquire(store)
-    lock = store_lock.acquire(store, force=True)  # --force-unlock
-    store_lock.release(lock)
-    _fake_lease(store, "node-17", age_s=store_lock.STALE_S + 30)  # its heartbeat stopped: stale
-    store_lock.release(store_lock.acquire(store))
+        lease.acquire(store)
+    lock = lease.acquire(store, force=True)  # --force-unlock
+    lease.release(lock)
+    _fake_lease(store, "node-17", age_s=lease.STALE_S + 30)  # its heartbeat stopped: stale
+    lease.release(lease.acquire(store))
     # this host, a pid that exists (ours) but started at another time: the pid was recycled
-    _fake_lease(store, socket.gethostname(), age_s=0, pid=os.getpid(), pid_start="1", boot_id=store_lock._boot_id())
-    path = store_lock.lock_path(store)
-    lease = store_lock.read_lease(path)
-    lease["pid"] = os.getpid()
-    assert lease.stale_reason() == "its pid now belongs to another process"
-    store_lock.release(store_lock.acquire(store))
+    _fake_lease(store, socket.gethostname(), age_s=0, pid=os.getpid(), pid_start="1", boot_id=lease._boot_id())
+    path = lease.lock_path(store)
+    holder = lease.read_lease(path)
+    holder["pid"] = os.getpid()
+    assert holder.stale_reason() == "its pid now belongs to another process"
+    lease.release(lease.acquire(store))
 
 
 def test_a_writer_whose_lock_was_taken_stops_before_its_next_commit(tmp_path):
     path = tmp_path / "s.zarr"
-    lock = store_lock.acquire(path)
+    lock = lease.acquire(path)
     try:
         s = EmbeddingStore.create(path, DIM, attrs=ATTRS, rows_per_chunk=4)
         s.commit([_entry("a", 5)])
@@ -300,12 +301,12 @@ def test_a_writer_whose_lock_was_taken_stops_before_its_next_commit(tmp_path):
         assert content(path)["done"] == {"a"}
     finally:
         os.unlink(lock.path)
-        store_lock.release(lock)
+        lease.release(lock)
 
 
 def test_readers_need_no_lock(tmp_path):
     path = tmp_path / "s.zarr"
-    with store_lock.locked(path):
+    with lease.locked(path):
         run(path)
     holder = _holder(path)
     try:

@@ -85,7 +85,7 @@ def test_two_concurrent_resumes_one_proceeds_the_other_refuses_with_the_lock(cub
     assert codes == [0, 1], results
     loser = next(err for rc, _, err in results if rc == 1)
     lines = [ln for ln in loser.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "is locked by another writer" in lines[0] and "--force-unlock" in lines[0], loser
+    assert len(lines) == 1 and "is being written by another run" in lines[0] and "--force-unlock" in lines[0], loser
     winner = next(out_ for rc, out_, _ in results if rc == 0)
     assert "2 embedded, 2 already done" in winner
     assert_same(content(out), clean)
@@ -235,12 +235,12 @@ def test_bad_values_and_a_held_lock_are_refused_before_ray_starts(cubes, tmp_pat
         (base + ["--max-image-pixels", "0"], "--max-image-pixels must be a positive"),
     ]
     (tmp_path / "lockholder").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom galaxalign_batch.store import lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom galaxalign_batch import lease as lock\n"
                                "lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(out)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        cases.append((base, "is locked by another writer"))
+        cases.append((base, "is being written by another run"))
         for args, message in cases:
             last, err = _preflight(*args)
             assert last == "rc 1 ray-imported False", (args, last, err)

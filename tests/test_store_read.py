@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
+from galaxalign_batch import lease
 from galaxalign_batch.store import (DerivedArray, DerivedWriter, EmbeddingStore, StoreCorruptError, StoreError,
-                                    io as store_io, label_counts, lock as store_lock, open_readable, open_store,
+                                    io as store_io, label_counts, open_readable, open_store,
                                     probability_arrays, probability_columns)
 
 DIM = 8
@@ -128,7 +129,7 @@ def _values(store, version):
 
 
 def _run(path, dest, version=1, step=8, compute=None):
-    with store_lock.locked(path):
+    with lease.locked(path):
         s = open_store(path, "r+")
         w = _writer(s, dest, version)
         done = w.begin()
@@ -225,7 +226,7 @@ def test_probability_columns_and_label_counts(store_path):
     cols = probability_columns(probs)
     assert cols["label"].tolist() == [1, 0, 0] and cols["label"].dtype == np.int16
     np.testing.assert_allclose(cols["confidence"], [0.8, 0.9, 0.5])
-    with store_lock.locked(store_path):
+    with lease.locked(store_path):
         s = open_store(store_path, "r+")
         w = DerivedWriter(s, dest="", partial="_p", arrays=probability_arrays(2, "p"), signature={}, attr="cls")
         w.begin()

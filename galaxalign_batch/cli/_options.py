@@ -136,8 +136,9 @@ def add_force(p, *, help: str = "do it again even if the store is up to date") -
 
 def add_force_unlock(p) -> argparse.Action:
     return p.add_argument("--force-unlock", action="store_true",
-                          help="take the store's lock even though another writer seems to hold it (only when you "
-                               "know that run is gone; a lock whose process died is taken over without this)")
+                          help="take the output's lock (the store, the training folder) even though another run seems "
+                               "to hold it (only when you know that run is gone; a lock whose process died is taken "
+                               "over without this)")
 
 
 def add_batch_rows(p) -> argparse.Action:

@@ -18,7 +18,7 @@ examples:
 def run(args: argparse.Namespace) -> int:
     from galaxalign_batch.downstream.classify import classify_store, missing_model_error, scorer_from_checkpoint
     from galaxalign_batch.store import open_readable
-    from galaxalign_batch.store.lock import locked
+    from galaxalign_batch.lease import locked
 
     store = open_readable(args.store)
     if not args.model:

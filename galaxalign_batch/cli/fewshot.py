@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     name = ap.check_name(args.name) if args.name else None
     store = open_readable(args.store)
     if args.apply or args.head:  # a writer: one per store, refused before any work (docs/store.md)
-        from galaxalign_batch.store.lock import locked
+        from galaxalign_batch.lease import locked
 
         with locked(args.store, args.force_unlock):
             return _run(args, store, name)

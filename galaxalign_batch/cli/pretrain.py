@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         stretch=args.stretch, buffer=args.buffer, galaxies_only=args.galaxies_only, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads, device=args.device,
         resume="yes" if args.resume else "no" if args.no_resume else "auto")
-    summary = pretrain(cfg)
+    summary = pretrain(cfg, force_unlock=args.force_unlock)
     if args.export:
         summary["export"] = export_foundation(summary["model"], args.export)
     print(json.dumps({k: summary[k] for k in ("model", "global_step", "total_steps", "seconds", "sources", "tiles",
@@ -87,4 +87,5 @@ def register(sub) -> None:
                    help="do not train: turn a compact foundation FILE into OUT/model.safetensors (a checkpoint that "
                         "train --model accepts)")
     opt.add_resume(p)
+    opt.add_force_unlock(p)
     p.set_defaults(func=run)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         stretch=args.stretch, symbol_bank=args.symbol_bank, max_steps_per_epoch=args.max_steps_per_epoch,
         resume="yes" if args.resume else "no" if args.no_resume else "auto", tensorboard=args.tensorboard,
         threads=args.threads, store=args.store, survey=tuple(args.survey or ()))
-    summary = train(cfg)
+    summary = train(cfg, force_unlock=args.force_unlock)
     if summary:
         print(json.dumps({k: summary[k] for k in ("model", "epochs", "global_step", "seconds", "val_accuracy")
                           if k in summary}, indent=1))
@@ -125,5 +125,6 @@ def register(sub) -> None:
     opt.add_threads(g, help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     opt.add_resume(g)
+    opt.add_force_unlock(g)
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboard)")
     p.set_defaults(func=run)

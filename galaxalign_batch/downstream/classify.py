@@ -196,7 +196,7 @@ def classify_store(path: str | os.PathLike, scorer: Scorer, *, batch_rows: int |
     batches as Ray tasks on that cluster (``auto``, host:port, or ``local``); this process, the lock holder,
     writes them in order through the store's DerivedWriter.
     """
-    from galaxalign_batch.store.lock import locked
+    from galaxalign_batch.lease import locked
 
     with locked(path, force_unlock):
         return _classify_store(path, scorer, batch_rows=batch_rows, force=force, address=address)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from galaxalign_batch import progress
+from galaxalign_batch import lease, progress
 from galaxalign_batch.engine import images, preflight
 from galaxalign_batch.engine.encoder import describe_model, model_identity
 from galaxalign_batch.engine.selection import check_resume
 from galaxalign_batch.survey.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
-from galaxalign_batch.store import EmbeddingStore, lock as store_lock
+from galaxalign_batch.store import EmbeddingStore
 from galaxalign_batch.store.embedding_store import as_str
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     out = preflight.check_output(out)
     if max_image_pixels is not None and (isinstance(max_image_pixels, bool) or int(max_image_pixels) < 1):
         raise ConfigError(f"--max-image-pixels must be a positive number of pixels, got {max_image_pixels!r}")
-    lock = store_lock.acquire(out, force=force_unlock)
+    lock = lease.acquire(out, force=force_unlock)
     try:
         store = preflight.open_for_resume(out, info, embedding_dtype, identity=identity)
         if store is not None:
@@ -228,7 +228,7 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
-        store_lock.release(lock)
+        lease.release(lock)
 
 
 RANDOM_WEIGHTS_WARNING = ("--model tiny has RANDOM weights: these embeddings are meaningless beyond smoke tests "

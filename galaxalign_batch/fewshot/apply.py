@@ -110,7 +110,7 @@ def apply_head(path: str | os.PathLike, head: Head, name: str, *, head_file: str
     Holds the store's lock (one writer per store, docs/store.md) while it runs. ``address``: the row batches
     are computed as Ray tasks on that cluster and written here, in order.
     """
-    from galaxalign_batch.store.lock import locked
+    from galaxalign_batch.lease import locked
 
     with locked(path, force_unlock):
         return _apply_head(path, head, name, head_file=head_file, batch_rows=batch_rows, force=force,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
@@ -34,18 +34,24 @@ log = logging.getLogger(__name__)
 RAY_RUN_NAME = "train"
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run a training per ``cfg``: in this process, or with Ray Train when ``cfg.workers >= 1``."""
+def train(cfg: TrainConfig, *, force_unlock: bool = False) -> dict:
+    """Run a training per ``cfg``: in this process, or with Ray Train when ``cfg.workers >= 1``.
+
+    The run holds the lease of ``cfg.out`` (:mod:`galaxalign_batch.lease`) from before it touches the folder
+    until it has written the model: a second run into the same folder refuses with one line naming this one
+    (``force_unlock``: take the lease of a run you know is gone).
+    """
     out = Path(cfg.out)
-    if cfg.resume == "no" and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "train_config.json", {**cfg.to_dict(), "batch": cfg.batch_layout()})
-    if cfg.workers >= 1:
-        return train_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return run_training(cfg)
+    with lease.locked(out, force=force_unlock):
+        if cfg.resume == "no" and (out / "checkpoints").exists():
+            shutil.rmtree(out / "checkpoints")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(out / "train_config.json", {**cfg.to_dict(), "batch": cfg.batch_layout()})
+        if cfg.workers >= 1:
+            return train_distributed(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return run_training(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- Ray Train

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.captions import captions as make_captions, has_caption_columns
@@ -255,8 +255,16 @@ def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``."""
+def pretrain(cfg: PretrainConfig, *, force_unlock: bool = False) -> dict:
+    """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``.
+
+    The run holds the lease of ``cfg.out`` (:mod:`galaxalign_batch.lease`) throughout, as ``train`` does.
+    """
+    with lease.locked(cfg.out, force=force_unlock):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: PretrainConfig) -> dict:
     from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.model.inputs import resolve_device
     from galaxalign_batch.model.train import _param_groups, _schedule
@@ -328,6 +336,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         progress.update(epoch=epoch, chunk=chunk, batch=batch, global_step=step, history=history,
                         elapsed=round(elapsed0 + time.perf_counter() - t_run, 1), config=cfg.to_dict())
         model.info["train_seconds"] = progress["elapsed"]
+        lease.check_held(out)  # a run whose lease was taken (--force-unlock) stops before it writes again
         root = out / "checkpoints"
         ckpt.save_training_checkpoint(root / f"step_{step:07d}", model,
                                       {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -395,6 +404,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
     model.info["train_seconds"] = elapsed
     model.info["pretraining"].update(global_step=step, history=history)
+    lease.check_held(out)
     final = ckpt.save_model(model, out / "model.safetensors")
     summary = {"model": str(final), "global_step": step, "total_steps": total, "seconds": elapsed,
                "sources": int(sum(counts)), "tiles": len(refs), "last_loss": history[-1]["loss"] if history else None,

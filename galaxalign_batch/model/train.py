@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
@@ -461,6 +461,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
                 metrics.update({f"val_acc_{k}": v for k, v in last_val.items()})
                 metrics["elapsed_seconds"] = round(elapsed0 + time.perf_counter() - t_run, 1)
                 model.info["train_seconds"] = metrics["elapsed_seconds"]
+                lease.check_held(out)  # a run whose lease was taken (--force-unlock) stops before it writes again
                 writer.write(metrics)
                 ckpt_dir = _save_epoch(ctx, out, model, optimizer, scheduler, stage, cfg, done, global_step,
                                        metrics["elapsed_seconds"])
@@ -471,6 +472,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
             if ctx.report is not None:
                 ctx.report(metrics, ckpt_dir)
         if stage.name == "stage1" and ctx.is_main and cfg.epochs_stage2 > 0:
+            lease.check_held(out)
             ckpt.save_model(model, out / "model_stage1.safetensors")
         epoch_base += stage.epochs
         previous_optimizer = optimizer if stage.name != "align" else None
@@ -481,6 +483,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
             last_val = quick_accuracy(model, val.images, val.labels)
         elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
         model.info["train_seconds"] = elapsed
+        lease.check_held(out)
         final = ckpt.save_model(model, out / "model.safetensors")
         summary = {"model": str(final), "epochs": done, "global_step": global_step, "seconds": elapsed,
                    "val_accuracy": last_val, "train_images": len(train), "val_images": len(val),

@@ -95,7 +95,7 @@ def regress_store(store_path: str | os.PathLike, table_path: str | os.PathLike, 
     """
     from galaxalign_batch.morphology.catalog import read_table
     from galaxalign_batch.morphology.regress import METHODS, cross_validate, fit_head, store_embeddings
-    from galaxalign_batch.store.lock import locked
+    from galaxalign_batch.lease import locked
 
     t0 = time.perf_counter()
     targets = [str(t) for t in targets]

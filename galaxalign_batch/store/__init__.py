@@ -11,7 +11,7 @@ from galaxalign_batch.store.embedding_store import (EmbeddingStore, StoreCorrupt
 from galaxalign_batch.store import schema
 from galaxalign_batch.store.derived import (DerivedArray, DerivedWriter, ModelMismatchError, label_counts,
                                             probability_arrays, probability_columns)
-from galaxalign_batch.store.lock import LockError
+from galaxalign_batch.lease import LockError
 from galaxalign_batch.store.reading import EmbeddingView
 
 __all__ = ["EmbeddingStore", "StoreError", "StoreCorruptError", "ModelMismatchError", "LockError", "open_store",

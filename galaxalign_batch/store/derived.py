@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from galaxalign_batch.store import io as store_io
-from galaxalign_batch.store import lock as store_lock
+from galaxalign_batch import lease
 from galaxalign_batch.store.embedding_store import EmbeddingStore, StoreError
 
 __all__ = ["DerivedArray", "DerivedWriter", "ModelMismatchError", "probability_arrays", "probability_columns",
@@ -151,7 +151,7 @@ class DerivedWriter:
 
     def _check(self) -> None:
         self._writer()
-        store_lock.check_writable(self.store.path)
+        lease.check_writable(self.store.path)
 
     def _remove_dir(self, key: str) -> None:
         path = os.path.join(self.store.path, key)

@@ -10,7 +10,7 @@ The write protocol (docs/store.md, "Exactly once") in short:
   ``tiles_committed``, ``commit_serial`` and ``complete``. That single replace is the commit point;
   readers trust only the committed counts, so a writer killed at any moment leaves the previous
   commit intact and the re-run overwrites whatever lies beyond it.
-- **One writer**: writes check the store's lease (:mod:`galaxalign_batch.store.lock`) and that the
+- **One writer**: writes check the store's lease (:mod:`galaxalign_batch.lease`) and that the
   commit record on disk is still the one this writer last wrote.
 """
 
@@ -33,7 +33,7 @@ from galaxalign_batch import atomic
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.store import io as store_io
-from galaxalign_batch.store import lock as store_lock
+from galaxalign_batch import lease
 from galaxalign_batch.store import schema
 from galaxalign_batch.store.reading import REQUIRED_ARRAYS, StoreReader
 
@@ -141,7 +141,7 @@ class EmbeddingStore(StoreReader):
             raise StoreError(f"{final}: already exists (open it to resume, or choose another --out)")
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"embedding dtype must be float16 or float32, not {dtype!r}")
-        store_lock.check_writable(final)
+        lease.check_writable(final)
         extra_columns = schema.check_extra_columns(extra_columns)
         chunk, shard = schema.row_chunks(dim, dtype)
         if rows_per_chunk:
@@ -149,7 +149,7 @@ class EmbeddingStore(StoreReader):
         parent = os.path.dirname(os.path.abspath(final))
         os.makedirs(parent, exist_ok=True)
         for old in creation_leftovers(final):
-            if store_lock.held(final) is not None:  # only the lease holder may remove another creation's folder
+            if lease.held(final) is not None:  # only the lease holder may remove another creation's folder
                 shutil.rmtree(old, ignore_errors=True)
         tmp = os.path.join(parent, f".{os.path.basename(final)}{CREATING}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         meta = {
@@ -402,7 +402,7 @@ class EmbeddingStore(StoreReader):
     def _check_can_write(self) -> None:
         if self._writer is None:
             raise StoreError(f"{self.path}: opened read-only")
-        store_lock.check_writable(self.path)
+        lease.check_writable(self.path)
         ours = {"rows_committed": self._rows, "tiles_committed": self._tiles, "commit_serial": self._serial}
         disk = self._on_disk_record()
         if disk != ours:

@@ -223,14 +223,14 @@ def verify_store(path: str | os.PathLike, *, repair: bool = False, step_rows: in
     """Check the store at ``path`` (module docstring); with ``repair``, roll back past the first damage."""
     import pandas as pd
 
-    from galaxalign_batch.store import lock as store_lock
+    from galaxalign_batch import lease
 
     store = EmbeddingStore.open(path, "r")
     report = VerifyReport(store.path, rows=store.n_rows, tiles=store.n_tiles, format_version=store.format_version,
                           complete=bool(store.attrs.get("complete", False)))
-    lease = store_lock.lock_status(store.path)
-    if lease is not None and lease.stale_reason() is None:
-        report.lock = lease.describe() + " (a writer is running: what is checked may change)"
+    holder = lease.lock_status(store.path)
+    if holder is not None and holder.stale_reason() is None:
+        report.lock = holder.describe() + " (a writer is running: what is checked may change)"
     report.leftovers = len(creation_leftovers(store.path)) + sum(
         f.endswith(PARTIAL_SUFFIX) for _, _, files in os.walk(store.path) for f in files)
     n = store.n_rows
@@ -377,9 +377,9 @@ def _finish(store: EmbeddingStore, table, report: VerifyReport, repair: bool) ->
     report.rolled_back_tiles = list(dict.fromkeys(
         str(nm) for nm, st in zip(names[keep_records:], status[keep_records:]) if st == schema.STATUS_DONE))
     if repair:
-        from galaxalign_batch.store import lock as store_lock
+        from galaxalign_batch import lease
 
-        with store_lock.locked(store.path):
+        with lease.locked(store.path):
             w = EmbeddingStore.open(store.path, "r+")
             if (w.n_rows, w.n_tiles) != (store.n_rows, store.n_tiles):
                 raise StoreError(f"{store.path}: the store changed while it was checked; run verify again")

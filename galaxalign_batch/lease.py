@@ -1,4 +1,11 @@
-"""One writer per store: a lease file ``STORE.lock`` beside the store (docs/store.md, "One writer").
+"""One writer per output: a lease file ``TARGET.lock`` beside what a run writes (docs/store.md, "One writer").
+
+Two runs that write one output at once mix their results: two ``embed`` runs into one store, or two
+``train``/``pretrain`` runs into one ``--out`` folder (each writes ``metrics.csv``, checkpoints and the
+model; the second resumes from the first's checkpoints while the first is still writing them). So every
+command that writes an embedding store or a training folder first takes that output's lease here: the
+store (``embed``, ``classify``, ``fewshot``, ``morphology``, ``verify --repair``) and the model folder
+(``train``, ``pretrain``).
 
 The lease names its holder: host, pid, the process's start time (so a recycled pid is not taken
 for the holder), when the lease was taken, the command line, and a random token. Its **heartbeat**
@@ -16,10 +23,10 @@ Otherwise a second writer refuses with one line naming the holder and how to tak
 (``--force-unlock``, for a holder you know is gone, e.g. a node that died less than STALE_S ago).
 Taking over renames the old lease aside first and checks that the renamed lease is the one judged
 stale, so two processes breaking the same stale lease cannot both win. The holder re-reads the
-lease before every commit (:meth:`StoreLock.check`): a lease taken over under a live writer stops
+lease before every commit (:meth:`WriterLock.check`): a lease taken over under a live writer stops
 that writer before it writes again.
 
-Readers take no lock. A process may take the lock of one store several times (nested writers in one
+Readers take no lock. A process may take the lock of one output several times (nested writers in one
 process share it; it is released when the outermost holder releases it).
 """
 
@@ -49,12 +56,13 @@ STALE_S = float(os.environ.get("GALAXALIGN_LOCK_STALE_S", "60"))
 
 
 class LockError(GalaxAlignError):
-    """The store is being written by another process (or this process lost its lease)."""
+    """The output is being written by another process (or this process lost its lease)."""
 
 
-def lock_path(store: str | os.PathLike) -> str:
-    """``<resolved store path>.lock``: one lease per store, whatever spelling or symlink names it."""
-    return os.path.realpath(os.path.normpath(os.fspath(store))) + LOCK_SUFFIX
+def lock_path(target: str | os.PathLike) -> str:
+    """``<resolved path>.lock``: one lease per output (a store, a training folder), whatever spelling or
+    symlink names it."""
+    return os.path.realpath(os.path.normpath(os.fspath(target))) + LOCK_SUFFIX
 
 
 def _proc_start(pid: int) -> str | None:
@@ -92,6 +100,12 @@ def _pid_alive(pid: int) -> bool:
 
 def _describe_time(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def busy_message(target: str | os.PathLike, lease: "Lease") -> str:
+    """The one line a second writer gets: who holds ``target`` and what to do."""
+    return (f"{os.fspath(target)} is being written by another run: {lease.describe()}; wait for it to finish, "
+            f"write elsewhere, or if that run is gone, re-run with --force-unlock")
 
 
 class Lease(dict):
@@ -147,21 +161,21 @@ def read_lease(path: str) -> Lease | None:
     return lease
 
 
-def lock_status(store: str | os.PathLike) -> Lease | None:
-    """The current lease of ``store`` (for ``verify``), or None."""
-    return read_lease(lock_path(store))
+def lock_status(target: str | os.PathLike) -> Lease | None:
+    """The current lease of ``target`` (for ``verify``), or None."""
+    return read_lease(lock_path(target))
 
 
-_held: dict[str, "StoreLock"] = {}
+_held: dict[str, "WriterLock"] = {}
 _held_lock = threading.Lock()
 
 
-class StoreLock:
-    """The writer's lease of one store. Use :func:`acquire` (re-entrant within a process)."""
+class WriterLock:
+    """The writer's lease of one output. Use :func:`acquire` (re-entrant within a process)."""
 
-    def __init__(self, store: str | os.PathLike):
-        self.store = os.fspath(store)
-        self.path = lock_path(store)
+    def __init__(self, target: str | os.PathLike):
+        self.target = os.fspath(target)
+        self.path = lock_path(target)
         self.token = uuid.uuid4().hex
         self.count = 0
         self._stop = threading.Event()
@@ -170,7 +184,7 @@ class StoreLock:
 
     # ---- taking and giving back ------------------------------------------------------------------------------
     def _content(self) -> dict[str, Any]:
-        return {"format": "galaxalign-store-lock", "host": socket.gethostname(), "pid": os.getpid(),
+        return {"format": "galaxalign-lease", "host": socket.gethostname(), "pid": os.getpid(),
                 "pid_start": _proc_start(os.getpid()), "boot_id": _boot_id(),
                 "started": _describe_time(time.time()), "command": " ".join(sys.argv) or "python",
                 "token": self.token}
@@ -206,7 +220,7 @@ class StoreLock:
                             "next commit", self.path)
         os.unlink(aside)
 
-    def acquire(self, force: bool = False, command: str | None = None) -> "StoreLock":
+    def acquire(self, force: bool = False) -> "WriterLock":
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         for _ in range(20):
             if self._try_create():
@@ -216,16 +230,15 @@ class StoreLock:
                 continue
             reason = lease.stale_reason()
             if reason is None and not force:
-                raise LockError(f"{self.store} is locked by another writer: {lease.describe()}; wait for it to "
-                                f"finish, or if that run is gone, re-run with --force-unlock")
+                raise LockError(busy_message(self.target, lease))
             if reason is None:
-                log.warning("%s: --force-unlock: taking the lock of %s", self.store, lease.describe())
+                log.warning("%s: --force-unlock: taking the lock of %s", self.target, lease.describe())
             else:
-                log.warning("%s: taking over a stale lock (%s): %s", self.store, reason, lease.describe())
+                log.warning("%s: taking over a stale lock (%s): %s", self.target, reason, lease.describe())
             self._break(lease)
         else:
-            raise LockError(f"{self.store}: could not take the lock {self.path} (it keeps changing hands)")
-        self._thread = threading.Thread(target=self._beat, name="store-lock-heartbeat", daemon=True)
+            raise LockError(f"{self.target}: could not take the lock {self.path} (it keeps changing hands)")
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
         return self
 
@@ -245,8 +258,8 @@ class StoreLock:
         lease = read_lease(self.path)
         if lease is None or lease.get("token") != self.token:
             who = lease.describe() if lease else "nobody (the lock file was removed)"
-            raise LockError(f"{self.store}: this run lost its lock (now held by {who}); stopping before the next "
-                            "write. Another run may be writing the store: check it with 'galaxalign-batch verify'")
+            raise LockError(f"{self.target}: this run lost its lock (now held by {who}); stopping before the next "
+                            "write. Another run may be writing it (a store: check it with 'galaxalign-batch verify')")
 
     def release(self) -> None:
         self._stop.set()
@@ -258,19 +271,19 @@ class StoreLock:
                 pass
 
 
-def acquire(store: str | os.PathLike, force: bool = False) -> StoreLock:
-    """Take the writer's lease of ``store`` (re-entrant in one process); :class:`LockError` if another holds it."""
-    key = lock_path(store)
+def acquire(target: str | os.PathLike, force: bool = False) -> WriterLock:
+    """Take the writer's lease of ``target`` (re-entrant in one process); :class:`LockError` if another holds it."""
+    key = lock_path(target)
     with _held_lock:
         lock = _held.get(key)
         if lock is None:
-            lock = StoreLock(store).acquire(force=force)
+            lock = WriterLock(target).acquire(force=force)
             _held[key] = lock
         lock.count += 1
         return lock
 
 
-def release(lock: StoreLock) -> None:
+def release(lock: WriterLock) -> None:
     """Give back one :func:`acquire`; the lease file goes when the last holder in this process releases it."""
     with _held_lock:
         lock.count -= 1
@@ -280,26 +293,33 @@ def release(lock: StoreLock) -> None:
     lock.release()
 
 
-def held(store: str | os.PathLike) -> StoreLock | None:
-    """This process's lease of ``store``, if it holds one."""
+def held(target: str | os.PathLike) -> WriterLock | None:
+    """This process's lease of ``target``, if it holds one."""
     with _held_lock:
-        return _held.get(lock_path(store))
+        return _held.get(lock_path(target))
 
 
-def check_writable(store: str | os.PathLike) -> None:
-    """Refuse to write ``store`` when another live process holds its lease (or this one lost it).
+def check_writable(target: str | os.PathLike) -> None:
+    """Refuse to write ``target`` when another live process holds its lease (or this one lost it).
 
     Writers that took the lock are checked against their own lease; a writer that did not (library
     use) may write only while nobody else holds a live lease.
     """
-    mine = held(store)
+    mine = held(target)
     if mine is not None:
         mine.check()
         return
-    lease = read_lease(lock_path(store))
+    lease = read_lease(lock_path(target))
     if lease is not None and lease.stale_reason() is None:
-        raise LockError(f"{os.fspath(store)} is locked by another writer: {lease.describe()}; wait for it to "
-                        f"finish, or if that run is gone, re-run with --force-unlock")
+        raise LockError(busy_message(target, lease))
+
+
+def check_held(target: str | os.PathLike) -> None:
+    """Raise :class:`LockError` if this process took ``target``'s lease and has lost it since; nothing when it
+    holds none (a Ray Train worker writes for the driver, which holds the lease)."""
+    mine = held(target)
+    if mine is not None:
+        mine.check()
 
 
 @atexit.register
@@ -313,14 +333,14 @@ def _release_all() -> None:
 
 
 class locked:
-    """``with locked(store, force):`` holds the store's lease for the block."""
+    """``with locked(target, force):`` holds ``target``'s lease for the block."""
 
-    def __init__(self, store: str | os.PathLike, force: bool = False):
-        self.store, self.force = store, force
-        self.lock: StoreLock | None = None
+    def __init__(self, target: str | os.PathLike, force: bool = False):
+        self.target, self.force = target, force
+        self.lock: WriterLock | None = None
 
-    def __enter__(self) -> StoreLock:
-        self.lock = acquire(self.store, self.force)
+    def __enter__(self) -> WriterLock:
+        self.lock = acquire(self.target, self.force)
         return self.lock
 
     def __exit__(self, *exc) -> None:
