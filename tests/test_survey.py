@@ -219,6 +219,78 @@ def test_zero_rule_keeps_isolated_zeros(tmp_path):
     assert tile.valid.sum() == data.size - MIN_ZERO_REGION
 
 
+def _numpy_coverage(image, invvar):
+    """The coverage rule as NumPy expressions (the implementation before the compiled pass): the oracle."""
+    from galaxalign_batch.survey.tile import zero_regions
+
+    image = np.array(image, dtype=np.float32)
+    valid = np.isfinite(image)
+    if invvar is not None:
+        invvar = np.array(invvar, dtype=np.float32)
+        valid &= np.isfinite(invvar) & (invvar > 0)
+    image[~valid] = 0.0
+    for b in range(len(image)):
+        if np.any((image[b] == 0) & valid[b]):
+            valid[b] &= ~zero_regions(image[b])
+    image[~valid] = 0.0
+    if invvar is not None:
+        invvar[~valid] = 0.0
+    return image, valid, invvar
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ">f4", np.int16])
+@pytest.mark.parametrize("with_invvar", [True, False])
+def test_the_compiled_coverage_pass_is_the_numpy_rule_bit_for_bit(dtype, with_invvar):
+    """NaN/inf, -0.0, float64 values beyond float32 (inf once cast), big-endian planes, isolated zeros and
+    zero regions that touch pixels made invalid by NaN or by invvar <= 0 (they count as zeros)."""
+    from galaxalign_batch.survey.tile import coverage, coverage_planes
+
+    rng = np.random.default_rng(7)
+    image = rng.normal(0, 1, (3, 64, 80))
+    invvar = rng.uniform(0.5, 2, (3, 64, 80))
+    if np.dtype(dtype).kind == "f":
+        image[0, 3:6, 3:6] = np.nan
+        image[0, 6, 3:6] = 0.0            # 3 zeros + 9 NaN: a region of >= MIN_ZERO_REGION once NaN reads as 0
+        image[1, 10, 10] = -0.0           # an isolated (negative) zero stays valid
+        image[1, 20, 20] = np.inf
+        image[2, 30, 30] = 1e300 if np.dtype(dtype).itemsize == 8 else np.inf
+    image[1, 40:42, 40:44] = 0.0          # a region of MIN_ZERO_REGION zeros
+    image[2, 50, 50:53] = 0.0             # 3 zeros next to 6 pixels of invvar 0: one region of 9
+    invvar[2, 51, 49:55] = 0.0
+    invvar[0, 60, 60] = np.nan
+    invvar[1, 0, :] = -1.0
+    image = image.astype(dtype)
+    iv = invvar.astype(dtype) if with_invvar else None
+    want_img, want_valid, want_iv = _numpy_coverage(image, iv)
+    for got_img, got_valid, got_iv in (coverage("x", image, tuple("grz"), iv),
+                                       coverage_planes("x", list(image), tuple("grz"),
+                                                       None if iv is None else list(iv))):
+        assert got_img.dtype == np.float32 and got_img.shape == image.shape
+        assert np.array_equal(got_valid, want_valid)
+        assert np.array_equal(got_img.view(np.uint32), want_img.view(np.uint32))  # -0.0 kept, bit for bit
+        if with_invvar:
+            assert np.array_equal(got_iv.view(np.uint32), want_iv.view(np.uint32))
+        else:
+            assert got_iv is None
+    if np.dtype(dtype).kind == "f":
+        assert not want_valid[0, 6, 3:6].any() and want_valid[1, 10, 10]
+        # the 3 zeros form a region only with the 6 pixels that invvar 0 made invalid
+        assert want_valid[2, 50, 50:53].any() == (not with_invvar)
+
+
+def test_coverage_in_place_edits_the_given_float32_stack():
+    from galaxalign_batch.survey.tile import coverage
+
+    image = np.ones((3, 16, 16), np.float32)
+    image[0, 0, 0] = np.nan
+    out, valid, _ = coverage("x", image, tuple("grz"), copy=False)
+    assert out is image and image[0, 0, 0] == 0 and not valid[0, 0, 0]
+    kept = np.ones((3, 16, 16), np.float32)
+    kept[0, 0, 0] = np.nan
+    out, _, _ = coverage("x", kept, tuple("grz"))  # copy=True (default) leaves the input alone
+    assert out is not kept and np.isnan(kept[0, 0, 0])
+
+
 def test_temp_extended_gap_masked(cutouts_dir):
     tile = read_cube(cutouts_dir / "temp_extended.fits")
     raw = fits.getdata(cutouts_dir / "temp_extended.fits")

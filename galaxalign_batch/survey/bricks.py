@@ -13,7 +13,7 @@ from galaxalign_batch.errors import TileError
 from galaxalign_batch.survey import layout
 from galaxalign_batch.survey.layout import BRICK_FILE_RE, parse_brick_filename  # noqa: F401 (re-exported)
 from galaxalign_batch.survey.tile import (
-    Tile, celestial_wcs, coverage, header_summary, image_hdu_index, open_fits, read_hdu,
+    Tile, celestial_wcs, coverage_planes, header_summary, image_hdu_index, open_fits, read_hdu,
 )
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def read_brick_files(image_paths: Mapping[str, str | os.PathLike],
         elif not _same_grid(wcs, w, data.shape):
             raise TileError(paths[band], f"band {band} has a different WCS from band {bands[0]}")
         planes.append(data)
-    image = np.stack(planes).astype(np.float32, copy=False)
+    shape = planes[0].shape
 
     invvar = None
     if invvar_paths is not None:
@@ -82,10 +82,10 @@ def read_brick_files(image_paths: Mapping[str, str | os.PathLike],
             if not p.exists():
                 raise TileError(p, f"missing invvar for band {band} (file does not exist)")
             data, _ = _read_plane(p)
-            if data.shape != image.shape[1:]:
-                raise TileError(p, f"invvar shape {data.shape} differs from image shape {image.shape[1:]}")
+            if data.shape != shape:
+                raise TileError(p, f"invvar shape {data.shape} differs from image shape {shape}")
             ivplanes.append(data)
-        invvar = np.stack(ivplanes).astype(np.float32, copy=False)
+        invvar = ivplanes
 
     maskbits = None
     if maskbits_path is not None:
@@ -93,13 +93,14 @@ def read_brick_files(image_paths: Mapping[str, str | os.PathLike],
         if not p.exists():
             raise TileError(p, "missing maskbits file (file does not exist)")
         data, _ = _read_plane(p)
-        if data.shape != image.shape[1:]:
-            raise TileError(p, f"maskbits shape {data.shape} differs from image shape {image.shape[1:]}")
+        if data.shape != shape:
+            raise TileError(p, f"maskbits shape {data.shape} differs from image shape {shape}")
         if not np.issubdtype(data.dtype, np.integer):
             raise TileError(p, f"maskbits must be integers, got {data.dtype}")
         maskbits = data.astype(np.int32, copy=False)
 
-    image, valid, invvar = coverage(first, image, bands, invvar, copy=False)  # fresh arrays from np.stack
+    # one compiled pass per band writes the (bands, H, W) stack from fitsio's planes (no np.stack first)
+    image, valid, invvar = coverage_planes(first, planes, bands, invvar)
     summary = header_summary(header0)
     parsed = parse_brick_filename(first)
     if name is None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from galaxalign_batch.errors import TileError
 from galaxalign_batch.survey.tile import (MIN_ZERO_REGION, Tile, _first_line, celestial_wcs, check_declared_size,
-                                          header_summary, image_hdu_index, open_fits, read_header, zero_regions)
+                                          coverage_planes, header_summary, image_hdu_index, open_fits, read_header)
 
 #: px around each cutout's reach that is read too: >= MIN_ZERO_REGION (coverage rule) and >= the kernel's
 #: 16 px invalid-pixel blocks (preprocess.kernels.BLOCK), so both see what they would in the whole brick
@@ -289,19 +289,10 @@ def _section(f, path: Path, ext: int, rect) -> np.ndarray:
 
 
 def coverage_section(image: np.ndarray, invvar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The coverage rule of :func:`~galaxalign_batch.survey.tile.coverage` on one band's rectangle,
-    step for step (so its pixels come out bit-identical), without the whole-image checks."""
-    image = np.array(image, dtype=np.float32)
-    finite = np.isfinite(image)
-    valid = finite  # the same array, as in coverage(): pixels with invvar <= 0 are zeroed before labelling too
-    if invvar is not None:
-        invvar = np.asarray(invvar, dtype=np.float32)
-        valid &= np.isfinite(invvar) & (invvar > 0)
-    image[~finite] = 0.0
-    if np.any((image == 0) & valid):
-        valid &= ~zero_regions(image)
-    image[~valid] = 0.0
-    return image, valid
+    """The coverage rule (:func:`~galaxalign_batch.survey.tile.coverage_planes`, the same pass) on one
+    band's rectangle, without the whole-image checks: its pixels come out bit-identical to a whole read's."""
+    img, valid, _ = coverage_planes("", [image], ("",), None if invvar is None else [invvar], check=False)
+    return img[0], valid[0]
 
 
 def fraction_needed(frame: BrickFrame, x: np.ndarray, y: np.ndarray, spec) -> float:

@@ -344,38 +344,81 @@ def zero_regions(band_image: np.ndarray, min_pixels: int = MIN_ZERO_REGION) -> n
     return out
 
 
+def _kernel_input(plane) -> np.ndarray:
+    """A 2-D plane as the compiled pass reads it: native float32/float64 as is, anything else as float32."""
+    a = np.asarray(plane)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D plane, got shape {a.shape}")
+    if a.dtype.kind == "f" and a.dtype.itemsize in (4, 8) and a.dtype.isnative:
+        return a
+    return a.astype(np.float32)
+
+
+def coverage_planes(path: str | os.PathLike, planes, bands: tuple[str, ...], invvar_planes=None, *,
+                    out: np.ndarray | None = None, check: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The coverage rule on per-band planes, written into one (bands, H, W) float32 stack.
+
+    Invalid: non-finite pixels; ``invvar <= 0`` or non-finite invvar; exact zeros in a 4-connected
+    region of at least :data:`MIN_ZERO_REGION` pixels (counting invalid pixels, which read as 0).
+    Invalid pixels are 0 in the image (and the invvar). One compiled pass per band
+    (``survey/_coverage_kernel.py``) reads each plane once and writes the stack, so a reader need not
+    stack its planes first; the zero-region labelling runs only on bands with valid exact zeros.
+    ``out``: the image stack to write (it may hold the planes themselves: in place); default a new one.
+    ``check``: the whole-image checks (TileError for a band entirely NaN/inf or no valid pixel at all;
+    a warning for a band without coverage); off for a section of a brick.
+    Returns (image, valid, invvar or None).
+    """
+    from galaxalign_batch.survey._coverage_kernel import coverage_band
+
+    planes = [_kernel_input(p) for p in planes]
+    shape = (len(planes), *planes[0].shape)
+    if any(p.shape != shape[1:] for p in planes):
+        raise ValueError(f"planes of different shapes: {[p.shape for p in planes]}")
+    image = np.empty(shape, np.float32) if out is None else out
+    valid = np.empty(shape, bool)
+    invvar = None
+    if invvar_planes is not None:
+        invvar_planes = [_kernel_input(p) for p in invvar_planes]
+        invvar = np.empty(shape, np.float32)
+    dummy = np.zeros((1, 1), np.float32)
+    n_valid = []
+    for b, band in enumerate(bands):
+        has_iv = invvar is not None
+        finite, nv, zeros = coverage_band(planes[b], invvar_planes[b] if has_iv else dummy, image[b],
+                                          invvar[b] if has_iv else dummy, valid[b], has_iv)
+        if check and finite == 0:
+            raise TileError(path, f"band {band} is entirely NaN/inf")
+        if zeros:  # zeros already invalid (invvar 0) need no labelling
+            region = zero_regions(image[b])
+            if region.any():
+                valid[b] &= ~region
+                if has_iv:
+                    invvar[b][region] = 0.0
+                nv = int(np.count_nonzero(valid[b]))
+        n_valid.append(nv)
+    if check:
+        if not any(n_valid):
+            raise TileError(path, "no valid pixels (empty tile: no coverage in any band)")
+        for band, nv in zip(bands, n_valid):
+            if not nv:
+                log.warning("%s: band %s has no coverage (all pixels invalid)", path, band)
+    return image, valid, invvar
+
+
 def coverage(path: str | os.PathLike, image: np.ndarray, bands: tuple[str, ...],
              invvar: np.ndarray | None = None, copy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Apply the coverage rule; returns (image float32 with invalid = 0, valid, invvar or None).
-
-    Invalid: non-finite pixels; ``invvar <= 0`` or non-finite invvar; exact zeros in a connected
-    region of at least :data:`MIN_ZERO_REGION` pixels. TileError for a zero-size image, a band
-    that is entirely NaN/inf, or no valid pixel at all. ``copy=False`` may edit float32 inputs in place.
+    """Apply the coverage rule (:func:`coverage_planes`) to a (bands, H, W) image; returns (image float32
+    with invalid = 0, valid, invvar or None). TileError for a zero-size image, a band that is entirely
+    NaN/inf, or no valid pixel at all. ``copy=False`` may edit a float32 image in place.
     """
+    image = np.asarray(image)
     if image.size == 0:
         raise TileError(path, f"empty image (zero size, shape {image.shape})")
-    image = np.array(image, dtype=np.float32, copy=copy or None)
-    finite = np.isfinite(image)
-    for b, band in enumerate(bands):
-        if not finite[b].any():
-            raise TileError(path, f"band {band} is entirely NaN/inf")
-    valid = finite
-    if invvar is not None:
-        invvar = np.array(invvar, dtype=np.float32, copy=copy or None)
-        valid &= np.isfinite(invvar) & (invvar > 0)
-    image[~finite] = 0.0
-    for b in range(len(bands)):
-        if np.any((image[b] == 0) & valid[b]):  # zeros already invalid (invvar 0) need no labelling
-            valid[b] &= ~zero_regions(image[b])
-    image[~valid] = 0.0
-    if invvar is not None:
-        invvar[~valid] = 0.0
-    if not valid.any():
-        raise TileError(path, "no valid pixels (empty tile: no coverage in any band)")
-    for b, band in enumerate(bands):
-        if not valid[b].any():
-            log.warning("%s: band %s has no coverage (all pixels invalid)", path, band)
-    return image, valid, invvar
+    in_place = (not copy and image.dtype == np.float32 and image.dtype.isnative and image.flags.writeable
+                and image.ndim == 3)
+    return coverage_planes(path, list(image), bands, None if invvar is None else list(np.asarray(invvar)),
+                           out=image if in_place else None)
 
 
 def header_summary(header: fits.Header) -> dict:
