@@ -99,8 +99,10 @@ def read_brick_files(image_paths: Mapping[str, str | os.PathLike],
             raise TileError(p, f"maskbits must be integers, got {data.dtype}")
         maskbits = data.astype(np.int32, copy=False)
 
-    # one compiled pass per band writes the (bands, H, W) stack from fitsio's planes (no np.stack first)
-    image, valid, invvar = coverage_planes(first, planes, bands, invvar)
+    # one compiled pass per band writes the (bands, H, W) stack from fitsio's planes (no np.stack first),
+    # dropping each band's planes once written (``data`` above held the last one)
+    data = None
+    image, valid, invvar = coverage_planes(first, planes, bands, invvar, consume=True)
     summary = header_summary(header0)
     parsed = parse_brick_filename(first)
     if name is None:
