@@ -7,6 +7,16 @@ catches the built-in type works: ``except ValueError`` catches a bad option or a
 from __future__ import annotations
 
 import os
+import tokenize
+import zipfile
+import zlib
+
+#: What reading a damaged ``.npz`` raises: a truncated file has no zip directory (``BadZipFile``, not an
+#: OSError), a damaged member fails its CRC or inflate (``BadZipFile``, ``zlib.error``, ``EOFError``) or
+#: inflates to a garbled array header (NumPy's header parser: ``SyntaxError``, ``tokenize.TokenError``),
+#: a missing array is a ``KeyError``, a bad header a ``ValueError``.
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
+                   zlib.error)
 
 
 class GalaxAlignError(Exception):

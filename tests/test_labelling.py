@@ -113,6 +113,8 @@ def test_first_round_spans_every_cluster_and_serves_each_row_once(blobs, tmp_pat
     clusters = Clusters.cached(store, str(tmp_path / "c.npz"), k=4)
     assert (tmp_path / "c.npz").exists() and Clusters.cached(store, str(tmp_path / "c.npz")).label.tolist() == \
         clusters.label.tolist()
+    (tmp_path / "c.npz").write_bytes((tmp_path / "c.npz").read_bytes()[:100])  # a cache cut short: recomputed
+    assert Clusters.cached(store, str(tmp_path / "c.npz"), k=4).label.tolist() == clusters.label.tolist()
     order = clusters.first_round()
     assert sorted(order.tolist()) == list(range(store.n_rows))
     assert len(set(truth[order[:4]])) == 4          # the first screen shows one galaxy of every cluster

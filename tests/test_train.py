@@ -228,6 +228,33 @@ def test_bad_input_gives_clear_errors(tmp_path, labelled):
         TrainConfig(data="x", out="y", mode="text-only")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "no-label"])
+def test_a_damaged_labelled_split_is_one_line_naming_the_file(labelled, tmp_path, damage, caplog):
+    """A truncated ``train.npz`` used to end ``train`` with a zipfile traceback (BadZipFile is no OSError)."""
+    data = tmp_path / "sim"
+    shutil.copytree(labelled, data)
+    split = next(data.rglob("train.npz"))
+    raw = split.read_bytes()
+    if damage == "truncated":  # a copy cut short: no zip directory
+        split.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flipped":  # one byte of the compressed flux changed: CRC or inflate error
+        with np.load(split) as z:
+            flux, label = z["flux"], z["label"]
+        np.savez_compressed(split, flux=flux, label=label)
+        raw = bytearray(split.read_bytes())
+        raw[200] ^= 0xFF
+        split.write_bytes(bytes(raw))
+    else:
+        with np.load(split) as z:
+            np.savez(split, flux=z["flux"])
+    with pytest.raises(ConfigError, match=rf"{split.name}: cannot read flux/label \((BadZipFile|error|EOFError|KeyError|SyntaxError|TokenError)"):
+        load_dataset(data, load_vocabulary(), spec=CutoutSpec(angular_size=ANGULAR, out_size=32))
+    with caplog.at_level("ERROR"):
+        assert main(["--no-progress", "train", "--data", str(data), "--out", str(tmp_path / "o"),
+                     "--angular-size", str(ANGULAR)]) == 1
+    assert any("train.npz: cannot read flux/label" in r.getMessage() for r in caplog.records)
+
+
 def test_empty_or_tiny_splits_are_errors(tmp_path):
     for i in range(3):
         _png(tmp_path / "d" / "merging" / f"{i}.png", 50)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from galaxalign_batch import atomic
+from galaxalign_batch.errors import NPZ_READ_ERRORS
 from galaxalign_batch.progress import bar
 from galaxalign_batch.store import EmbeddingStore
 
@@ -124,8 +125,8 @@ class Clusters:
                 with np.load(path) as z:
                     if str(z["key"]) == key:
                         return cls(z["centroids"], z["label"], z["cosine"])
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("%s: ignoring an unreadable cluster cache (%s)", path, e)
+            except NPZ_READ_ERRORS as e:
+                log.warning("%s: ignoring an unreadable cluster cache (%s: %s)", path, type(e).__name__, e)
         c = cls.compute(store, **kw)
         with atomic.replacing(path) as tmp:
             np.savez(tmp, key=np.array(key), centroids=c.centroids, label=c.label, cosine=c.cosine)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.errors import NPZ_READ_ERRORS, ConfigError
 from galaxalign_batch.model.inputs import resize_images
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
 from galaxalign_batch.progress import bar
@@ -200,8 +200,8 @@ def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int 
         try:
             with np.load(f) as z:
                 flux, labels = z["flux"], z["label"].astype(np.int64)
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"{f}: cannot read flux/label ({e})") from None
+        except NPZ_READ_ERRORS as e:
+            raise ConfigError(f"{f}: cannot read flux/label ({type(e).__name__}: {e})") from None
         if flux.ndim != 4 or flux.shape[1] != len(bands) or len(flux) != len(labels):
             raise ConfigError(f"{f}: flux must be (N, {len(bands)}, S, S) with one label per stamp, got {flux.shape}")
         if remap is not None:
