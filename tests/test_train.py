@@ -118,6 +118,20 @@ def test_trimodal_run_writes_everything_and_resumes(labelled, tmp_path):
     with pytest.raises(ConfigError, match="different run"):
         run_training(_cfg(labelled, out, batch_size=4, resume="yes"))
 
+    # the newest checkpoint damaged on disk after it was renamed into place: one line saying what to do,
+    # and doing it (deleting that folder) resumes from the one before
+    for name in ("train_state.pt", "model.safetensors"):
+        damaged = out / "checkpoints" / "epoch_0002" / name
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[: len(whole) // 3])
+        with pytest.raises(ConfigError, match=r"epoch_0002(/model.safetensors)?: (unreadable training checkpoint|not a safetensors).*It is "
+                                              r"the newest checkpoint of this run: delete .*epoch_0002 to resume from "
+                                              r"the one before it, or start afresh with --no-resume"):
+            run_training(cfg)
+        damaged.write_bytes(whole)
+    shutil.rmtree(out / "checkpoints" / "epoch_0002")
+    assert train(cfg)["resumed_from"].endswith("epoch_0001")
+
 
 @pytest.mark.parametrize("mode", ["image-text", "image-only"])
 def test_baselines_same_budget(labelled, tmp_path, mode):

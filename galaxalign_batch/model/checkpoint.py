@@ -151,6 +151,18 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
     return state, progress
 
 
+def load_for_resume(directory: str | os.PathLike) -> tuple[GalaxAlignModel, dict, dict]:
+    """(model, train_state, progress) of the checkpoint a run resumes from; a damaged one (a file cut
+    short or garbled on disk after it was renamed into place) is one line that says how to go on."""
+    try:
+        state, progress = load_training_state(directory)
+        model = load_checkpoint(directory)
+    except ConfigError as e:
+        raise ConfigError(f"{e}. It is the newest checkpoint of this run: delete {directory} to resume from "
+                          f"the one before it, or start afresh with --no-resume") from None
+    return model, state, progress
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
     """The complete training checkpoint with the highest epoch anywhere under ``root`` (ours or Ray's)."""
     root = Path(root)

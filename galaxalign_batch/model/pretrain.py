@@ -284,13 +284,12 @@ def _pretrain(cfg: PretrainConfig) -> dict:
     if start is None and cfg.resume == "yes":
         raise ConfigError(f"--resume: no pretraining checkpoint under {out / 'checkpoints'}")
     if start is not None:
-        state, progress = ckpt.load_training_state(start)
+        model, state, progress = ckpt.load_for_resume(start)
         saved = progress.get("config", {})
         diff = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.to_dict()[k]]
         if diff:
             raise ConfigError(f"{start}: checkpoint of a different pretraining ({', '.join(diff)}); "
                               f"use another --out or --no-resume")
-        model = ckpt.load_checkpoint(start)
         counts = progress["counts"]
         log.info("resuming pretraining from %s (step %d)", start, progress["global_step"])
     else:

@@ -369,9 +369,8 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     start = _resume_point(cfg, ctx, out)
     state, progress = ({}, {"epoch": 0, "global_step": 0, "elapsed": 0.0})
     if start is not None:
-        state, progress = ckpt.load_training_state(start)
+        model, state, progress = ckpt.load_for_resume(start)
         check_resumable(cfg, progress, start)
-        model = ckpt.load_checkpoint(start)
         if ctx.is_main:
             log.info("resuming from %s (epoch %d done)", start, progress["epoch"])
     else:
