@@ -125,3 +125,15 @@ def test_deprecated_spellings_still_work_and_warn(caplog):
     args = commands["join"].parse_args(["--store", "s", "--catalog", "c.csv", "--out", "o.parquet", "--workers", "3"])
     assert args.threads == 3
     assert any("deprecated" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "d", "--out", "o", "--weights", "1,2"], "expected 3 non-negative numbers w_it,w_is,w_st, got '1,2'"),
+    (["train", "--data", "d", "--out", "o", "--stage1-weights", "1,-1,0"], "expected 3 non-negative numbers"),
+    (["pretrain", "--tiles", "t", "--out", "o", "--weights", "a,b"], "expected 2 numbers w_ii,w_ic, got 'a,b'"),
+])
+def test_loss_weights_are_parsed_in_one_place(argv, message, capsys):
+    """``train --weights``/``--stage1-weights`` and ``pretrain --weights``: one parser (``loss_weights``)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -30,11 +30,29 @@ from galaxalign_batch.errors import ConfigError
 __all__ = [
     "HelpFormatter", "CommandParser", "UsageError", "add_store", "add_tiles", "add_bricks", "add_survey",
     "add_sources", "add_angular_size", "add_device", "add_seed", "add_stretch", "add_force", "add_force_unlock",
-    "add_batch_rows", "add_threads", "add_resume", "add_address", "STRETCHES", "DEVICES",
+    "add_batch_rows", "add_threads", "add_resume", "add_address", "loss_weights", "STRETCHES", "DEVICES",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
 STRETCHES = ("lupton", "asinh", "gz-decals")
+
+
+def loss_weights(*names: str):
+    """An argparse ``type`` for ``len(names)`` non-negative loss weights written ``a,b,c`` (or spaces),
+    e.g. ``loss_weights("w_it", "w_is", "w_st")`` for ``train --weights``."""
+    spelled = ",".join(names)
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            w = tuple(float(v) for v in text.replace(",", " ").split())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {len(names)} numbers {spelled}, got {text!r}") from None
+        if len(w) != len(names) or any(v < 0 for v in w):
+            raise argparse.ArgumentTypeError(f"expected {len(names)} non-negative numbers {spelled}, got {text!r}")
+        return w
+
+    parse.__name__ = "weights"  # argparse names the type in its error: "invalid weights value"
+    return parse
 
 
 class UsageError(ConfigError):

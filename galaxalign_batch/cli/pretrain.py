@@ -12,14 +12,7 @@ from galaxalign_batch.cli import _options as opt
 log = logging.getLogger("galaxalign_batch")
 
 
-def _pair(text: str) -> tuple[float, float]:
-    try:
-        w = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers w_ii,w_ic, got {text!r}") from None
-    if len(w) != 2 or any(v < 0 for v in w):
-        raise argparse.ArgumentTypeError(f"expected two non-negative numbers w_ii,w_ic, got {text!r}")
-    return w
+_pair = opt.loss_weights("w_ii", "w_ic")
 
 
 def run(args: argparse.Namespace) -> int:

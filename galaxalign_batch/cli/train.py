@@ -11,14 +11,7 @@ from galaxalign_batch.cli import _options as opt
 log = logging.getLogger("galaxalign_batch")
 
 
-def _weights(text: str) -> tuple[float, float, float]:
-    try:
-        w = tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected three numbers w_it,w_is,w_st, got {text!r}") from None
-    if len(w) != 3 or any(v < 0 for v in w):
-        raise argparse.ArgumentTypeError(f"expected three non-negative numbers w_it,w_is,w_st, got {text!r}")
-    return w
+_weights = opt.loss_weights("w_it", "w_is", "w_st")
 
 
 def run(args: argparse.Namespace) -> int:
