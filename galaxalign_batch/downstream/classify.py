@@ -29,8 +29,8 @@ import torch
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.common import CLASSIFICATION_ATTR, classification_of
 from galaxalign_batch.errors import ConfigError
-from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, label_counts,
-                                    open_store, probability_arrays, probability_columns)
+from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, count_lines,
+                                    label_counts, open_store, probability_arrays, probability_columns)
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ class ClassifySummary:
         head = f"{self.store}: classified {self.rows} rows ({self.method}) in {self.seconds:.1f} s"
         if self.resumed_from:
             head += f" (resumed at row {self.resumed_from})"
-        out = [head]
-        width = max(len(c) for c in self.classes)
-        for c in self.classes:
-            n = self.counts.get(c, 0)
-            out.append(f"  {c:<{width}}  {n:>10d}  {100.0 * n / max(self.rows, 1):5.1f}%")
-        return out
+        return [head] + count_lines(self.classes, self.counts, self.rows)
 
 
 # ---------------------------------------------------------------------------------------------- scorers

@@ -30,8 +30,8 @@ from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.fewshot.heads import Head
 from galaxalign_batch.fewshot.labels import check_embeddings
-from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, label_counts,
-                                    open_store, probability_arrays, probability_columns)
+from galaxalign_batch.store import (DerivedWriter, EmbeddingStore, ModelMismatchError, StoreError, count_lines,
+                                    label_counts, open_store, probability_arrays, probability_columns)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ class ApplySummary:
                 f"{GROUP}/{self.name}/{{probs,label,confidence}}")
         if self.resumed_from:
             head += f" (resumed at row {self.resumed_from})"
-        width = max(len(c) for c in self.classes)
-        return [head] + [f"  {c:<{width}}  {self.counts.get(c, 0):>10d}  "
-                         f"{100.0 * self.counts.get(c, 0) / max(self.rows, 1):5.1f}%" for c in self.classes]
+        return [head] + count_lines(self.classes, self.counts, self.rows)
 
 
 def check_name(name: str) -> str:

@@ -326,3 +326,11 @@ def label_counts(store: EmbeddingStore, name: str, classes: Sequence[str]) -> di
         lab = np.asarray(cols[name], dtype=np.int64)
         total += np.bincount(lab[lab >= 0], minlength=k)[:k]
     return {c: int(v) for c, v in zip(classes, total)}
+
+
+def count_lines(classes: Sequence[str], counts: dict[str, int], rows: int) -> list[str]:
+    """``label_counts`` as the lines a command prints: class, rows, share of all rows (``classify``,
+    ``fewshot --apply``)."""
+    width = max((len(c) for c in classes), default=0)
+    return [f"  {c:<{width}}  {counts.get(c, 0):>10d}  {100.0 * counts.get(c, 0) / max(rows, 1):5.1f}%"
+            for c in classes]
