@@ -23,6 +23,7 @@ from conftest import write_symbol_labelled
 
 from galaxalign_batch import lease
 from galaxalign_batch.cli import main
+from galaxalign_batch.model import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest: one torch thread per module
 
@@ -61,7 +62,7 @@ def _epochs(out: Path) -> list[int]:
 
 def _checkpoints(out: Path) -> list[str]:
     root = out / "checkpoints"
-    return sorted(p.name for p in root.glob("epoch_*")) if root.is_dir() else []
+    return sorted(p.name for p in root.glob("epoch_*") if ckpt.is_complete(p)) if root.is_dir() else []
 
 
 def test_a_second_train_into_one_folder_refuses_and_the_first_is_untouched(labelled, tmp_path, caplog):
@@ -86,20 +87,22 @@ def test_a_second_train_into_one_folder_refuses_and_the_first_is_untouched(label
 
 def test_a_killed_run_leaves_a_stale_lease_that_the_rerun_takes_over_and_resumes(labelled, tmp_path, caplog):
     out = tmp_path / "run"
-    first = _spawn_train(labelled, out, epochs=30)
+    first = _spawn_train(labelled, out, epochs=8)
     try:
         _wait_for(lambda: len(_checkpoints(out)) >= 1, first)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert os.path.exists(lease.lock_path(out))  # killed: its lease stays, naming a dead pid
-    done = _epochs(out)[-1]
+    leftover = out / ".model.0123456789ab.partial.safetensors"  # as if killed while writing its model
+    leftover.write_bytes(b"half")
     with caplog.at_level("WARNING"):
-        assert main(_train_args(labelled, out, epochs=done + 2)) == 0
+        assert main(_train_args(labelled, out, epochs=8)) == 0  # the same command again
     assert any("taking over a stale lock" in r.getMessage() and "process is gone" in r.getMessage()
                for r in caplog.records)
-    assert _epochs(out) == list(range(1, done + 3))  # resumed after the last whole epoch, none twice
+    assert _epochs(out) == list(range(1, 9))  # resumed after the last whole epoch, none twice
     assert not os.path.exists(lease.lock_path(out))
+    assert not leftover.exists()  # the rerun holds the folder's lease: the dead run's temporaries go
 
 
 def test_force_unlock_takes_the_folder_and_the_old_run_stops_before_it_writes_again(labelled, tmp_path,
@@ -141,6 +144,7 @@ def test_a_refused_run_changes_nothing_in_the_folder(command, labelled, tmp_path
     out = tmp_path / "run"
     (out / "checkpoints" / "epoch_0001").mkdir(parents=True)
     (out / "metrics.csv").write_text("epoch\n1\n")
+    (out / ".model.0123456789ab.partial.safetensors").write_bytes(b"half")  # the live run's, being written
     _fake_live_lease(out)
     args = (_train_args(labelled, out, epochs=1) if command == "train"
             else ["--no-progress", "pretrain", "--tiles", str(tmp_path / "no-such-tiles"), "--out", str(out)])
@@ -148,4 +152,5 @@ def test_a_refused_run_changes_nothing_in_the_folder(command, labelled, tmp_path
         assert main(args + ["--no-resume"]) == 1
     assert any("is being written by another run: host node-" in r.getMessage() for r in caplog.records)
     assert (out / "checkpoints" / "epoch_0001").is_dir() and (out / "metrics.csv").read_text() == "epoch\n1\n"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".model.0123456789ab.partial.safetensors", "checkpoints",
+                                                     "metrics.csv"]

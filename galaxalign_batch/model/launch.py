@@ -43,6 +43,7 @@ def train(cfg: TrainConfig, *, force_unlock: bool = False) -> dict:
     """
     out = Path(cfg.out)
     with lease.locked(out, force=force_unlock):
+        clear_leftovers(out)
         if cfg.resume == "no" and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,14 @@ def train(cfg: TrainConfig, *, force_unlock: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- Ray Train
+
+def clear_leftovers(out: Path) -> None:
+    """Remove the temporary files a killed run left at the top of ``out`` (a model file half-written when it was
+    killed: tens of MB). Safe only under ``out``'s lease: no other writer of the folder can be alive."""
+    n = atomic.remove_partials(out) if out.is_dir() else 0
+    if n:
+        log.info("%s: removed %d temporary file(s) of a killed run", out, n)
+
 
 def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest training checkpoint under ``root`` (ours or Ray's) whose files all read back.
