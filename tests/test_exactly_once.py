@@ -314,3 +314,20 @@ def test_readers_need_no_lock(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_old_module_name_still_works_and_warns(tmp_path):
+    """``galaxalign_batch.store.lock`` (before the lease also guarded training folders) re-exports the lease."""
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop("galaxalign_batch.store.lock", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("galaxalign_batch.store.lock")
+    assert any(issubclass(w.category, DeprecationWarning) and "galaxalign_batch.lease" in str(w.message)
+               for w in caught)
+    assert old.locked is lease.locked and old.LockError is LockError
+    with old.locked(tmp_path / "s.zarr"):
+        assert lease.held(tmp_path / "s.zarr") is not None

@@ -36,7 +36,8 @@ DIM = 16
 WRITER = r"""
 import sys, zlib
 import numpy as np
-from galaxalign_batch.store import EmbeddingStore, lock, store_exists
+from galaxalign_batch import lease as lock
+from galaxalign_batch.store import EmbeddingStore, store_exists
 
 path, n_tiles, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 DIM = 16

@@ -93,7 +93,7 @@ class DerivedWriter:
     Parameters
     ----------
     store : EmbeddingStore
-        Opened ``"r+"`` by the holder of its lock (:func:`galaxalign_batch.store.lock.locked`).
+        Opened ``"r+"`` by the holder of its lock (:func:`galaxalign_batch.lease.locked`).
     dest : str
         Where the result's arrays end up: ``""`` for the store's root (each array renamed into
         place), or a group path such as ``"fewshot/spiral"`` (the group renamed into place).
