@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -22,6 +23,7 @@ import numpy as np
 import open_clip
 import torch
 
+from galaxalign_batch import atomic
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.config import build_clip_from_config, tokenizer_for
@@ -149,6 +151,15 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict, dict]:
         why = " ".join(str(e).split())[:200] or type(e).__name__
         raise ConfigError(f"{directory}: unreadable training checkpoint ({why})") from None
     return state, progress
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove the temporary files a killed run left at the top of its output folder ``out`` (a model file
+    half-written when it was killed: tens of MB). Safe only under ``out``'s lease (``train``, ``pretrain``):
+    no other writer of the folder can be alive."""
+    n = atomic.remove_partials(out) if Path(out).is_dir() else 0
+    if n:
+        logging.getLogger(__name__).info("%s: removed %d temporary file(s) of a killed run", out, n)
 
 
 def load_for_resume(directory: str | os.PathLike) -> tuple[GalaxAlignModel, dict, dict]:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
+from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
 __all__ = ["train", "train_distributed", "newest_complete_checkpoint", "absolute_paths"]
@@ -43,7 +44,7 @@ def train(cfg: TrainConfig, *, force_unlock: bool = False) -> dict:
     """
     out = Path(cfg.out)
     with lease.locked(out, force=force_unlock):
-        clear_leftovers(out)
+        ckpt.clear_leftovers(out)
         if cfg.resume == "no" and (out / "checkpoints").exists():
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
@@ -57,14 +58,6 @@ def train(cfg: TrainConfig, *, force_unlock: bool = False) -> dict:
 
 # ---------------------------------------------------------------------------------------------- Ray Train
 
-def clear_leftovers(out: Path) -> None:
-    """Remove the temporary files a killed run left at the top of ``out`` (a model file half-written when it was
-    killed: tens of MB). Safe only under ``out``'s lease: no other writer of the folder can be alive."""
-    n = atomic.remove_partials(out) if out.is_dir() else 0
-    if n:
-        log.info("%s: removed %d temporary file(s) of a killed run", out, n)
-
-
 def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
     """The newest training checkpoint under ``root`` (ours or Ray's) whose files all read back.
 
@@ -72,8 +65,6 @@ def newest_complete_checkpoint(root: str | os.PathLike) -> Path | None:
     copy leaves a directory with every file present and one of them torn; such directories are
     skipped (with a warning) in favour of the next newest.
     """
-    from galaxalign_batch.model import checkpoint as ckpt
-
     root = Path(root)
     if not root.is_dir():
         return None

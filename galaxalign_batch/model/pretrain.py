@@ -260,10 +260,8 @@ def pretrain(cfg: PretrainConfig, *, force_unlock: bool = False) -> dict:
 
     The run holds the lease of ``cfg.out`` (:mod:`galaxalign_batch.lease`) throughout, as ``train`` does.
     """
-    from galaxalign_batch.model.launch import clear_leftovers
-
     with lease.locked(cfg.out, force=force_unlock):
-        clear_leftovers(Path(cfg.out))
+        ckpt.clear_leftovers(Path(cfg.out))
         return _pretrain(cfg)
 
 
