@@ -1,11 +1,13 @@
 """One writer per output: a lease file ``TARGET.lock`` beside what a run writes (docs/store.md, "One writer").
 
-Two runs that write one output at once mix their results: two ``embed`` runs into one store, or two
+Two runs that write one output at once mix their results: two ``embed`` runs into one store, two
 ``train``/``pretrain`` runs into one ``--out`` folder (each writes ``metrics.csv``, checkpoints and the
-model; the second resumes from the first's checkpoints while the first is still writing them). So every
-command that writes an embedding store or a training folder first takes that output's lease here: the
-store (``embed``, ``classify``, ``fewshot``, ``morphology``, ``verify --repair``) and the model folder
-(``train``, ``pretrain``).
+model; the second resumes from the first's checkpoints while the first is still writing them), two
+``simulate`` runs into one survey root (bricks of one seed under the other's manifest), two partitioned
+joins into one folder (each removes the other's files). So every command that writes such a folder first
+takes that output's lease here: the store (``embed``, ``classify``, ``fewshot``, ``morphology``,
+``verify --repair``), the model folder (``train``, ``pretrain``), the simulated survey root
+(``simulate``) and the partitioned join's folder (``join --out FOLDER``).
 
 The lease names its holder: host, pid, the process's start time (so a recycled pid is not taken
 for the holder), when the lease was taken, the command line, and a random token. Its **heartbeat**
@@ -87,6 +89,9 @@ def _boot_id() -> str | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a running process. A zombie (killed, not yet reaped by its parent: e.g. a run
+    SIGKILLed by ``timeout -s KILL``, which is killed with it, until init reaps the orphan) writes nothing
+    more and counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +100,12 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+    except (OSError, ValueError):
+        return True
 
 
 def _describe_time(ts: float) -> str:

@@ -76,3 +76,34 @@ def write_symbol_labelled(root: Path, counts: dict[str, int], stamp: int = 48, s
         np.savez(d / f"{split}.npz", flux=np.stack(flux), label=np.asarray(label, np.int64))
     (d / "manifest.json").write_text(json.dumps({"pixscale": 0.262, "bands": ["g", "r", "z"], "classes": keys}))
     return root
+
+
+_LEASE_HOLDER = """
+import sys, time
+from galaxalign_batch import lease
+lease.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+class lease_holder:
+    """``with lease_holder(target) as proc:`` another process holds ``target``'s lease (galaxalign_batch.lease)
+    for the block: a live second writer, as a run started twice would be. Killed and reaped at the end."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, self.target], stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+        return self.proc
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()

@@ -260,6 +260,29 @@ def test_a_live_holder_is_refused_with_one_line_and_a_dead_one_is_taken_over(tmp
     assert not os.path.exists(lock.path)
 
 
+def test_a_killed_holder_not_yet_reaped_is_gone(tmp_path, caplog):
+    """SIGKILLed but not waited for (a zombie: ``timeout -s KILL`` dies with its child, which stays a zombie
+    until init reaps it): kill(pid, 0) still succeeds, yet the holder writes nothing more."""
+    store = tmp_path / "s.zarr"
+    holder = _holder(store)
+    try:
+        holder.kill()
+        deadline = time.time() + 10
+        while time.time() < deadline:  # until the kernel has made it a zombie (we do not reap it yet)
+            with open(f"/proc/{holder.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the killed holder never became a zombie")
+        with caplog.at_level("WARNING"):
+            lock = lease.acquire(store)
+        assert any("process is gone" in r.getMessage() for r in caplog.records)
+        lease.release(lock)
+    finally:
+        holder.wait()
+
+
 def _fake_lease(store, host: str, age_s: float, **extra) -> str:
     path = lease.lock_path(store)
     with open(path, "w") as f:

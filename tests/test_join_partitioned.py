@@ -163,6 +163,32 @@ def test_refusals(store_path, catalog, tmp_path):
         join_partitioned(store_path, catalog, tmp_path / "busy", radius=1.0)
 
 
+def test_a_second_join_into_the_same_folder_is_refused(store_path, catalog, reference, tmp_path, caplog):
+    """Before the lease, a second join into a folder another was writing removed the first's spill and
+    partition files: one of the two died with a FileNotFoundError traceback, or both finished and the
+    folder held one join's ``_SUCCESS`` beside the other's plan."""
+    from conftest import lease_holder
+
+    from galaxalign_batch.cli import main
+    from galaxalign_batch.lease import LockError
+
+    out = tmp_path / "joined"
+    join_partitioned(store_path, catalog, out, radius=1.0, threads=1, partition_rows=300, split_rows=250)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with lease_holder(out) as other:
+        with pytest.raises(LockError, match=f"pid {other.pid}"):
+            join_partitioned(store_path, catalog, out, radius=2.0, threads=1, force=True)
+        assert main(["join", "--store", store_path, "--catalog", catalog, "--out", str(out), "--radius", "2",
+                     "--force"]) == 1
+        err = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(err) == 1 and "is being written by another run" in err[0] and "--force-unlock" in err[0]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+        # the holder is alive, but the user knows better
+        join_partitioned(store_path, catalog, out, radius=1.0, threads=1, partition_rows=300, split_rows=250,
+                         force=True, force_unlock=True)
+    _same(read_partitioned(out), reference)
+
+
 def test_another_plan_starts_afresh(store_path, catalog, tmp_path):
     out = tmp_path / "j"
     join_partitioned(store_path, catalog, out, radius=1.0, threads=1, partition_rows=300, split_rows=250)

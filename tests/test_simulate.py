@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import lease_holder
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.simulate import Conditions, class_keys, draw_galaxy, draw_star, simulate_labelled, simulate_survey
 from galaxalign_batch.simulate.survey import MASKBITS
@@ -365,3 +372,87 @@ def test_demo_refuses_a_sky_of_another_generator_version(tmp_path):
     assert GENERATOR_VERSION != "0"
     assert main(["demo", "--out", str(tmp_path), "--size", "smallest"]) != 0
     assert not (tmp_path / "foundation").exists() and not (tmp_path / "model").exists()
+
+
+# --- one run per survey root; a killed run is finished by the same command --------------------------
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_simulation_into_the_same_folder_is_refused(tmp_path, caplog):
+    """Before the lease, two runs into one folder both exited 0 and left bricks of one seed under the
+    other's manifest."""
+    from galaxalign_batch.cli import main
+    from galaxalign_batch.lease import LockError
+
+    out = tmp_path / "sky"
+    args = ["simulate", "--out", str(out), "--bricks", "1", "--size", "48", "--density", "100", "--labelled",
+            "--n-per-class", "2", "--stamp-size", "32"]
+    with lease_holder(out) as other:
+        assert main(args) == 1
+        err = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(err) == 1 and "\n" not in err[0]
+        assert "is being written by another run" in err[0] and f"pid {other.pid}" in err[0]
+        with pytest.raises(LockError):
+            simulate_labelled(out, n_per_class=2, stamp_size=32)
+        assert not out.exists()
+    assert main(args) == 0  # the holder is gone
+    assert not Path(str(out) + ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_simulation_is_finished_by_the_same_command(tmp_path):
+    """SIGKILL after the first brick: the re-run of the same command (refused before: 'not a simulation
+    made by galaxalign-batch') completes, byte for byte the survey a clean run writes, with no temporary
+    file left."""
+    from galaxalign_batch import atomic
+    from galaxalign_batch.cli import main
+
+    out = tmp_path / "sky"
+    args = ["simulate", "--out", str(out), "--bricks", "3", "--size", "1024", "--seed", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "galaxalign_batch", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not list((out / "tractor").rglob("tractor-*.fits")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 120
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    manifest = json.loads((out / "simulation.json").read_text())
+    assert manifest["complete"] is False, "the run finished before the kill: nothing was tested"
+    assert main(args) == 0
+    assert json.loads((out / "simulation.json").read_text())["complete"] is True
+    simulate_survey(tmp_path / "clean", bricks=3, size=1024, seed=5)
+    assert _tree(out) == _tree(tmp_path / "clean")
+    assert not [p for p in out.rglob("*") if atomic.is_partial(p.name)] and not Path(str(out) + ".lock").exists()
+
+
+def test_a_labelled_set_cut_short_has_no_manifest_and_train_says_so(tmp_path, monkeypatch):
+    from galaxalign_batch.model.data import source_kind
+    from galaxalign_batch.simulate import labelled as lab
+
+    out = tmp_path / "sky"
+    kw = dict(n_per_class=2, stamp_size=32)
+    simulate_labelled(out, seed=1, **kw)
+    assert source_kind(out) == "simulated"
+    real, calls = np.savez, []
+
+    def savez_then_die(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the first split and the second
+        return real(*a, **k)
+
+    monkeypatch.setattr(lab.np, "savez", savez_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_labelled(out, seed=2, overwrite=True, **kw)
+    monkeypatch.setattr(lab.np, "savez", real)
+    assert not (out / "labelled" / "manifest.json").exists()  # train.npz is seed 2's: the old manifest is gone
+    with pytest.raises(ConfigError, match="without its manifest.json"):
+        source_kind(out)
+    simulate_labelled(out, seed=2, overwrite=True, **kw)
+    assert json.loads((out / "labelled" / "manifest.json").read_text())["seed"] == 2

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
                                    dec_col=args.dec_col, catalog_format_=args.format,
                                    with_embedding=args.with_embedding, inner=args.inner,
                                    kept=_kept(args.store_columns), address=args.address, threads=args.threads,
-                                   partition_rows=args.partition_rows or PARTITION_ROWS, force=args.force)
+                                   partition_rows=args.partition_rows or PARTITION_ROWS, force=args.force,
+                                   force_unlock=args.force_unlock)
         for line in summary.lines():
             print(line)
         return 0
@@ -95,5 +96,6 @@ def register(sub) -> None:
     p.add_argument("--partition-rows", type=int, default=None, metavar="N",
                    help="with --out FOLDER: at most this many store rows per HEALPix partition (default 2000000)")
     opt.add_force(p, help="with --out FOLDER: join again even if the folder holds this join, finished")
+    opt.add_force_unlock(p)
     opt.add_deprecated_alias(p, "--workers", "--threads", "threads", type=int)
     p.set_defaults(func=run)

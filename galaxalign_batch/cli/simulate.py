@@ -22,17 +22,19 @@ def _summary_lines(s: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from galaxalign_batch.lease import locked
     from galaxalign_batch.simulate import simulate_labelled, simulate_survey
 
     result = {}
-    survey = simulate_survey(args.out, bricks=args.bricks, size=args.size, seed=args.seed, density=args.density,
-                             stars=args.stars, center=tuple(args.center), no_coverage=args.no_coverage,
-                             workers=args.workers, overwrite=args.overwrite)
-    result["survey"] = survey
-    if args.labelled:
-        result["labelled"] = simulate_labelled(args.out, n_per_class=args.n_per_class, stamp_size=args.stamp_size,
-                                               seed=args.seed, workers=args.workers, overwrite=args.overwrite,
-                                               neighbours=args.neighbours)
+    with locked(args.out, args.force_unlock):  # one lease over both parts: no other run between them
+        survey = simulate_survey(args.out, bricks=args.bricks, size=args.size, seed=args.seed, density=args.density,
+                                 stars=args.stars, center=tuple(args.center), no_coverage=args.no_coverage,
+                                 workers=args.workers, overwrite=args.overwrite)
+        result["survey"] = survey
+        if args.labelled:
+            result["labelled"] = simulate_labelled(args.out, n_per_class=args.n_per_class, stamp_size=args.stamp_size,
+                                                   seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+                                                   neighbours=args.neighbours)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -77,5 +79,6 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel processes (results identical)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into DIR even if it holds a simulation with other parameters")
+    opt.add_force_unlock(p)
     p.add_argument("--json", action="store_true", help="print the full summary as JSON")
     p.set_defaults(func=run)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch._version import __version__
 from galaxalign_batch.downstream.catalogs import DEC_NAMES, RA_NAMES, _angle_column, catalog_format, find_column
 from galaxalign_batch.downstream.common import CatalogError, classification_of
@@ -460,9 +460,14 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
                      catalog_format_: str | None = None, with_embedding: bool = False, inner: bool = False,
                      kept: list[str] | None = None, address: str | None = None, threads: int | None = None,
                      partition_rows: int = PARTITION_ROWS, split_rows: int = SPLIT_ROWS, force: bool = False,
-                     retries: int = 3, executor: Executor | None = None) -> PartitionedJoinSummary:
+                     retries: int = 3, executor: Executor | None = None,
+                     force_unlock: bool = False) -> PartitionedJoinSummary:
     """Cross-match ``catalog`` with the store into the folder ``out`` (module docstring): Ray tasks when
-    ``address`` is given (or an ``executor``), else ``threads`` threads of this process."""
+    ``address`` is given (or an ``executor``), else ``threads`` threads of this process.
+
+    The run holds ``out``'s lease (:mod:`galaxalign_batch.lease`): a second join into the same folder at the
+    same time is refused with one line (``force_unlock``: take the lease of a run you know is gone).
+    """
     t0 = time.perf_counter()
     out = os.path.abspath(os.fspath(out))
     path = os.path.abspath(os.fspath(catalog))
@@ -477,6 +482,16 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
         raise CatalogError(f"{path}: catalog not found")
     if partition_rows < 1 or split_rows < 1:
         raise ConfigError("partition_rows and split_rows must be positive")
+    with lease.locked(out, force=force_unlock):
+        return _join_partitioned(store_path, path, out, t0, radius=radius, ra_col=ra_col, dec_col=dec_col,
+                                 catalog_format_=catalog_format_, with_embedding=with_embedding, inner=inner,
+                                 kept=kept, address=address, threads=threads, partition_rows=partition_rows,
+                                 split_rows=split_rows, force=force, retries=retries, executor=executor)
+
+
+def _join_partitioned(store_path, path: str, out: str, t0: float, *, radius, ra_col, dec_col, catalog_format_,
+                      with_embedding, inner, kept, address, threads, partition_rows, split_rows, force, retries,
+                      executor) -> PartitionedJoinSummary:
     fmt = catalog_format(path, catalog_format_)
     store = open_readable(store_path)
     kept = kept_columns(store, kept)
@@ -618,6 +633,7 @@ def join_partitioned(store_path: str | os.PathLike, catalog: str | os.PathLike, 
                 "software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     shutil.rmtree(os.path.join(out, SPILL), ignore_errors=True)
     atomic.remove_partials(out)  # of attempts Ray retried after a node or worker was lost
+    lease.check_held(out)
     _write_json(os.path.join(out, SUCCESS), manifest)
     added = ["catalog_row", "store_row", "object_id", "store_ra", "store_dec", "separation_arcsec"]
     return PartitionedJoinSummary(out, catalog_rows, matched, len(results), done_before, order, meta["how"],

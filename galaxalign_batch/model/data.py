@@ -101,6 +101,10 @@ def source_kind(path: str | os.PathLike, store: str | os.PathLike | None = None)
     if p.is_dir():
         if (p / "labelled" / "manifest.json").is_file() or (p / "manifest.json").is_file():
             return "simulated"
+        if any((p / "labelled").glob("*.npz")):
+            raise ConfigError(f"{p / 'labelled'}: a simulated labelled set without its manifest.json (simulate writes "
+                              "it last: that run was cut short); run the same 'galaxalign-batch simulate --out "
+                              f"{p} --labelled ...' again")
         return "folders"
     if p.is_file():
         suffix = p.suffix.lower()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate.galaxies import GENERATOR_VERSION, class_keys, draw_galaxy
@@ -111,12 +111,16 @@ def split_counts(n: int, fractions) -> list[int]:
 
 def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size: int = DEFAULT_STAMP,
                       seed: int = 0, splits=(0.7, 0.15, 0.15), bands=BANDS, workers: int = 1,
-                      overwrite: bool = False, neighbours: float | str = 0) -> dict:
+                      overwrite: bool = False, neighbours: float | str = 0, force_unlock: bool = False) -> dict:
     """Write ``out/labelled/{train,val,test}.npz`` and ``manifest.json``; return the manifest.
 
     Arrays: ``flux`` (N, bands, S, S) float32 nanomaggies with sky noise, ``label`` int64 (index in the
     galaxy10 vocabulary), truth ``sersic_n``, ``r_half`` (arcsec), ``mag_r``, and the per-image
     ``psf_fwhm`` (arcsec) and 5-sigma ``depth`` (AB) per band, and ``neighbours`` (sources added around it).
+
+    Holds ``out``'s lease (the survey root's, as :func:`simulate_survey`). The manifest is removed before
+    the first split is replaced and written after the last, so a set cut short by a kill has none (and is
+    no labelled set to ``train``) rather than one describing other files.
     """
     from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -138,10 +142,20 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
     _neighbour_rate(neighbours, int(stamp_size))   # validates
     if neighbours not in (0, 0.0, None, "0", "none"):
         params["neighbours"] = neighbours
-    odir = Path(out) / "labelled"
+    with lease.locked(out, force=force_unlock):
+        return _write_labelled(Path(out), params, vocab, keys, int(n_per_class), int(stamp_size), int(seed), splits,
+                               bands, workers, overwrite, neighbours, t0)
+
+
+def _write_labelled(out: Path, params, vocab, keys, n_per_class, stamp_size, seed, splits, bands, workers, overwrite,
+                    neighbours, t0) -> dict:
+    odir = out / "labelled"
     mpath = odir / "manifest.json"
     if mpath.exists() and not overwrite:
-        old = json.loads(mpath.read_text())
+        try:
+            old = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{mpath}: unreadable ({e}); use another --out or --overwrite") from None
         diff = {k: old.get("params", {}).get(k) for k in params if old.get("params", {}).get(k) != params[k]}
         if diff:
             raise ConfigError(f"{odir} holds a labelled set made with other parameters ({diff}); "
@@ -165,6 +179,7 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
         for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
             members[s] += [(c, int(i)) for i in perm[lo:hi]]
     files, per_split = {}, {}
+    mpath.unlink(missing_ok=True)
     for s in SPLITS:
         items = members[s]
         order = np.random.default_rng(np.random.SeedSequence([seed, 5, SPLITS.index(s)])).permutation(len(items))
@@ -194,5 +209,6 @@ def simulate_labelled(out, *, n_per_class: int = DEFAULT_N_PER_CLASS, stamp_size
                 "neighbours": "int16 galaxies and stars drawn around the labelled one"},
         seconds=round(time.perf_counter() - t0, 2),
     )
+    lease.check_held(out)
     atomic.write_json(mpath, manifest, indent=2)
     return manifest

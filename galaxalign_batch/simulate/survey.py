@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
 from galaxalign_batch.simulate import fitsout
@@ -428,10 +428,16 @@ MANIFEST = "simulation.json"
 
 
 def check_out(out: Path, params: dict, overwrite: bool) -> dict:
-    """Refuse to mix a simulation into a directory made with other parameters (or not by us)."""
+    """Refuse to mix a simulation into a directory made with other parameters (or not by us).
+
+    The manifest is written before the first brick (``complete: false``), so a run killed part-way is
+    recognised by its re-run with the same parameters, which writes its bricks again."""
     manifest = out / MANIFEST
     if manifest.exists():
-        old = json.loads(manifest.read_text())
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{manifest}: unreadable ({e}); use another --out or --overwrite") from None
         diff = [k for k in params if old.get("params", {}).get(k) != params[k]]
         if diff and not overwrite:
             shown = ", ".join(f"{k}={old.get('params', {}).get(k)!r} (now {params[k]!r})" for k in diff)
@@ -447,7 +453,7 @@ def check_out(out: Path, params: dict, overwrite: bool) -> dict:
 def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed: int = 0,
                     density: float = DEFAULT_DENSITY, stars: float = DEFAULT_STARS, center=DEFAULT_CENTER,
                     bands=layout.BANDS, no_coverage: float = 0.5, workers: int = 1, overwrite: bool = False,
-                    max_stamp: int = MAX_STAMP) -> dict:
+                    max_stamp: int = MAX_STAMP, force_unlock: bool = False) -> dict:
     """Write a simulated Legacy Survey under ``out`` (DR9 layout) and return a summary.
 
     ``bricks``: a number of neighbouring real bricks around ``center`` (RA, Dec) or a list of brick
@@ -455,7 +461,9 @@ def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed:
     central ``size`` x ``size`` px (no overlap below ~3435 px). ``density``/``stars``: galaxies/stars
     per full 3600x3600-px brick area (0.0686 deg^2). ``no_coverage``: probability that a brick gets
     one or two regions without coverage. Deterministic for ``seed``; ``workers`` > 1 makes bricks in
-    parallel processes with identical results.
+    parallel processes with identical results. The run holds ``out``'s lease (:mod:`galaxalign_batch.lease`):
+    a second simulation into the same folder at the same time is refused (``force_unlock``: take the lease
+    of a run you know is gone).
     """
     t0 = time.perf_counter()
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= layout.BRICK_SIZE:
@@ -477,8 +485,18 @@ def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed:
             raise ConfigError("no bricks to simulate")
     out = Path(out)
     params = _params(size, seed, density, stars, bands, center, no_coverage, max_stamp)
-    old = check_out(out, params, overwrite)
+    with lease.locked(out, force=force_unlock):
+        return _simulate(out, params, chosen, old=check_out(out, params, overwrite), workers=workers, t0=t0)
+
+
+def _simulate(out: Path, params: dict, chosen: list, *, old: dict, workers: int, t0: float) -> dict:
+    size, seed, bands = params["size"], params["seed"], tuple(params["bands"])
+    density, stars, no_coverage, max_stamp = (params["density"], params["stars"], params["no_coverage"],
+                                              params["max_stamp"])
     out.mkdir(parents=True, exist_ok=True)
+    atomic.remove_partials(out, recursive=True)  # files a killed run left half-written (we hold the lease)
+    # before any brick: a killed run leaves a manifest its re-run recognises (and the bricks done before)
+    atomic.write_json(out / MANIFEST, dict(params=params, bricks=old.get("bricks", []), complete=False), indent=2)
 
     jobs = [BrickJob(str(out), b, int(size), int(seed), float(density), float(stars), bands, float(no_coverage),
                      int(max_stamp)) for b in chosen]
@@ -498,7 +516,8 @@ def simulate_survey(out, *, bricks: int | list[str] = 4, size: int = 1024, seed:
                    n_galaxies=sum(r["n_galaxies"] for r in results), n_stars=sum(r["n_stars"] for r in results),
                    n_primary=sum(r["n_primary"] for r in results), per_brick=results,
                    seconds=round(time.perf_counter() - t0, 2))
-    atomic.write_json(out / MANIFEST, dict(params=params, bricks=names), indent=2)
+    lease.check_held(out)
+    atomic.write_json(out / MANIFEST, dict(params=params, bricks=names, complete=True), indent=2)
     return summary
 
 
