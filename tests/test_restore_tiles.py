@@ -100,7 +100,11 @@ def test_a_trained_head_restores_a_tile(heads, tmp_path):
     assert np.allclose(err_noisy, 1.0, atol=0.02) and np.all(err_out < 0.95 * err_noisy), err_out
 
 
-def test_cli_restore_writes_cubes_skips_done_and_lists_failures(heads, tmp_path, capsys):
+def test_cli_restore_writes_cubes_skips_done_and_lists_failures(heads, tmp_path, capsys, caplog):
+    from conftest import lease_holder
+
+    from galaxalign_batch.model.spec import file_digest
+
     d = tmp_path / "tiles"
     d.mkdir()
     _write_cube(d / "a.fits", _field(1)[1])
@@ -122,5 +126,20 @@ def test_cli_restore_writes_cubes_skips_done_and_lists_failures(heads, tmp_path,
     assert main(argv) == 0 and "1 already there" in capsys.readouterr().out
     assert (out / "a-restored.fits").stat().st_mtime_ns == mtime
     assert main(argv + ["--force"]) == 0 and "restored 1 tile(s)" in capsys.readouterr().out
+    # another head (a retrained one) or another --margin: the output is not this run's, so it is made again
+    mtime = (out / "a-restored.fits").stat().st_mtime_ns
+    other = argv[:argv.index("--model") + 1] + [str(heads["trained"])] + argv[argv.index("--model") + 2:]
+    assert main(other) == 0
+    text = capsys.readouterr().out
+    assert "restored 1 tile(s)" in text and "1 of them again: made by another head" in text
+    with fits.open(out / "a-restored.fits") as f:
+        assert f[0].header["HEADSHA"] == file_digest(heads["trained"])
+    assert (out / "a-restored.fits").stat().st_mtime_ns != mtime
+    assert main(other) == 0 and "1 already there" in capsys.readouterr().out
+    assert main(other[:-4] + ["--margin", "4", "--device", "cpu"]) == 0
+    assert "1 of them again" in capsys.readouterr().out
+    with lease_holder(out) as holder:  # one restore per folder at a time
+        assert main(other + ["--force"]) == 1
+        assert f"pid {holder.pid}" in caplog.records[-1].getMessage()
     assert main(["--no-progress", "restore", "--tiles", str(d), "--model", str(d / "a.fits"), "--out",
                  str(out)]) == 1  # not a head file

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         raise opt.UsageError("--bricks selects bricks of a --tiles survey root")
     summary = restore_tiles(args.tiles, args.model, args.out, bricks=args.bricks,
                             device=str(resolve_device(args.device)), window=args.window, margin=args.margin,
-                            batch_size=args.batch_size, force=args.force)
+                            batch_size=args.batch_size, force=args.force, force_unlock=args.force_unlock)
     for line in summary.lines():
         print(line)
     return 3 if summary.failed else 0
@@ -40,8 +40,9 @@ def register(sub) -> None:
             inverse variance) and, for a head with foundation features, its own encoder cutout; only each
             window's core (--margin px in from inner borders) is kept. Writes OUT/<brick or file>-restored.fits:
             a (g, r, z) cube in nanomaggies with the tile's WCS (NaN without coverage), readable as a tile by
-            embed and cutout. Tiles already restored are skipped (--force redoes them); a tile that fails is
-            listed and the others go on (exit status 3)."""),
+            embed and cutout. Tiles already restored by this head file, --window and --margin are skipped
+            (--force redoes them), tiles restored otherwise are restored again; a tile that fails is listed
+            and the others go on (exit status 3)."""),
         epilog=EXAMPLES)
     opt.add_tiles(p, required=True)
     opt.add_bricks(p)
@@ -52,4 +53,5 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows per forward pass")
     opt.add_device(p)
     opt.add_force(p, help="restore tiles again even if their output exists")
+    opt.add_force_unlock(p)
     p.set_defaults(func=run)

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.survey.windows import wavelet_sigma, window_jobs, window_starts
 
@@ -122,12 +122,15 @@ class RestoreSummary:
     out: str
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    redone: list[str] = field(default_factory=list)  # outputs of another head, window or margin, written again
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
         out = [f"restored {len(self.written)} tile(s) into {self.out} in {self.seconds:.1f} s"
-               + (f"; {len(self.skipped)} already there (--force redoes them)" if self.skipped else "")]
+               + (f"; {len(self.skipped)} already there (--force redoes them)" if self.skipped else "")
+               + (f"; {len(self.redone)} of them again: made by another head, window or margin" if self.redone
+                  else "")]
         out += [f"  {p}" for p in self.written]
         if self.failed:
             out.append(f"{len(self.failed)} tile(s) failed:")
@@ -143,6 +146,22 @@ def output_name(ref, used: set[str]) -> str:
         name = f"{base}-{hashlib.sha256(ref.name.encode()).hexdigest()[:8]}{SUFFIX}"
     used.add(name)
     return name
+
+
+def made_by_other(path: str | os.PathLike, cards: dict) -> str | None:
+    """Why the existing output ``path`` is not what this run would write (another head, window, margin or
+    tile, as its header says), or None when it is."""
+    from astropy.io import fits
+
+    try:
+        header = fits.getheader(path)
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    for key in ("HEADSHA", "TILEKEY", "WINREQ", "MARGIN"):
+        want = cards[key][0] if isinstance(cards[key], tuple) else cards[key]
+        if header.get(key) != want:
+            return f"{key} {header.get(key)!r}, this run {want!r}"
+    return None
 
 
 def write_cube(path: str | os.PathLike, data: np.ndarray, tile, cards: dict) -> None:
@@ -162,15 +181,16 @@ def write_cube(path: str | os.PathLike, data: np.ndarray, tile, cards: dict) -> 
 
 def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str | os.PathLike, *,
                   bricks: Sequence[str] | None = None, device: str = "cpu", window: int = 128, margin: int = 16,
-                  batch_size: int = 16, force: bool = False) -> RestoreSummary:
+                  batch_size: int = 16, force: bool = False, force_unlock: bool = False) -> RestoreSummary:
     """Restore every tile of ``tiles`` (as ``--tiles`` resolves them) with the head at ``head_path`` into ``out``.
 
-    A tile whose output exists is skipped (``force`` redoes it); a tile that cannot be read or
-    restored is reported in the summary and the others go on.
+    A tile whose output exists, made by this head file with this window and margin (its header's
+    ``HEADSHA``, ``WINREQ``, ``MARGIN``, ``TILEKEY``), is skipped (``force`` redoes it); one made otherwise is
+    restored again. A tile that cannot be read or restored is reported in the summary and the others go
+    on. The run holds ``out``'s lease (:mod:`galaxalign_batch.lease`): one restore per folder at a time.
     """
     from galaxalign_batch.model.spec import file_digest
     from galaxalign_batch.restoration.head import load_head, read_head_info
-    from galaxalign_batch.survey import open_tile
     from galaxalign_batch.survey.tiles import resolve_tiles
 
     t0 = time.perf_counter()
@@ -188,23 +208,38 @@ def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str |
     trained = head.training_settings or {}
     log.info("denoising head %s: trained on %s noise%s", head_path, trained.get("noise", "an unrecorded"),
              f" ({trained['steps']} steps)" if "steps" in trained else "")
+    with lease.locked(out, force=force_unlock):
+        return _restore(refs, head, digest, out, window=window, margin=margin, batch_size=batch_size, force=force,
+                        t0=t0)
+
+
+def _restore(refs, head, digest: str, out, *, window: int, margin: int, batch_size: int, force: bool,
+             t0: float) -> RestoreSummary:
+    from galaxalign_batch.survey import open_tile
+
     os.makedirs(out, exist_ok=True)
+    atomic.remove_partials(out)  # of a run killed while writing (we hold the lease)
     summary = RestoreSummary(os.fspath(out))
     used: set[str] = set()
     for ref in refs:
         dest = os.path.join(out, output_name(ref, used))
+        cards = {"RESTORED": ("galaxalign-batch restore", "denoising head"),
+                 "HEADSHA": (digest, "sha256[:16] of the head file"), "TILEKEY": ref.name[-68:],
+                 "WINREQ": (window, "px, --window"), "MARGIN": (margin, "px")}
         if os.path.exists(dest) and not force:
-            summary.skipped.append(dest)
-            continue
+            why = made_by_other(dest, cards)
+            if why is None:
+                summary.skipped.append(dest)
+                continue
+            log.info("%s: made by another run (%s): restoring it again", dest, why)
+            summary.redone.append(dest)
         try:
             if str(ref.path).lower().endswith((".png", ".jpg", ".jpeg")):
                 raise ConfigError("a picture has no calibrated flux: restore takes FITS tiles")
             tile = open_tile(ref.path, ref.brick)
             data, info = restore_tile(head, tile, window=window, margin=margin, batch_size=batch_size)
-            write_cube(dest, data, tile, {"RESTORED": ("galaxalign-batch restore", "denoising head"),
-                                          "HEADSHA": (digest, "sha256[:16] of the head file"),
-                                          "TILEKEY": ref.name[-68:],
-                                          "WINDOW": (info["window"][1], "px"), "MARGIN": (margin, "px"),
+            lease.check_held(out)
+            write_cube(dest, data, tile, {**cards, "WINDOW": (info["window"][1], "px, used"),
                                           "SIGMA": info["sigma"][:68]})
             summary.written.append(dest)
         except GalaxAlignError as e:
