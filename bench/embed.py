@@ -157,11 +157,12 @@ def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dic
 def engine(root: Path, cpus: int, out: Path) -> dict:
     import ray
 
+    from galaxalign_batch.cluster import init_ray
     from galaxalign_batch.engine import embed_tiles
     from galaxalign_batch.survey.tiles import resolve_tiles
 
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=cpus, log_to_driver=False)  # as `embed` starts it (its workers at the driver's priority)
     startup = time.perf_counter() - t0
     try:
         s = embed_tiles(resolve_tiles([str(root)]), "tiny", out)
