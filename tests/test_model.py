@@ -117,6 +117,18 @@ def test_checkpoint_with_user_symbols_carries_them(tmp_path):
     assert torch.equal(model.class_prototypes("symbol", 3), loaded.class_prototypes("symbol", 3))
 
 
+def test_a_flipped_byte_in_the_weights_is_refused(tmp_path):
+    """safetensors has no checksum: a copy damaged in its tensor data loaded, and embed/classify ran on
+    garbage (every source one class). The digest written with the weights is checked on load."""
+    path = save_model(_model(tmp_path), tmp_path / "m.safetensors")
+    load_checkpoint(path)  # whole: loads
+    data = bytearray(path.read_bytes())
+    data[len(data) - 1000] ^= 0x10  # one bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="damaged: its weights do not match the digest"):
+        load_checkpoint(path)
+
+
 def test_loading_refuses_non_checkpoints(tmp_path):
     pickle_file = tmp_path / "x.safetensors"
     torch.save({"a": torch.zeros(2)}, pickle_file)

@@ -85,6 +85,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     state = read_weights(path)
     user_images = state.pop(_USER_IMAGES, None)
     user_labels = state.pop(_USER_LABELS, None)
+    recorded = info.get("weights_digest")
+    if recorded and weights_digest(state) != recorded:  # safetensors has no checksum: a flipped byte loads
+        raise ConfigError(f"{path}: damaged: its weights do not match the digest written with them "
+                          f"({recorded}); use another copy or re-create it")
     oc = info["open_clip"]
     clip = build_clip_from_config(oc["config"])
     vocab = Vocabulary.from_dict(info["vocabulary"], str(path))
