@@ -117,16 +117,47 @@ def test_checkpoint_with_user_symbols_carries_them(tmp_path):
     assert torch.equal(model.class_prototypes("symbol", 3), loaded.class_prototypes("symbol", 3))
 
 
+def _flip_a_bit(path, from_end: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - from_end] ^= 0x10  # one bit of the last tensor's data
+    path.write_bytes(bytes(data))
+
+
 def test_a_flipped_byte_in_the_weights_is_refused(tmp_path):
     """safetensors has no checksum: a copy damaged in its tensor data loaded, and embed/classify ran on
-    garbage (every source one class). The digest written with the weights is checked on load."""
+    garbage (every source one class). The checksum written with the tensors is checked on load, for every
+    weight file of the project (model/files.py), and a checkpoint written before it by its weights digest."""
+    from safetensors.torch import load_file, save_file
+
+    from galaxalign_batch.fewshot.heads import fit_head, load_head
+    from galaxalign_batch.model.files import CHECKSUM_KEY, has_checksum
+
     path = save_model(_model(tmp_path), tmp_path / "m.safetensors")
+    assert has_checksum(path)
     load_checkpoint(path)  # whole: loads
-    data = bytearray(path.read_bytes())
-    data[len(data) - 1000] ^= 0x10  # one bit of the last tensor's data
-    path.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="damaged: its weights do not match the digest"):
+    _flip_a_bit(path)
+    with pytest.raises(ConfigError, match="damaged: its weights do not match the checksum"):
         load_checkpoint(path)
+    # a checkpoint from before the checksum: its weights digest (the model's identity) is checked instead
+    old = save_model(_model(tmp_path), tmp_path / "old.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(old), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != CHECKSUM_KEY}
+    save_file(load_file(str(old)), str(old), metadata=meta)
+    assert not has_checksum(old)
+    load_checkpoint(old)
+    _flip_a_bit(old)
+    with pytest.raises(ConfigError, match="damaged: its weights do not match the digest"):
+        load_checkpoint(old)
+    # a few-shot head (numpy tensors): the same check
+    rng = np.random.default_rng(0)
+    head = fit_head(rng.normal(size=(40, 8)).astype(np.float32), np.repeat([0, 1], 20), ["a", "b"])
+    hp = head.save(tmp_path / "head.safetensors")
+    load_head(hp)
+    _flip_a_bit(hp, from_end=20)
+    with pytest.raises(ConfigError, match="damaged"):
+        load_head(hp)
 
 
 def test_loading_refuses_non_checkpoints(tmp_path):

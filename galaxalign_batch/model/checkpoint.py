@@ -27,7 +27,7 @@ from galaxalign_batch import atomic
 from galaxalign_batch._version import __version__
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.config import build_clip_from_config, tokenizer_for
-from galaxalign_batch.model.files import read_description, read_weights, write_weights
+from galaxalign_batch.model.files import has_checksum, read_description, read_weights, write_weights
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.model.spec import MODEL_FILE, model_file
@@ -85,8 +85,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     state = read_weights(path)
     user_images = state.pop(_USER_IMAGES, None)
     user_labels = state.pop(_USER_LABELS, None)
-    recorded = info.get("weights_digest")
-    if recorded and weights_digest(state) != recorded:  # safetensors has no checksum: a flipped byte loads
+    recorded = info.get("weights_digest")  # read_weights checked the file's checksum; older files have only this
+    if recorded and not has_checksum(path) and weights_digest(state) != recorded:
         raise ConfigError(f"{path}: damaged: its weights do not match the digest written with them "
                           f"({recorded}); use another copy or re-create it")
     oc = info["open_clip"]
