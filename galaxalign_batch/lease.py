@@ -7,7 +7,7 @@ model; the second resumes from the first's checkpoints while the first is still 
 joins into one folder (each removes the other's files). So every command that writes such a folder first
 takes that output's lease here: the store (``embed``, ``classify``, ``fewshot``, ``morphology``,
 ``verify --repair``), the model folder (``train``, ``pretrain``), the simulated survey root
-(``simulate``), the partitioned join's folder (``join --out FOLDER``) and ``restore``'s folder.
+(``simulate``), the partitioned join's folder (``join --out FOLDER``), ``restore``'s and ``evaluate``'s.
 
 The lease names its holder: host, pid, the process's start time (so a recycled pid is not taken
 for the holder), when the lease was taken, the command line, and a random token. Its **heartbeat**

@@ -172,6 +172,13 @@ def test_evaluate_compares_checkpoints(labelled, tmp_path):
                     "confusion_tri_text.png"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics[0]["classification"]["text"]["per_class_recall"]) == 10
+    from conftest import lease_holder
+
+    with lease_holder(out) as other:  # one evaluation per folder: a second is refused, nothing rewritten
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        assert main(["evaluate", "--checkpoints", paths[0], "--data", str(labelled), "--out", str(out)]) == 1
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        assert other.poll() is None
 
 
 # ---------------------------------------------------------------------------------------------- other sources

@@ -154,7 +154,7 @@ def add_force(p, *, help: str = "do it again even if the store is up to date") -
 
 def add_force_unlock(p) -> argparse.Action:
     return p.add_argument("--force-unlock", action="store_true",
-                          help="take the output's lock (a store, a training folder, a survey root, a join or restore folder) even "
+                          help="take the output's lock (a store, a training, evaluation, join or restore folder, a survey root) even "
                                "though another run seems to hold it (only when you know that run is gone; a lock whose process died is taken "
                                "over without this)")
 

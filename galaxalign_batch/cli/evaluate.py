@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     if args.names and len(args.names) != len(args.checkpoints):
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints")
     result = evaluate_checkpoints(args.checkpoints, args.data, args.out, split=args.split, ks=tuple(args.k),
-                                  batch_size=args.batch_size, device=str(resolve_device(args.device)), names=args.names)
+                                  batch_size=args.batch_size, device=str(resolve_device(args.device)), names=args.names,
+                                  force_unlock=args.force_unlock)
     print(result["table_md"], end="")
     log.info("wrote %s/table.md, table.json, metrics.json and confusion matrices", args.out)
     return 0
@@ -41,4 +42,5 @@ def register(sub) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="k of precision@k and mAP@k")
     p.add_argument("--batch-size", type=int, default=256)
     opt.add_device(p)
+    opt.add_force_unlock(p)
     p.set_defaults(func=run)

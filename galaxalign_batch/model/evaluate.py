@@ -23,7 +23,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from galaxalign_batch import atomic
+from galaxalign_batch import atomic, lease
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 
@@ -186,15 +186,25 @@ def comparison_table(results: list[dict], ks=(1, 5, 10)) -> tuple[str, list[dict
 
 def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLike, *, split: str = "test",
                          ks=(1, 5, 10), batch_size: int = 256, device: str = "cpu",
-                         names: list[str] | None = None) -> dict:
-    """Evaluate each checkpoint on the same split of ``data``; write metrics.json, table.md/json, confusion PNGs."""
+                         names: list[str] | None = None, force_unlock: bool = False) -> dict:
+    """Evaluate each checkpoint on the same split of ``data``; write metrics.json, table.md/json, confusion PNGs.
+
+    Holds ``out``'s lease (:mod:`galaxalign_batch.lease`): two evaluations into one folder would leave one's
+    table beside the other's confusion matrices."""
+    if not checkpoints:
+        raise ConfigError("evaluate needs at least one checkpoint (--checkpoints A [B ...])")
+    out = Path(out)
+    with lease.locked(out, force=force_unlock):
+        return _evaluate(checkpoints, data, out, split=split, ks=ks, batch_size=batch_size, device=device,
+                         names=names)
+
+
+def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, batch_size: int, device: str,
+              names: list[str] | None) -> dict:
     from galaxalign_batch.model.checkpoint import load_checkpoint
     from galaxalign_batch.model.data import load_dataset
     from galaxalign_batch.preprocess import CutoutSpec
 
-    if not checkpoints:
-        raise ConfigError("evaluate needs at least one checkpoint (--checkpoints A [B ...])")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = names or _unique_names(checkpoints)
     split_ref, results, cache = None, [], {}
