@@ -67,17 +67,20 @@ def lock_path(target: str | os.PathLike) -> str:
     return os.path.realpath(os.path.normpath(os.fspath(target))) + LOCK_SUFFIX
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read().decode("ascii", "replace")
-    except OSError:
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
         return None
-    try:
-        return stat[stat.rindex(")") + 2:].split()[19]
-    except (ValueError, IndexError):
-        return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _boot_id() -> str | None:
@@ -100,12 +103,8 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode("ascii", "replace")
-        return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
-    except (OSError, ValueError):
-        return True
+    fields = _proc_stat(pid)
+    return not fields or fields[0] not in ("Z", "X")
 
 
 def _describe_time(ts: float) -> str:

@@ -42,6 +42,7 @@ PARTIAL_DIR = ".partial"  # the suffix of a checkpoint folder being written (ren
 PROGRESS_FILE = "progress.json"
 _USER_IMAGES = "__symbols__.user_images"
 _USER_LABELS = "__symbols__.user_labels"
+log = logging.getLogger(__name__)
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -163,7 +164,7 @@ def clear_leftovers(out: Path) -> None:
     no other writer of the folder can be alive."""
     n = atomic.remove_partials(out) if Path(out).is_dir() else 0
     if n:
-        logging.getLogger(__name__).info("%s: removed %d temporary file(s) of a killed run", out, n)
+        log.info("%s: removed %d temporary file(s) of a killed run", out, n)
 
 
 def load_for_resume(directory: str | os.PathLike) -> tuple[GalaxAlignModel, dict, dict]:

@@ -323,11 +323,9 @@ def zero_regions(band_image: np.ndarray, min_pixels: int = MIN_ZERO_REGION) -> n
     """
     from galaxalign_batch.survey._coverage_kernel import zero_regions_band
 
-    a = np.asarray(band_image)
-    if a.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {a.shape}")
+    a = _kernel_input(band_image)
     out = np.empty(a.shape, bool)
-    zero_regions_band(_kernel_input(a), int(min_pixels), out)
+    zero_regions_band(a, int(min_pixels), out)
     return out
 
 
