@@ -154,7 +154,7 @@ def dataloader(root: Path, enc, workers: int, out: Path, batch: int = 64) -> dic
             "workers": workers}
 
 
-def engine(root: Path, cpus: int, out: Path) -> dict:
+def engine(root: Path, cpus: int, out: Path, precision: str = "auto") -> dict:
     import ray
 
     from galaxalign_batch.cluster import init_ray
@@ -165,7 +165,7 @@ def engine(root: Path, cpus: int, out: Path) -> dict:
     init_ray(num_cpus=cpus, log_to_driver=False)  # as `embed` starts it (its workers at the driver's priority)
     startup = time.perf_counter() - t0
     try:
-        s = embed_tiles(resolve_tiles([str(root)]), "tiny", out)
+        s = embed_tiles(resolve_tiles([str(root)]), "tiny", out, precision=precision)
     finally:
         ray.shutdown()
     assert s.ok, s.lines()
@@ -207,13 +207,23 @@ class _NvmlSampler:
         return float(np.mean(self.samples)) if self.samples else float("nan")
 
 
+def gpu_encoder(model: str, device: str = "cuda"):
+    """The engine's encoder (``Encoder``) of the open_clip model ``model`` at random weights (which `embed`
+    refuses; speed needs no weights), in the precision `embed --precision auto` picks on ``device``."""
+    from galaxalign_batch.engine.encoder import _from_open_clip
+    from galaxalign_batch.model.precision import resolve_precision
+    from galaxalign_batch.model.spec import parse_model_spec
+
+    enc = _from_open_clip(parse_model_spec(model), device)
+    enc.precision = resolve_precision("auto", device)
+    return enc
+
+
 def gpu_main(args) -> int:
     import torch
 
-    from galaxalign_batch.engine.encoder import _from_open_clip
-
     dev = torch.device("cuda")
-    enc = _from_open_clip(args.model, None, "cuda", kind="open_clip")
+    enc = gpu_encoder(args.model, "cuda")
     size = enc.spec.out_size
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, size=(args.batch * 4, 3, size, size), dtype=np.uint8)  # cutouts as the engine makes them
@@ -248,9 +258,9 @@ def gpu_main(args) -> int:
           f"batch {args.batch}, {n_batches * args.batch} sources; CPU: {cpu_model()} x {os.cpu_count()}", flush=True)
     timed("baseline: float transfer, fp32", float_transfer_fp32)
     timed("Encoder.encode (uint8 pinned, bf16)", engine_encode)
-    os.environ["GALAXALIGN_GPU_PRECISION"] = "fp32"
+    enc.precision = "fp32"
     timed("Encoder.encode (uint8 pinned, fp32)", engine_encode)
-    del os.environ["GALAXALIGN_GPU_PRECISION"]
+    enc.precision = "bf16"
     # the model alone on resident data: the ceiling for this batch size
     x = torch.from_numpy(pool[:args.batch]).to(dev)
 
@@ -275,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-cpus", default=None, metavar="N,M",
                     help="Ray CPUs of the engine runs (default: 1 and all cores; all cores is always run)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="CPU: what every path's model runs in (embed --precision; auto: bf16 on a CPU with "
+                         "AVX512-BF16, else fp32)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the GPU encoder stage (see above)")
     ap.add_argument("--model", default="ViT-B-16", help="--device cuda: open_clip model name (random weights)")
     ap.add_argument("--sources", type=int, default=30000, help="--device cuda: sources to encode")
@@ -296,17 +309,18 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        enc = load_encoder("tiny")
+        enc = load_encoder("tiny", precision=args.precision)
         base = baseline(args.data, bricks, enc, work / "baseline.zarr")
         own = engine_work(args.data, enc)
         cores = os.cpu_count() or 1
         loader = dataloader(args.data, enc, cores, work / "dataloader.zarr")
         cpus = sorted({int(c) for c in args.engine_cpus.split(",")} | {cores}) if args.engine_cpus else sorted({1, cores})
-        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr") for c in cpus}
+        runs = {f"engine_{c}cpu": engine(args.data, c, work / f"engine{c}.zarr", args.precision) for c in cpus}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = lambda r: r["sources"] / r["seconds"]  # noqa: E731
-    print(f"data: {source}; {len(bricks)} bricks; CPU: {cpu_model()} x {os.cpu_count()}")
+    print(f"data: {source}; {len(bricks)} bricks; CPU: {cpu_model()} x {os.cpu_count()}; model precision "
+          f"{enc.precision} (--precision {args.precision})")
     print(f"{'path':<16}{'sources':>9}{'seconds':>9}{'sources/s':>11}{'vs baseline':>13}  time split (s)")
     for name, r in [("baseline", base), ("dataloader", loader), *runs.items()]:
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
@@ -335,6 +349,7 @@ def main(argv=None) -> int:
               f"({r['steady_sources_per_s'] / rate(base):.1f}x baseline); task times are summed over workers")
     if args.json:
         Path(args.json).write_text(json.dumps({"data": source, "cpu": cpu_model(), "cores": os.cpu_count(),
+                                               "precision": enc.precision,
                                                "baseline": base, "engine_work_sequential": own, "dataloader": loader,
                                                "model_only_ceiling_sources_per_s": model_ceiling,
                                                "work_ceiling_sources_per_s": work_ceiling, **runs},

@@ -9,13 +9,17 @@
    ``embed`` of one small brick 132.9 s at 15, 22.7 s at 0 (a worker's ``import torch`` alone took 43 s).
    ``RAY_worker_niceness`` in the environment still wins.
 
-A Ray instance already started in this process (tests, notebooks) is used as it is.
+A Ray instance already started in this process (tests, notebooks) is used as it is. Ray failing to start
+or join is a :class:`~galaxalign_batch.errors.ClusterError`, one line (Ray's own errors are tracebacks:
+"The current node timed out during startup" on an overloaded machine, a ConnectionError for a wrong address).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+
+from galaxalign_batch.errors import ClusterError
 
 __all__ = ["init_ray"]
 
@@ -32,8 +36,34 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, **kw)
-    else:
-        if "RAY_worker_niceness" not in os.environ:
-            kw["_system_config"] = {"worker_niceness": 0, **kw.get("_system_config", {})}
+        try:
+            ray.init(address=address, **kw)
+        except Exception as e:  # ConnectionError, RuntimeError, or a bare Exception, by Ray version and cause
+            _shutdown()
+            raise ClusterError(f"could not join the Ray cluster at {address}: {_first_line(e)} (is it running? "
+                               "'ray status' on its head node says)") from e
+        return
+    if "RAY_worker_niceness" not in os.environ:
+        kw["_system_config"] = {"worker_niceness": 0, **kw.get("_system_config", {})}
+    try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kw)
+    except Exception as e:
+        _shutdown()
+        raise ClusterError(f"could not start a local Ray instance: {_first_line(e)} Seen on an overloaded machine "
+                           "(Ray's processes must start within its time-out) or a full /tmp: try again; "
+                           "small `embed` runs go without Ray with --executor local") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__).rstrip(".") + "."
+
+
+def _shutdown() -> None:
+    """Stop what a failed ``ray.init`` left running, if anything."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # nothing started, or half: nothing more to do
+        log.debug("ray.shutdown after a failed start", exc_info=True)

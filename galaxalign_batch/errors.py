@@ -27,6 +27,10 @@ class ConfigError(GalaxAlignError, ValueError):
     """A bad option, configuration file or argument combination (also a :class:`ValueError`)."""
 
 
+class ClusterError(GalaxAlignError, RuntimeError):
+    """Ray could not be started (a local instance) or joined (``--address``, ``RAY_ADDRESS``)."""
+
+
 class TileError(GalaxAlignError, ValueError):
     """A tile (brick, cutout cube, catalog) that cannot be used (also a :class:`ValueError`).
 

@@ -168,7 +168,8 @@ def test_head_trains_saves_and_writes_a_catalogue(tiny_sky, tiny_fields, tmp_pat
 def test_budget_in_epochs_and_precision_settings():
     import torch
 
-    from galaxalign_batch.detection.train import DetectTrainSettings, resolve_precision, steps_for_epochs
+    from galaxalign_batch.detection.train import DetectTrainSettings, steps_for_epochs
+    from galaxalign_batch.model.precision import resolve_precision
 
     assert steps_for_epochs(12, 1000, 8) == 1500 and steps_for_epochs(12, 100, 8) == 150
     assert steps_for_epochs(1, 5, 8) == 1 and steps_for_epochs(2.5, 10, 4) == 7

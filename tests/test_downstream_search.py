@@ -208,3 +208,22 @@ def test_cli_search(cube_store, tmp_path, capsys, caplog):
     assert main(["--no-progress", "search", "--store", str(cube_store), "--object", "nope"]) == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "unknown object id" in errors[0]
+
+
+def test_an_image_query_is_encoded_in_the_stores_precision(cube_store, monkeypatch):
+    """A store made in one precision gets its image queries encoded in it (a stored cutout given back scores
+    as itself); a store of several, or an older one without the attribute, leaves it to --precision auto."""
+    from galaxalign_batch.downstream import search
+    from galaxalign_batch.engine import encoder
+
+    store = open_store(cube_store)
+    assert "precisions" not in store.attrs and search.store_precision(store) == "auto"
+    seen = []
+    real = encoder.load_encoder
+    monkeypatch.setattr(encoder, "load_encoder", lambda *a, **k: seen.append(k["precision"]) or real(*a, **k))
+    for made, expect in ((["bf16"], "bf16"), (["fp32"], "fp32"), (["bf16", "fp32"], "auto")):
+        attrs = {**store.group.attrs, "precisions": made}
+        monkeypatch.setattr(type(store), "attrs", property(lambda self, a=attrs: a))
+        assert search.store_precision(store) == expect
+        search.QueryModels(store, "tiny").encoder()
+    assert seen == ["bf16", "fp32", "auto"]

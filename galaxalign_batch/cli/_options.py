@@ -137,6 +137,15 @@ def add_device(p, *, help: str = "where the model runs; auto: a GPU when there i
     return p.add_argument("--device", default="auto", choices=DEVICES, help=help)
 
 
+def add_precision(p, *, default: str | None = "auto",
+                  help: str = "the model's forward passes in fp32 or under bf16 autocast; auto (the default): bf16 "
+                              "where the hardware runs it natively (a CPU with AVX512-BF16, a GPU with bf16), else "
+                              "fp32 (docs/engine.md, 'Precision')") -> argparse.Action:
+    from galaxalign_batch.model.precision import CHOICES
+
+    return p.add_argument("--precision", default=default, choices=CHOICES, help=help)
+
+
 def add_seed(p, *, help: str = "random seed (the same seed gives the same result)") -> argparse.Action:
     return p.add_argument("--seed", type=int, default=0, metavar="S", help=help)
 

@@ -53,8 +53,9 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
     from galaxalign_batch.detection.fields import cut_fields
     from galaxalign_batch.detection.files import save_detector
+    from galaxalign_batch.model.precision import resolve_precision
     from galaxalign_batch.model.tokens import load_token_encoder
-    from galaxalign_batch.detection.train import (DetectTrainSettings, resolve_precision, steps_for_epochs,
+    from galaxalign_batch.detection.train import (DetectTrainSettings, steps_for_epochs,
                                                   train_detector)
 
     detector = args.detector or "head"
@@ -119,9 +120,8 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=None, metavar="E",
                    help=f"--train: passes over the fields (default {DEFAULT_EPOCHS:g})")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="--train: optimizer steps instead of --epochs")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                   help="--train: forward passes in fp32 or under bf16 autocast (default auto: bf16 where the "
-                        "CPU has AVX512-BF16 or the GPU bf16)")
+    opt.add_precision(p, default=None, help="--train: forward passes in fp32 or under bf16 autocast (default auto: bf16 "
+                                            "where the CPU has AVX512-BF16 or the GPU bf16)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="--train: fields per step")
     opt.add_seed(p)
     opt.add_threads(p, help="torch CPU threads (1 is fastest on a busy machine)")

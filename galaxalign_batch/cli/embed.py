@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     selection = _selection(args, tiles, out)
     summary = embed_tiles(tiles, model, out, batch_size=args.batch_size, cpu_workers=args.cpu_workers,
                           cpu_threads=args.cpu_threads,
-                          gpu_workers=args.gpu_workers, device=args.device, address=args.address,
+                          gpu_workers=args.gpu_workers, device=args.device, precision=args.precision,
+                          address=args.address,
                           catalog=args.sources, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
                           force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
@@ -113,6 +114,7 @@ def register(sub) -> None:
                         "(default: 1 up to 15 CPUs, else CPUs // 8; see docs/engine.md)")
     p.add_argument("--gpu-workers", type=int, default=None, help="GPU model actors (default: one per GPU in the cluster)")
     _options.add_device(p)
+    _options.add_precision(p)
     p.add_argument("--executor", default="ray", choices=["ray", "local"],
                    help="ray: tile tasks and a pool of model replicas on Ray (local, or the cluster of --address); "
                         "local: everything in this process, one tile after another, without Ray (small runs)")

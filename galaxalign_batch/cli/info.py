@@ -23,6 +23,10 @@ def collect() -> dict:
         info["cpu_bf16_kernels"] = getattr(_core, "similarity_bf16", lambda: "")() or "none (bf16 upcast to float32)"
     except RuntimeError as e:
         info["cpu_bf16_kernels"] = f"error: {e}"
+    from galaxalign_batch.model.precision import resolve_precision
+
+    # what `embed`/`detect --train` run the model in on this CPU with --precision auto
+    info["cpu_model_precision"] = resolve_precision("auto", "cpu")
     info["cpu_levels_supported"] = ["x86-64-v2"] + [f"x86-64-{lv}" for lv in ("v3", "v4")
                                                     if getattr(_core, f"cpu_supports_{lv}", lambda: False)()]
     info["cuda_available"] = torch.cuda.is_available()
@@ -51,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        width = max(map(len, info))
         for k, v in info.items():
-            print(f"{k:18s} {v}")
+            print(f"{k:{width}s} {v}")
     return 0
 
 

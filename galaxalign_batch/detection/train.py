@@ -15,7 +15,6 @@ A budget in epochs is :func:`steps_for_epochs`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -30,29 +29,12 @@ from galaxalign_batch.detection.head import DetectionHead, DetectorConfig, loss,
 from galaxalign_batch.detection.rcnn import RCNNConfig, RCNNDetector, rcnn_targets
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.progress import bar
+from galaxalign_batch.model.precision import PRECISIONS, autocast
 from galaxalign_batch.model.tokens import FoundationEncoder
 
 log = logging.getLogger(__name__)
 
 KINDS = ("head", "rcnn")
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``"auto"`` -> ``"bf16"`` where bf16 autocast is native (a CUDA device with bf16; a CPU with AVX512-BF16,
-    the same test as the loss kernels' bf16 path), else ``"fp32"``; ``"fp32"`` / ``"bf16"`` as given."""
-    if precision != "auto":
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r} (auto or one of {', '.join(PRECISIONS)})")
-        return precision
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from galaxalign_batch.ops.backends import cpu_bf16_kernels
-
-    return "bf16" if cpu_bf16_kernels() else "fp32"
-
-
 def steps_for_epochs(epochs: float, n_fields: int, batch_size: int) -> int:
     """Optimizer steps for ``epochs`` passes over ``n_fields`` fields in batches of ``batch_size``."""
     if epochs <= 0 or n_fields < 1 or batch_size < 1:
@@ -175,7 +157,10 @@ def train_detector(kind: str, fields: FieldSet, settings: DetectTrainSettings | 
     plan = batches(len(fields), s.steps, s.batch_size, s.seed)
     it = bar(enumerate(plan), total=len(plan), desc=f"training {kind}", unit="step") if progress else enumerate(plan)
     dev_type = torch.device(device).type
-    amp = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if s.precision == "bf16" else contextlib.nullcontext
+
+    def amp():
+        return autocast(s.precision, dev_type)
+
     for step, idx in it:
         set_lr(step)
         x = norm[idx].to(device)

@@ -229,6 +229,13 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
     return x[0].numpy()
 
 
+def store_precision(store: EmbeddingStore) -> str:
+    """The precision a query image is encoded in: the one the store's rows were made in when it records
+    exactly one (so a stored cutout given back as a query scores 1.0 against itself), else ``auto``."""
+    made = store.attrs.get("precisions") or []
+    return made[0] if len(made) == 1 else "auto"
+
+
 def query_image(store: EmbeddingStore, path: str, model: str | None, device: str = "cpu") -> Query:
     from galaxalign_batch.downstream.classify import check_model
     from galaxalign_batch.engine.encoder import load_encoder
@@ -238,7 +245,7 @@ def query_image(store: EmbeddingStore, path: str, model: str | None, device: str
         raise ConfigError(f"--image needs --model: the model the store was embedded with ({m.get('kind')} "
                           f"{m.get('name')}, id {m.get('id')}) encodes the image")
     pixels = read_query_image(path, store.cutout_spec)
-    encoder = load_encoder(model, device=device)
+    encoder = load_encoder(model, device=device, precision=store_precision(store))
     check_model(store, encoder.identity)
     vec = encoder.encode(pixels[None])[0]
     return Query("image", os.fspath(path), vec.astype(np.float32), pixels=pixels)
@@ -257,7 +264,7 @@ class QueryModels:
         from galaxalign_batch.engine.encoder import load_encoder
 
         if self._encoder is None:
-            enc = load_encoder(self.model, device=self.device)
+            enc = load_encoder(self.model, device=self.device, precision=store_precision(self.store))
             check_model(self.store, enc.identity)
             self._encoder = enc
         return self._encoder

@@ -11,12 +11,12 @@ weights. The identity a store records is :func:`galaxalign_batch.model.spec.mode
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.model.precision import autocast, resolve_precision
 from galaxalign_batch.model.spec import TINY_SEED, ModelSpec, parse_model_spec
 from galaxalign_batch.model.spec import model_identity as spec_identity
 from galaxalign_batch.preprocess import CutoutSpec
@@ -35,12 +35,15 @@ class Encoder:
     vocabulary: dict | None
     _encode: object  # callable(torch.Tensor (N,3,S,S) float in [0,1]) -> torch.Tensor (N,D)
     device: str = "cpu"
+    precision: str = "fp32"  # resolved: fp32 or bf16 (galaxalign_batch.model.precision)
 
     def describe(self) -> dict:
         return {"identity": self.identity, "cutout_spec": self.spec.to_dict(), "dim": self.dim,
                 "vocabulary": self.vocabulary}
 
     def encode(self, pixels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """L2-normalised float32 rows of ``pixels`` (uint8 or float in [0, 1]), the model run in
+        :attr:`precision` (``fp32``, or ``bf16`` autocast: docs/engine.md, "Precision")."""
         import torch
 
         with torch.no_grad():
@@ -50,21 +53,28 @@ class Encoder:
             for i in range(0, len(pixels), batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch_size]))
                 x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-                out.append(self._encode(x.to(self.device)).float().cpu().numpy())
+                with autocast(self.precision, self.device):
+                    y = self._encode(x.to(self.device)).float()
+                out.append(self._unit_rows(y).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
-    def _encode_cuda(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    def _unit_rows(self, y):
+        """``y`` (float32) as unit rows: a bf16 model's normalised output is rounded to bf16 (norms off by up
+        to ~0.4 %), so it is normalised again in float32; fp32 output is left bit for bit as the model gave it."""
+        if self.precision == "fp32":
+            return y
         import torch
 
+        return torch.nn.functional.normalize(y, dim=-1)
+
+    def _encode_cuda(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         """GPU: each batch crosses PCIe as it is stored (uint8 cutouts: a quarter of the float bytes), from
-        pinned memory on a side stream while the previous batch runs, and the model runs under bf16 autocast
-        (``GALAXALIGN_GPU_PRECISION=fp32`` turns that off); one synchronisation at the end. Measured on an
-        H200 with ViT-B-16: 6.4x the sources/s of float transfers in fp32, GPU busy 97% (bench/RESULTS.md)."""
+        pinned memory on a side stream while the previous batch runs, and the model runs in
+        :attr:`precision` (bf16 autocast by default); one synchronisation at the end. Measured on an H200 with
+        ViT-B-16: 6.4x the sources/s of float transfers in fp32, GPU busy 97% (bench/RESULTS.md)."""
+        import torch
+
         dev = torch.device(self.device)
-        precision = os.environ.get("GALAXALIGN_GPU_PRECISION", "bf16").lower()
-        if precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"GALAXALIGN_GPU_PRECISION must be bf16, fp16 or fp32, got {precision!r}")
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         copy_stream = torch.cuda.Stream(dev)
         compute = torch.cuda.current_stream(dev)
         out, pending = [], None
@@ -83,8 +93,8 @@ class Encoder:
                 compute.wait_event(ready_prev)
                 x_dev_prev.record_stream(compute)
                 x = x_dev_prev.float().div_(255.0) if x_dev_prev.dtype == torch.uint8 else x_dev_prev.float()
-                with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-                    out.append(self._encode(x).float())
+                with autocast(self.precision, dev):
+                    out.append(self._unit_rows(self._encode(x).float()))
             pending = staged
         if not out:
             return np.zeros((0, self.dim), np.float32)
@@ -135,15 +145,20 @@ def describe_model(model: str) -> dict:
             "dim": int(cfg["embed_dim"]), "vocabulary": None}
 
 
-def load_encoder(model: str, device: str = "cpu") -> Encoder:
-    """The encoder named by an ``embed --model`` value (see the module docstring)."""
+def load_encoder(model: str, device: str = "cpu", precision: str = "auto") -> Encoder:
+    """The encoder named by an ``embed --model`` value (see the module docstring), its forward passes in
+    ``precision`` (``auto``: bf16 where ``device`` runs it natively, else fp32; :mod:`galaxalign_batch.model.precision`)."""
     spec = _parse_model(model)
+    resolved = resolve_precision(precision, device)
     if spec.kind == "checkpoint":
-        return _from_checkpoint(spec, device)
-    if spec.kind == "tiny":
-        log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
-                    "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
-    return _from_open_clip(spec, device)
+        enc = _from_checkpoint(spec, device)
+    else:
+        if spec.kind == "tiny":
+            log.warning("--model tiny: the tiny test config with RANDOM weights; embeddings are meaningless "
+                        "beyond smoke tests (train a model with 'galaxalign-batch train' and pass its checkpoint)")
+        enc = _from_open_clip(spec, device)
+    enc.precision = resolved
+    return enc
 
 
 def _from_checkpoint(model: ModelSpec, device: str) -> Encoder:

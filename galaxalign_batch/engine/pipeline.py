@@ -30,6 +30,7 @@ from galaxalign_batch import lease, progress
 from galaxalign_batch.engine import images, preflight
 from galaxalign_batch.engine.encoder import describe_model, model_identity
 from galaxalign_batch.engine.selection import check_resume
+from galaxalign_batch.model.precision import CHOICES as PRECISION_CHOICES
 from galaxalign_batch.survey.tiles import TileRef
 from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.store import EmbeddingStore
@@ -51,7 +52,9 @@ class EmbedSummary:
     startup_seconds: float = 0.0  # Ray connection + model replicas loaded (included in seconds)
     timings: dict[str, float] = field(default_factory=dict)  # summed task seconds per stage
     warnings: list[str] = field(default_factory=list)  # shown first in the summary (random weights, a stretch...)
-    ray_started: bool = True  # False when every tile was already done (no Ray, no model)
+    ray_started: bool = True  # False when every tile was already done (no Ray, no model) or executor="local"
+    executor: str = "ray"  # "local": this process did the work without Ray
+    precisions: list[str] = field(default_factory=list)  # what the model replicas ran in (fp32, bf16)
 
     @property
     def ok(self) -> bool:
@@ -64,7 +67,11 @@ class EmbedSummary:
                f"tiles: {self.tiles_done} embedded, {self.tiles_skipped} already done, "
                f"{len(self.tiles_failed)} failed, {len(self.tiles_lost)} lost (of {self.tiles_total})",
                f"sources: {self.sources} in {self.seconds:.1f} s ({rate:.1f} sources/s; "
-               + (f"start-up {self.startup_seconds:.1f} s)" if self.ray_started else "nothing to do: Ray not started)")]
+               + (f"start-up {self.startup_seconds:.1f} s)" if self.ray_started
+                  else f"in this process without Ray, start-up {self.startup_seconds:.1f} s)" if self.executor == "local"
+                  else "nothing to do: Ray not started)")]
+        if self.precisions:
+            out.append(f"model precision: {', '.join(self.precisions)} (--precision; docs/engine.md, 'Precision')")
         if self.timings:
             out.append("task time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         out += [f"FAILED {name}: {reason}" for name, reason in sorted(self.tiles_failed.items())]
@@ -109,7 +116,7 @@ def _prepare_remote(*args, **kwargs):
 class _EncoderActor:
     """Holds one model replica (on a GPU when the actor was given one)."""
 
-    def __init__(self, model: str, device: str, batch_size: int, threads: int = 1):
+    def __init__(self, model: str, device: str, batch_size: int, threads: int = 1, precision: str = "auto"):
         import torch
 
         from galaxalign_batch.engine.encoder import load_encoder
@@ -119,11 +126,12 @@ class _EncoderActor:
         device = str(resolve_device(device))
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.encoder = load_encoder(model, device=device)
+        self.encoder = load_encoder(model, device=device, precision=precision)
         self.batch_size = batch_size
 
     def describe(self) -> dict:
-        return self.encoder.describe()
+        """The model's description (:meth:`Encoder.describe`) and the precision this replica runs it in."""
+        return {**self.encoder.describe(), "precision": self.encoder.precision}
 
     def embed(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
@@ -155,7 +163,7 @@ def _init_ray(address: str | None, cpus: int | None) -> None:
 
 def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, batch_size: int | None = None,
                 cpu_workers: int | None = None, cpu_threads: int | None = None, gpu_workers: int | None = None, device: str = "auto",
-                address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
+                precision: str = "auto", address: str | None = None, catalog: str = "auto", max_inflight: int | None = None,
                 commit_rows: int = 65536, commit_seconds: float = 30.0, embedding_dtype: str = "float16",
                 retry_failed: bool = True, stall_seconds: float = 120.0, force_unlock: bool = False,
                 max_image_pixels: int | None = None, log_every: float = 30.0,
@@ -173,8 +181,12 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
     recorded); ``bands``: the bands to read (:func:`~galaxalign_batch.survey.bands.choose_bands`). ``selection``: a
     :class:`~galaxalign_batch.engine.selection.Selection` (targets, a cut, kept columns), recorded in the store.
     ``executor``: ``"ray"`` (tasks and a model actor pool, local or on a cluster) or ``"local"`` (this
-    process alone, no Ray: small runs and tests); see :class:`EmbedRun`.
+    process alone, no Ray: small runs and tests); see :class:`EmbedRun`. ``precision``: what the model
+    runs in (``auto``, ``fp32``, ``bf16``; :mod:`galaxalign_batch.model.precision`), resolved by each replica
+    for its own hardware; the store records every precision its rows were made in (``precisions``).
     """
+    if precision not in PRECISION_CHOICES:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     t_start = time.perf_counter()
@@ -219,12 +231,12 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
                        max_image_pixels=max_image_pixels, log_every=log_every, warnings=warnings,
                        image_scale=image_scale, bands=run_bands, selection=selection)
         if executor == "local":
-            summary = run_in_process(run, batch_size=batch_size, device=device, threads=cpu_threads)
-            summary.ray_started = False
+            summary = run_in_process(run, batch_size=batch_size, device=device, threads=cpu_threads, precision=precision)
+            summary.ray_started, summary.executor = False, "local"
         else:
             summary = run_on_ray(run, batch_size=batch_size, cpu_workers=cpu_workers, cpu_threads=cpu_threads,
                                  gpu_workers=gpu_workers, device=device, address=address, max_inflight=max_inflight,
-                                 stall_seconds=stall_seconds)
+                                 stall_seconds=stall_seconds, precision=precision)
         summary.warnings = warnings + summary.warnings
         return summary
     finally:
@@ -317,6 +329,8 @@ class EmbedRun:
         if self.startup is not None:
             return
         described = self.describe_replicas()
+        self.summary.precisions = sorted({d.get("precision", "fp32") for d in described})
+        described = [{k: v for k, v in d.items() if k != "precision"} for d in described]
         if any(d != self.model_info for d in described):
             raise ConfigError(f"--model {self.model!r}: the loaded model differs from its description "
                               f"({described[0]['identity']} / {described[0]['cutout_spec']} vs "
@@ -331,6 +345,9 @@ class EmbedRun:
         roots = sorted({t.path for t in self.tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
+        precisions = sorted(set(store.attrs.get("precisions") or []) | set(self.summary.precisions))
+        if precisions != store.attrs.get("precisions"):
+            store.update_attrs({"precisions": precisions})  # what the model ran in, over every run
         if self.image_scale is not None and store.attrs.get("image_scale") != self.image_scale:
             store.update_attrs({"image_scale": self.image_scale})  # what the RGB pictures show
 
@@ -424,13 +441,13 @@ class EmbedRun:
 
 
 def run_in_process(run: EmbedRun, *, batch_size: int | None = None, device: str = "auto",
-                   threads: int | None = None) -> EmbedSummary:
+                   threads: int | None = None, precision: str = "auto") -> EmbedSummary:
     """The in-process executor: every tile read, cut and embedded in this process, one after another,
     without Ray. For small runs (a few tiles, a folder of pictures) and tests; the store, its commits and
     the summary are the same as :func:`run_on_ray`'s."""
     import torch
 
-    actor = _EncoderActor(run.model, device, batch_size or 64, threads or torch.get_num_threads())
+    actor = _EncoderActor(run.model, device, batch_size or 64, threads or torch.get_num_threads(), precision)
     run.describe_replicas = lambda: [actor.describe()]
     try:
         for ref in run.plan:
@@ -450,7 +467,7 @@ def run_in_process(run: EmbedRun, *, batch_size: int | None = None, device: str 
 
 def run_on_ray(run: EmbedRun, *, batch_size: int | None, cpu_workers: int | None, cpu_threads: int | None,
                gpu_workers: int | None, device: str, address: str | None, max_inflight: int | None,
-               stall_seconds: float) -> EmbedSummary:
+               stall_seconds: float, precision: str = "auto") -> EmbedSummary:
     """The Ray executor: tile tasks (at most ``max_inflight`` at a time) and a pool of model actors
     (one per GPU, or CPU replicas sized by :func:`cpu_pool`); pixels go task -> actor through Ray's object
     store. A task lost to a dead worker or node is counted as lost (a re-run does it)."""
@@ -470,14 +487,14 @@ def run_on_ray(run: EmbedRun, *, batch_size: int | None, cpu_workers: int | None
     fault = dict(max_restarts=-1, max_task_retries=2)
     if gpu_workers:
         batch_size = batch_size or 256
-        actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(run.model, "cuda", batch_size)
+        actors = [actor_cls.options(num_gpus=1, num_cpus=1, **fault).remote(run.model, "cuda", batch_size, 1, precision)
                   for _ in range(gpu_workers)]
     else:
         batch_size = batch_size or 64  # measured: larger CPU batches are slower (cache), see docs/engine.md
         replicas, threads = cpu_pool(n_cpus, cpu_threads)
         env = {"env_vars": {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}}
         actors = [actor_cls.options(num_cpus=0, scheduling_strategy="SPREAD", runtime_env=env, **fault)
-                  .remote(run.model, "cpu", batch_size, threads) for _ in range(replicas)]
+                  .remote(run.model, "cpu", batch_size, threads, precision) for _ in range(replicas)]
         log.info("%d CPU model replica(s), %d torch thread(s) each", replicas, threads)
     replicas_ready = [a.describe.remote() for a in actors]
 
