@@ -9,8 +9,9 @@
    ``embed`` of one small brick 132.9 s at 15, 22.7 s at 0 (a worker's ``import torch`` alone took 43 s).
    ``RAY_worker_niceness`` in the environment still wins.
 
-A Ray instance already started in this process (tests, notebooks) is used as it is. Ray failing to start
-or join is a :class:`~galaxalign_batch.errors.ClusterError`, one line (Ray's own errors are tracebacks:
+A Ray instance already started in this process (tests, notebooks) is used as it is. A local start that
+fails is tried once more (seen: Ray's fixed 30 s for its raylet to register missed on 2 busy cores); Ray
+failing to start twice, or to join, is a :class:`~galaxalign_batch.errors.ClusterError`, one line (Ray's own errors are tracebacks:
 "The current node timed out during startup" on an overloaded machine, a ConnectionError for a wrong address).
 """
 
@@ -45,13 +46,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         return
     if "RAY_worker_niceness" not in os.environ:
         kw["_system_config"] = {"worker_niceness": 0, **kw.get("_system_config", {})}
-    try:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kw)
-    except Exception as e:
-        _shutdown()
-        raise ClusterError(f"could not start a local Ray instance: {_first_line(e)} Seen on an overloaded machine "
-                           "(Ray's processes must start within its time-out) or a full /tmp: try again; "
-                           "small `embed` runs go without Ray with --executor local") from e
+    for attempt in (1, 2):  # Ray gives its raylet 30 s to register (fixed); a busy machine can miss that once
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kw)
+            return
+        except Exception as e:
+            _shutdown()
+            if attempt == 1:
+                log.warning("a local Ray instance did not start (%s); trying once more", _first_line(e))
+                continue
+            raise ClusterError(f"could not start a local Ray instance (2 tries): {_first_line(e)} Seen on an "
+                               "overloaded machine (Ray's processes must start within its time-out) or a full /tmp: "
+                               "try again; small `embed` runs go without Ray with --executor local") from e
 
 
 def _first_line(e: BaseException) -> str:
