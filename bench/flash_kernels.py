@@ -100,13 +100,18 @@ def main(argv: list[str] | None = None) -> None:
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "cpu": cpu_model(),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
               "torch": torch.__version__, "triton": flash.triton.__version__, "batch": n, "dim": d,
-              "dtype": args.dtype, "rows": []}
+              "dtype": args.dtype, "rows": [], "complete": False}
+
+    def save() -> None:  # after every row, so a run stopped by its time limit (bench/gpu_check.sh) keeps them
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
 
     def record(kernel: str, tiles: dict | None, seconds: float, flops: float, yardstick: float | None) -> None:
         entry = {"kernel": kernel, "tiles": _label(tiles or {}), "time_s": seconds, "tflops": flops / seconds / 1e12}
         if yardstick:
             entry["vs_cublas_fp32_out"] = entry["tflops"] / yardstick
         report["rows"].append(entry)
+        save()
         extra = f"  {entry['vs_cublas_fp32_out']:.2f} of cuBLAS (fp32 output)" if yardstick else ""
         print(f"  {kernel:16s} {entry['tiles']:34s} {seconds * 1e3:9.3f} ms  {entry['tflops']:7.1f} TFLOP/s{extra}", flush=True)
 
@@ -155,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     record("topk_update", None, run(whole_topk), topk_flops, yard)
     report["topk_fallback_queries"] = whole_topk()
     print(f"  queries recomputed exactly (not certified): {report['topk_fallback_queries']} of {nq}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    save()
 
 
 if __name__ == "__main__":

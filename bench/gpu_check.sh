@@ -3,7 +3,9 @@
 # lease of a GPU machine is enough:
 #   1. build _core and _cuda in place for this GPU's architecture (CMake + Ninja, no pip install);
 #   2. the flash path's tests (tests/test_ops_flash.py compiled for this GPU, the flash cases of
-#      tests/test_ops_cuda.py) against float64 references;
+#      tests/test_ops_cuda.py) against float64 references, then the other CUDA paths' tests (tc, tc with
+#      torch-op epilogues, simt: passed on 12-04, but the simt backward's scale-gradient reduction and the tc
+#      top-k's score split changed since): correctness before any timing;
 #   3. bench/flash_kernels.py --sweep: each flash kernel alone against cuBLAS of the same shape, several tile
 #      configurations;
 #   4. bench/kernels.py --device cuda: loss at B = 4096, 16384, 65536, bf16 inputs (LOSS_DTYPES=bf16,fp32 adds
@@ -13,8 +15,7 @@
 #      "flash tc");
 #   5. bench/embed.py --device cuda: a ViT-B-16-sized open_clip model (random weights), sources/s and
 #      GPU utilisation through NVML;
-#   6. the other CUDA paths' tests (tests/test_ops_cuda.py: tc, tc with torch-op epilogues, simt), last: their
-#      code did not change since they passed on 12-04.
+# Each bench writes its JSON after every case, so a step stopped by its time limit keeps what it measured.
 # Usage: bash bench/gpu_check.sh [OUTDIR]   (default: $OUT, else ./gpu-check). Logs and JSON land in OUTDIR.
 # Python packages the machine lacks may be given as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail
@@ -64,6 +65,10 @@ step() {
     >"$OUTDIR/test_ops_flash.log" 2>&1
   grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_flash.log" | head -40
 
+  log "the other CUDA paths' tests (tests/test_ops_cuda.py: tc, tc with torch epilogues, simt)"
+  step 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -k "not flash" >"$OUTDIR/test_ops_cuda.log" 2>&1
+  grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_cuda.log" | head -40
+
   log "bench/flash_kernels.py --sweep (each flash kernel against cuBLAS, tile configurations)"
   step 100 "$PY" bench/flash_kernels.py --sweep --json "$OUTDIR/flash_kernels.json"
 
@@ -78,8 +83,5 @@ step() {
   log "bench/embed.py --device cuda (ViT-B-16, random weights)"
   step 100 "$PY" bench/embed.py --device cuda --model ViT-B-16 --sources 20480 --batch 512 --json "$OUTDIR/embed_gpu.json"
 
-  log "the other CUDA paths' tests (tests/test_ops_cuda.py: tc, tc with torch epilogues, simt)"
-  step 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py -k "not flash" >"$OUTDIR/test_ops_cuda.log" 2>&1
-  grep -E "^(FAILED|ERROR)|^E  |passed|failed" "$OUTDIR/test_ops_cuda.log" | head -40
   log "done"
 } 2>&1 | tee "$OUTDIR/gpu_check.log"

@@ -216,8 +216,11 @@ def _gemm_tflops(dtype: str, device: str) -> float | None:
     return reps * 2 * size**3 / best / 1e12
 
 
-def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str]) -> list[dict]:
-    rows = []
+def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str], rows: list | None = None,
+             saved=lambda: None) -> list[dict]:
+    """The loss cases, appended to ``rows`` (a new list by default) one (dtype, batch) at a time, ``saved()``
+    called after each: a step killed by its time limit (bench/gpu_check.sh) keeps what it measured."""
+    rows = [] if rows is None else rows
     if device == "cpu" and "bf16" in dtypes:  # the bf16 path is compared with the fp32 GEMM as well
         _gemm_tflops("fp32", device)
     for dtype in dtypes:
@@ -276,6 +279,7 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str])
                                memory_ratio=f["peak_extra_bytes"] / max(c["peak_extra_bytes"], 1),
                                loss_abs_diff=abs(f["loss"] - c["loss"]))
             rows.append(summary)
+            saved()
     if device == "cpu":  # bf16 against fp32 in the same run: the fused paths and the composites
         by = {(r["dtype"], r["batch"]): r for r in rows}
         for batch in sizes:
@@ -333,7 +337,8 @@ def _same_rows(a, b) -> float:
     return float((a == b).all(dim=1).double().mean())
 
 
-def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
+def run_topk(rows: int, device: str, faiss_fp16: bool = False, results: list | None = None,
+             saved=lambda: None) -> list[dict]:
     from galaxalign_batch.ops import similarity_topk
 
     dev = torch.device(device)
@@ -349,7 +354,7 @@ def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
     m16 = m32.astype(np.float16)
     print(f"  made {rows} x {D} rows in {time.perf_counter() - t0:.1f} s", flush=True)
     flops = 2.0 * TOPK_QUERIES * rows * D
-    results = []
+    results = [] if results is None else results
     q_dev = queries.to(dev)
     faiss_entry: dict = {}
 
@@ -401,6 +406,7 @@ def run_topk(rows: int, device: str, faiss_fp16: bool = False) -> list[dict]:
         entry["fused_gflops"] = flops / t_fused / 1e9
         entry["fused_over_torch"] = t_fused / t_torch
         results.append(entry)
+        saved()
         line = f"  top-k {label}: fused {t_fused:.4f} s ({entry['fused_gflops']:.1f} GFLOP/s), torch chunked {t_torch:.4f} s"
         if "faiss_s" in entry:
             line += f", {entry['faiss']} {entry['faiss_s']:.2f} s -> fused/faiss = {entry['fused_over_faiss']:.2f}"
@@ -441,18 +447,24 @@ def main(argv: list[str] | None = None) -> None:
               "device": args.device}
     print(f"machine: {report['machine']}", flush=True)
     t0 = time.perf_counter()
+
+    def saved(complete: bool = False) -> None:  # after every case, so a killed run keeps its figures
+        if args.json:
+            report.update(complete=complete, total_s=time.perf_counter() - t0)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
     if not args.skip_loss:
         print("loss (forward + backward, D=512):", flush=True)
         impls = args.impls.split(",") if args.impls else (
             ["fused-flash", "fused-tc", "fused-simt", "composite"] if args.device == "cuda" else ["fused", "composite"])
-        report["loss"] = run_loss(sizes, args.device, args.dtypes.split(","), impls)
+        report["loss"] = []
+        run_loss(sizes, args.device, args.dtypes.split(","), impls, rows=report["loss"], saved=saved)
     if not args.skip_topk:
         print(f"top-k (N={TOPK_QUERIES}, M={args.topk_rows}, D={D}, k={TOPK_K}):", flush=True)
-        report["topk"] = run_topk(args.topk_rows, args.device, args.faiss_fp16)
-    report["total_s"] = time.perf_counter() - t0
-    print(f"total {report['total_s']:.0f} s", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        report["topk"] = []
+        run_topk(args.topk_rows, args.device, args.faiss_fp16, results=report["topk"], saved=saved)
+    saved(complete=True)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
