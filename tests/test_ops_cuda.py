@@ -170,7 +170,7 @@ def test_loss_large_batch_blocked(monkeypatch):
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_loss_flash_full_tiles(dtype, monkeypatch):
-    """The flash path at D = 512 (no K mask) over many 128 x 128 tiles and two backward row chunks, class ids."""
+    """The flash path at D = 512 (no K mask) over many 128 x 128 tiles and five backward row chunks (640 rows each in 4 MiB), class ids."""
     pytest.importorskip("triton")
     monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", "flash")
     monkeypatch.setenv("GALAXALIGN_TILE_MB", "4")
