@@ -339,7 +339,8 @@ class EmbedRun:
         sel = self.selection
         if self.store is None:
             self.store = EmbeddingStore.create(self.out, self.info["dim"], dtype=self.embedding_dtype,
-                                               attrs={**_store_attrs(self.info, self.warnings), **(sel.attrs() if sel else {})},
+                                               attrs={**_store_attrs(self.info, self.warnings), **(sel.attrs() if sel else {}),
+                                                      "precisions": self.summary.precisions},
                                                extra_columns=sel.keep if sel is not None else ())
         store = self.store
         roots = sorted({t.path for t in self.tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
@@ -347,7 +348,7 @@ class EmbedRun:
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
         precisions = sorted(set(store.attrs.get("precisions") or []) | set(self.summary.precisions))
         if precisions != store.attrs.get("precisions"):
-            store.update_attrs({"precisions": precisions})  # what the model ran in, over every run
+            store.update_attrs({"precisions": precisions})  # a resumed store: what the model ran in, every run
         if self.image_scale is not None and store.attrs.get("image_scale") != self.image_scale:
             store.update_attrs({"image_scale": self.image_scale})  # what the RGB pictures show
 
