@@ -257,10 +257,10 @@ def gpu_main(args) -> int:
     print(f"device: {torch.cuda.get_device_name()}; model {args.model} (random weights), input {size} px, "
           f"batch {args.batch}, {n_batches * args.batch} sources; CPU: {cpu_model()} x {os.cpu_count()}", flush=True)
     timed("baseline: float transfer, fp32", float_transfer_fp32)
-    timed("Encoder.encode (uint8 pinned, bf16)", engine_encode)
-    enc.precision = "fp32"
+    timed(f"Encoder.encode (uint8 pinned, {enc.precision})", engine_encode)
+    chosen, enc.precision = enc.precision, "fp32"
     timed("Encoder.encode (uint8 pinned, fp32)", engine_encode)
-    enc.precision = "bf16"
+    enc.precision = chosen
     # the model alone on resident data: the ceiling for this batch size
     x = torch.from_numpy(pool[:args.batch]).to(dev)
 
