@@ -273,6 +273,7 @@ def test_the_models_precision_is_chosen_recorded_and_close_to_fp32(cubes, tmp_pa
         assert abs(np.linalg.norm(v) - 1) < 1e-5 and v @ rows["fp32"][oid] > 0.999
     s = embed_tiles(tiles, "tiny", tmp_path / "fp32.zarr", executor="local", precision="bf16", embedding_dtype="float32")
     assert s.tiles_skipped == 3 and open_store(tmp_path / "fp32.zarr").attrs["precisions"] == ["bf16", "fp32"]
+    assert "WARNING: this store's earlier rows were made in fp32, this run's in bf16" in "\n".join(s.lines())
     monkeypatch.setattr(backends, "cpu_bf16_kernels", lambda: "")  # no AVX512-BF16, or GALAXALIGN_CPU_BF16=0
     assert prec.resolve_precision("auto", "cpu") == "fp32"
     monkeypatch.setattr(backends, "cpu_bf16_kernels", lambda: "x86-64-v4 + AVX512-BF16")

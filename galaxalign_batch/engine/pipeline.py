@@ -346,7 +346,13 @@ class EmbedRun:
         roots = sorted({t.path for t in self.tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
         if roots != store.attrs.get("survey_roots", []):
             store.update_attrs({"survey_roots": roots})  # where thumbnails / re-made cutouts come from
-        precisions = sorted(set(store.attrs.get("precisions") or []) | set(self.summary.precisions))
+        before = store.attrs.get("precisions") or []
+        precisions = sorted(set(before) | set(self.summary.precisions))
+        if before and precisions != before:  # a resume in another precision (another machine, another --precision)
+            note = (f"this store's earlier rows were made in {', '.join(before)}, this run's in "
+                    f"{', '.join(self.summary.precisions)} (--precision; the store records both)")
+            log.warning("%s", note)
+            self.summary.warnings.append(note)
         if precisions != store.attrs.get("precisions"):
             store.update_attrs({"precisions": precisions})  # a resumed store: what the model ran in, every run
         if self.image_scale is not None and store.attrs.get("image_scale") != self.image_scale:
