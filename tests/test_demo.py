@@ -39,3 +39,28 @@ def test_demo_smallest_runs_end_to_end(tmp_path):
 
     joined = pd.read_parquet(out / "joined.parquet")
     assert joined["object_id"].notna().sum() == n  # every primary truth row found its source
+
+
+def test_the_demo_asks_about_one_galaxy_whatever_order_ray_committed_the_tiles(tmp_path):
+    """The demo's search query (and its summary's first_query figure) was store row 0, i.e. whichever tile Ray
+    finished first: two runs of one command searched for different galaxies (0.875 in one, 1.0 in the next)."""
+    import numpy as np
+
+    from galaxalign_batch.cli.demo import _first_galaxy
+    from galaxalign_batch.store import EmbeddingStore
+
+    found = []
+    for order in (("brickA", "brickB"), ("brickB", "brickA")):
+        store = EmbeddingStore.create(tmp_path / f"{order[0]}.zarr", 4, durable=False,
+                                      attrs={"model": {"name": "m", "id": "1", "kind": "tiny"}, "vocabulary": None,
+                                             "cutout_spec": None})
+        for tile in order:
+            m = 3
+            store.commit([(tile, dict(embedding=np.eye(4, dtype=np.float32)[:m],
+                                      object_id=np.array([f"9999/{tile}/{i}" for i in range(m)]),
+                                      ra=np.zeros(m), dec=np.zeros(m), tile=np.full(m, tile),
+                                      x=np.zeros(m, np.float32), y=np.zeros(m, np.float32),
+                                      masked_fraction=np.zeros(m, np.float32)), "")])
+        store.finalize()
+        found.append(_first_galaxy(tmp_path / f"{order[0]}.zarr"))
+    assert found == [("9999/brickA/0", 0), ("9999/brickA/0", 3)]

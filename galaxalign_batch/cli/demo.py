@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
           ["embed", "--tiles", str(sky), "--model", str(model), "--out", str(store)], timings)
     _step("classify every source (zero-shot: text + symbol prototypes)",
           ["classify", "--store", str(store), "--model", str(model)], timings)
-    first = _first_galaxy(store)
+    first, _ = _first_galaxy(store)
     _step("find galaxies like the first one", ["search", "--store", str(store), "--object", first, "-k", "8",
                                                "--plot", str(out / "search.png"), "--survey", str(sky)], timings)
     catalog = _truth_catalog(sky, out / "truth-catalog.fits")
@@ -160,13 +160,14 @@ def demo_summary(out: Path, model: Path, store: Path, seconds: float, timings, s
     keys = truth[galaxy].to_numpy()
     row_class = dict(zip(rows, keys))
     same, first = [], None
+    first_row = _first_galaxy(store)[1]
     for r, key in zip(rows, keys):
         s = sims[r].copy()
         s[r] = -np.inf
         nb = np.argsort(-s)[:NEIGHBOURS]
         frac = float(np.mean([row_class.get(int(j)) == key for j in nb]))
         same.append(frac)
-        if r == 0:
+        if r == first_row:
             first = frac
     info = read_info(model)
     return {
@@ -185,15 +186,19 @@ def demo_summary(out: Path, model: Path, store: Path, seconds: float, timings, s
     }
 
 
-def _first_galaxy(store: Path) -> str:
+def _first_galaxy(store: Path) -> tuple[str, int]:
+    """The query of the demo's search and its store row: the source with the smallest object id, so every run
+    asks about the same galaxy (row 0 is whichever tile Ray committed first, which varies from run to run)."""
     from galaxalign_batch.store import open_store
+    from galaxalign_batch.store.embedding_store import as_str
 
-    ids = open_store(store).read("object_id", slice(0, 1))
+    ids = as_str(open_store(store).read("object_id"))
     if not len(ids):
         from galaxalign_batch.errors import GalaxAlignError
 
         raise GalaxAlignError(f"{store}: the store is empty")
-    return str(ids[0])
+    row = int(np.argmin(ids))
+    return str(ids[row]), row
 
 
 def _truth_catalog(sky: Path, path: Path) -> Path:
