@@ -91,7 +91,7 @@ def _boot_id() -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` names a running process. A zombie (killed, not yet reaped by its parent: e.g. a run
     SIGKILLed by ``timeout -s KILL``, which is killed with it, until init reaps the orphan) writes nothing
     more and counts as gone."""
@@ -136,7 +136,7 @@ class Lease(dict):
             return "the lease file is damaged"
         if self.get("host") == socket.gethostname() and self.get("boot_id") == _boot_id():
             pid = int(self.get("pid", -1))
-            if pid <= 0 or not _pid_alive(pid):
+            if pid <= 0 or not pid_alive(pid):
                 return "its process is gone"
             start = _proc_start(pid)
             if start is not None and self.get("pid_start") not in (None, start):

@@ -154,3 +154,28 @@ def test_a_refused_run_changes_nothing_in_the_folder(command, labelled, tmp_path
     assert (out / "checkpoints" / "epoch_0001").is_dir() and (out / "metrics.csv").read_text() == "epoch\n1\n"
     assert sorted(p.name for p in out.iterdir()) == [".model.0123456789ab.partial.safetensors", "checkpoints",
                                                      "metrics.csv"]
+
+
+def test_a_killed_ray_train_workers_staging_folder_is_removed_by_the_next_worker(tmp_path, monkeypatch):
+    """A Ray Train worker stages each checkpoint in a temporary folder it removes when it ends; a killed worker
+    (the killed-worker test, the OOM killer) cannot, and left one folder in /tmp per kill (eight after a day of
+    CI runs). The next worker on the machine removes those of processes that are gone, and no other."""
+    import tempfile
+
+    from galaxalign_batch.model.launch import STAGING_PREFIX, checkpoint_staging
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{STAGING_PREFIX}{gone.pid}-abc123"
+    (dead / "epoch_0003").mkdir(parents=True)
+    (dead / "epoch_0003" / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f"{STAGING_PREFIX}{os.getppid()}-def456"  # another worker, still running
+    old_style = tmp_path / f"{STAGING_PREFIX}q1w2e3r4"  # the earlier name, without a process id: not ours to judge
+    other = tmp_path / "something-else-1"
+    for d in (alive, old_style, other):
+        d.mkdir()
+    with checkpoint_staging() as staging:
+        assert Path(staging).name.startswith(f"{STAGING_PREFIX}{os.getpid()}-") and Path(staging).is_dir()
+        assert not dead.exists() and alive.is_dir() and old_style.is_dir() and other.is_dir()
+    assert not Path(staging).exists()

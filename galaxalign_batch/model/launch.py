@@ -113,7 +113,7 @@ def _worker_loop(config: dict) -> None:
     if size > 1:
         dist.broadcast_object_list(choice, src=0)
     resume_dir = Path(choice[0]) if choice[0] else None
-    with tempfile.TemporaryDirectory(prefix="galaxalign-ckpt-") as tmp:
+    with checkpoint_staging() as tmp:
         def report(metrics: dict, ckpt_dir: Path | None) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint,
@@ -123,6 +123,23 @@ def _worker_loop(config: dict) -> None:
 
         run_training(cfg, RunContext(rank=rank, world_size=size, device=device, resume_dir=resume_dir,
                                      checkpoint_root=Path(tmp), report=report))
+
+
+STAGING_PREFIX = "galaxalign-ckpt-"
+
+
+def checkpoint_staging() -> tempfile.TemporaryDirectory:
+    """The folder a Ray Train worker writes each checkpoint into before Ray copies it to the run's storage:
+    ``$TMPDIR/galaxalign-ckpt-PID-XXXX``, removed when the worker ends. A worker killed (SIGKILL, the OOM
+    killer, a node agent) cannot remove its own, so each new one first removes the folders of workers on this
+    machine whose process is gone (seen: one empty folder left in /tmp per killed worker; a kill while a
+    checkpoint was staged would leave the checkpoint, a ViT-B-16's 600 MB)."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{STAGING_PREFIX}*-*"):
+        pid = old.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not lease.pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
 
 
 def absolute_paths(cfg_dict: dict) -> dict:
