@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,6 +255,7 @@ def loopback_cluster():
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)  # the head's --temp-dir (sessions, logs): one left per run before
 
 
 @pytest.mark.slow
