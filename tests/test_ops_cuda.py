@@ -182,3 +182,66 @@ def test_loss_flash_full_tiles(dtype, monkeypatch):
     for a, b in zip(got[1], ref[1]):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-5)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-3)
+
+
+@pytest.fixture
+def without_cuda_module(monkeypatch):
+    """A GPU machine where ``galaxalign_batch._cuda`` was not built (no nvcc at install, GALAXALIGN_CUDA=OFF)."""
+    from galaxalign_batch.ops import backends
+
+    real = backends.module_for
+    monkeypatch.setattr(backends, "module_for", lambda device: None if device.type == "cuda" else real(device))
+    monkeypatch.setattr(backends, "_warned", set())
+
+
+@pytest.mark.parametrize("kernel,env,path,want", [
+    ("trimodal_loss", "GALAXALIGN_CUDA_LOSS", "tc", "fused"),     # cuBLAS tiles, torch epilogue
+    ("trimodal_loss", "GALAXALIGN_CUDA_LOSS", "flash", "fused"),  # Triton (half), tc (fp32)
+    ("trimodal_loss", "GALAXALIGN_CUDA_LOSS", "simt", "reference"),
+    ("topk", "GALAXALIGN_CUDA_TOPK", "flash", "fused"),
+    ("topk", "GALAXALIGN_CUDA_TOPK", "tc", "reference"),          # its selection kernel is _cuda's
+    ("prototype_probs", "GALAXALIGN_CUDA_TOPK", "flash", "reference"),
+])
+def test_cuda_paths_that_need_no_cuda_module_are_not_given_up(kernel, env, path, want, monkeypatch, without_cuda_module):
+    """Without ``_cuda``, ``impl="auto"`` keeps the CUDA paths that run on cuBLAS/Triton alone (it fell back to
+    the reference for all of them); only what needs ``_cuda`` falls back, with a warning. CPU-only: a decision."""
+    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.ops.backends import resolve_impl
+
+    monkeypatch.setenv(env, path)
+    cuda = torch.device("cuda")
+    if want == "fused":
+        assert resolve_impl("auto", cuda, kernel, torch.bfloat16) == "fused"
+        assert resolve_impl("fused", cuda, kernel, torch.float32) == "fused"
+        return
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        assert resolve_impl("auto", cuda, kernel, torch.float32) == "reference"
+    with pytest.raises(ConfigError, match="no compiled kernel"):
+        resolve_impl("fused", cuda, kernel, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["tc", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_and_topk_without_cuda_module(path, dtype, monkeypatch, without_cuda_module):
+    """What the decision above promises runs: the loss on tc/flash and the flash top-k (including queries it
+    cannot pre-select against fp16 rows, served by the reference) without ``_cuda``."""
+    if path == "flash":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("GALAXALIGN_CUDA_LOSS", path)
+    monkeypatch.setenv("GALAXALIGN_CUDA_TOPK", path)
+    feats = [x.to(dtype).double() for x in _features(300, 64, seed=21)]
+    ref = _run(feats, 20.0, None, (1.0, 0.5, 2.0), "reference", "cpu", torch.float64)
+    got = _run(feats, 20.0, None, (1.0, 0.5, 2.0), "fused", "cuda", dtype)
+    assert got[0].item() == pytest.approx(ref[0].item(), rel=1e-4)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-5)
+    if path != "flash":
+        return
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-3, 4, (50, 20), generator=g).float()
+    mat = torch.randint(-3, 4, (3000, 20), generator=g).float()
+    order = torch.sort(q @ mat.T, dim=1, descending=True, stable=True)
+    for queries in (q, q * 1e4):  # 1e4: beyond half of fp16's range, the reference serves them
+        scores, index = similarity_topk(queries.cuda(), mat.half(), 10, chunk_rows=1000, impl="fused")
+        assert torch.equal(index.cpu(), order.indices[:, :10])

@@ -64,6 +64,8 @@ def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtyp
         return "reference"
     if kernel_module(device, kernel) is not None:
         return "fused"
+    if device.type == "cuda" and _served_without_cuda_module(kernel):
+        return "fused"
     module = "_cuda" if device.type == "cuda" else "_core"
     what = f"galaxalign_batch.{module} ({kernel}) for device {device}"
     if impl == "fused":
@@ -72,6 +74,17 @@ def resolve_impl(impl: str, device: torch.device, kernel: str, dtype: torch.dtyp
         _warned.add(what)
         warnings.warn(f"no compiled kernel {what}; falling back to the PyTorch reference", RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+def _served_without_cuda_module(kernel: str) -> bool:
+    """Whether a CUDA ``kernel`` runs fused without the compiled ``_cuda`` module (not built: no nvcc at
+    install, ``GALAXALIGN_CUDA=OFF``): the loss on the ``tc`` path (cuBLAS tile products, torch epilogue)
+    and the ``flash`` path (Triton for bf16/fp16, ``tc`` for fp32); the top-k on the ``flash`` path. The
+    ``simt`` kernels, ``tc``'s top-k selection and ``prototype_probs`` need ``_cuda``. A flash path without
+    Triton is the flash dispatch's error (:func:`galaxalign_batch.ops.fused.use_flash_loss`), not a fallback."""
+    if kernel == "trimodal_loss":
+        return cuda_loss_path() in ("tc", "flash")
+    return kernel == "topk" and cuda_topk_path() == "flash"
 
 
 CUDA_LOSS_PATHS = ("tc", "simt", "flash")

@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.ops import backends, blocked
+from galaxalign_batch.ops import reference
 from galaxalign_batch.ops.reference import PAIRS
 from galaxalign_batch.ops.rows import host_or_device_rows, matrix_shape, numpy_rows
 
@@ -265,6 +266,9 @@ def fused_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> t
         core = backends.module_for(device)
         update = lambda s, rows: core.topk_update(q, rows, s, best_s, best_i, backends.cpu_threads())  # noqa: E731
         result = lambda: (torch.from_numpy(best_s), torch.from_numpy(best_i))  # noqa: E731
+    elif backends.module_for(device) is None:  # flash top-k without _cuda, queries it cannot pre-select
+        log.debug("similarity_topk: galaxalign_batch._cuda is not built; the reference serves these queries")
+        return reference.streamed_topk(queries, matrix, k, chunk_rows)
     else:
         load = lambda s: host_or_device_rows(matrix[s:min(s + chunk_rows, m)])  # noqa: E731
         q = queries.detach().float().contiguous()

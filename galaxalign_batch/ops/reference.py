@@ -7,7 +7,11 @@ compiled kernel is available for a tensor's device. Memory grows with ``B**2`` (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from galaxalign_batch.ops.rows import iter_row_chunks
 
 PAIRS = (("image", "text"), ("image", "symbol"), ("symbol", "text"))
 """The three pair terms of the tri-modal loss, in the order of ``weights``: (A, B) of ``A @ B.T``."""
@@ -75,6 +79,17 @@ def merge_topk(best_s: torch.Tensor | None, best_i: torch.Tensor | None, s: torc
         s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
     order = torch.sort(s, dim=1, descending=True, stable=True)
     return order.values[:, :k], torch.gather(i, 1, order.indices[:, :k])
+
+
+def streamed_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`similarity_topk` over ``matrix`` read ``chunk_rows`` rows at a time (any array-like, see
+    :func:`galaxalign_batch.ops.similarity_topk`), merging each chunk's best into the running list."""
+    q = queries.float()
+    best_s = best_i = None
+    for start, rows in iter_row_chunks(matrix, chunk_rows, q.device):
+        s, i = similarity_topk(q, rows, min(k, rows.shape[0]))
+        best_s, best_i = merge_topk(best_s, best_i, s, i + start, k)
+    return best_s.contiguous(), best_i.contiguous()
 
 
 def prototype_probs(features: torch.Tensor, prototypes: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.ops import reference
 from galaxalign_batch.ops.backends import resolve_impl
-from galaxalign_batch.ops.rows import iter_row_chunks, matrix_shape
+from galaxalign_batch.ops.rows import matrix_shape
 
 DEFAULT_CHUNK_ROWS = 65536
 
@@ -34,15 +34,6 @@ def _check_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> 
     return m, d
 
 
-def _reference_topk(queries: torch.Tensor, matrix: Any, k: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = queries.float()
-    best_s = best_i = None
-    for start, rows in iter_row_chunks(matrix, chunk_rows, q.device):
-        s, i = reference.similarity_topk(q, rows, min(k, rows.shape[0]))
-        best_s, best_i = reference.merge_topk(best_s, best_i, s, i + start, k)
-    return best_s.contiguous(), best_i.contiguous()
-
-
 @torch.no_grad()
 def similarity_topk(queries: torch.Tensor, matrix: Any, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` inner products ``queries @ matrix.T`` per query without the ``N x M`` matrix.
@@ -53,7 +44,7 @@ def similarity_topk(queries: torch.Tensor, matrix: Any, k: int, *, chunk_rows: i
     """
     _check_topk(queries, matrix, k, chunk_rows)
     if resolve_impl(impl, queries.device, "topk") == "reference":
-        return _reference_topk(queries, matrix, k, chunk_rows)
+        return reference.streamed_topk(queries, matrix, k, chunk_rows)
     from galaxalign_batch.ops.fused import fused_topk
 
     return fused_topk(queries, matrix, k, chunk_rows)
