@@ -162,6 +162,10 @@ def test_stretch_choice_is_recorded_and_a_trained_one_warned():
     assert notes == [] and info["cutout_spec"]["stretch"] == "asinh"
     _, _, notes = run_spec(ckpt, "asinh", None, pictures_only=True)
     assert "ignored" in notes[0]
+    # a model trained with --stretch-augment gz-decals: that stretch is no domain shift, asinh still is
+    info, _, notes = run_spec(ckpt, "gz-decals", None, also_trained=("gz-decals",))
+    assert notes == [] and info["model_cutout_spec"]["stretch"] == "lupton"
+    assert len(run_spec(ckpt, "asinh", None, also_trained=("gz-decals",))[2]) == 1
 
 
 def test_a_resumed_store_keeps_its_stretch():

@@ -156,3 +156,26 @@ def test_label_train_reembed_label_round_trip(labelled_store, tmp_path):
                  "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "1", "--val-fraction", "0.2",
                  "--test-fraction", "0.2", "--threads", "1", "--device", "cpu"]) == 0
     torch.set_num_threads(1)
+
+
+def test_stretch_augment_cuts_each_labelled_object_in_both_stretches(labelled_store):
+    """``train --stretch-augment`` on store labels: the train split carries each object's cutout in the other
+    stretch too, from the same tile reads, row for row; val/test only the run's stretch."""
+    vocab = load_vocabulary("galaxy10")
+    spec = CutoutSpec(angular_size=32.0, out_size=64, stretch="lupton")
+    gz = CutoutSpec(angular_size=32.0, out_size=64, stretch="gz-decals")
+    data = load_dataset(labelled_store["labels"], vocab, spec=spec, seed=0, val_fraction=0.2, test_fraction=0.2,
+                        store=labelled_store["store"], stretch_augment=("gz-decals",))
+    assert data.description["stretch_augment"] == ["gz-decals"]
+    train = data.split("train")
+    assert len(train.alternates) == 1 and train.alternates[0].shape == train.images.shape
+    assert data.split("val").alternates == () and data.split("test").alternates == ()
+    store = open_store(labelled_store["store"])
+    rows = sorted(labelled_store["row_of"][o] for c in labelled_store["picked"].values() for o in c)
+    as_f16 = lambda a: np.asarray(a, np.float32).astype(np.float16)  # noqa: E731
+    lup = {r: as_f16(p) for r, p in store.cutouts(rows, spec, strict=True).items()}
+    gzc = {r: as_f16(p) for r, p in store.cutouts(rows, gz, strict=True).items()}
+    for img, alt in zip(train.images, train.alternates[0]):
+        (row,) = [r for r in rows if np.array_equal(lup[r], img)]
+        assert np.array_equal(gzc[row], alt)
+        assert not np.array_equal(img, alt)

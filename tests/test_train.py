@@ -63,6 +63,53 @@ def test_simulated_set_goes_through_make_cutouts(labelled):
     np.testing.assert_allclose(train_set.images[0].astype(np.float32), ref, atol=1e-3)
 
 
+def test_stretch_augment_alternates_are_drawn_per_row(labelled, tmp_path):
+    """``--stretch-augment``: the train split is also cut in the other stretch (val/test are not); a batch with a
+    generator draws each row's version at random, without one it is the run's stretch; pictures are refused."""
+    spec = CutoutSpec(angular_size=ANGULAR, out_size=32)
+    vocab = load_vocabulary("galaxy10")
+    ds = load_dataset(labelled, vocab, spec=spec, stretch_augment=("gz-decals",))
+    train_set = ds.split("train")
+    assert ds.description["stretch_augment"] == ["gz-decals"] and ds.split("val").alternates == ()
+    (alt,) = train_set.alternates
+    gz = load_dataset(labelled, vocab, spec=CutoutSpec(angular_size=ANGULAR, out_size=32, stretch="gz-decals"))
+    np.testing.assert_array_equal(alt, gz.split("train").images)
+    index = np.arange(len(train_set))
+    np.testing.assert_array_equal(train_set.batch(index).numpy(), train_set.images.astype(np.float32))
+    got = train_set.batch(index, np.random.default_rng(0)).numpy()
+    from_alt = np.array([np.array_equal(g, a.astype(np.float32)) for g, a in zip(got, alt)])
+    from_own = np.array([np.array_equal(g, a.astype(np.float32)) for g, a in zip(got, train_set.images)])
+    assert (from_alt | from_own).all() and 0.2 < from_alt.mean() < 0.8
+    sub = train_set.subset(index[:5])
+    np.testing.assert_array_equal(sub.alternates[0], alt[:5])
+    for i in range(3):
+        _png(tmp_path / "pics" / "round_smooth" / f"{i}.png", 10 * i)
+    with pytest.raises(ConfigError, match="already stretched"):
+        load_dataset(tmp_path / "pics", vocab, spec=spec, stretch_augment=("gz-decals",))
+    for bad in (("lupton",), ("none",), ("asinh", "asinh")):
+        with pytest.raises(ConfigError, match="--stretch-augment"):
+            _cfg(labelled, tmp_path / "x", stretch_augment=bad)
+
+
+def test_a_run_with_stretch_augment_records_it_and_trains_on_both(labelled, tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.ImageSet.batch
+
+    def spy(self, index, rng=None):
+        seen.append((len(self.alternates), rng is not None))
+        return real(self, index, rng)
+
+    monkeypatch.setattr(train_mod.ImageSet, "batch", spy)
+    out = tmp_path / "aug"
+    run_training(_cfg(labelled, out, stretch_augment=("gz-decals", "asinh"), epochs_stage2=0))
+    info = read_info(out / "model.safetensors")
+    assert info["training"]["stretch_augment"] == ["gz-decals", "asinh"]
+    assert info["data"]["stretch_augment"] == ["gz-decals", "asinh"]
+    assert (2, True) in seen  # the training batches draw among three versions
+    with pytest.raises(ConfigError, match="different run.*stretch_augment"):  # without it: another run
+        run_training(_cfg(labelled, out, epochs_stage2=0))
+
+
 def test_training_passes_class_ids_to_the_loss(labelled, tmp_path, monkeypatch):
     from galaxalign_batch.model import loss as loss_mod
 

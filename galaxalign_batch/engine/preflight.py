@@ -98,12 +98,24 @@ def open_for_resume(out: str, info: dict | None, embedding_dtype: str | None = N
 STRETCH_ALIASES = {"viewer": "lupton"}
 
 
-def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False) -> tuple[dict, tuple | None, list[str]]:
+def augmented_stretches(model: str, identity: dict) -> tuple[str, ...]:
+    """The other stretches a checkpoint was trained on (``train --stretch-augment``), from its header; ()
+    for anything else."""
+    if identity.get("kind") != "checkpoint":
+        return ()
+    from galaxalign_batch.model.checkpoint import read_info
+
+    return tuple((read_info(model).get("training") or {}).get("stretch_augment") or ())
+
+
+def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False,
+             also_trained: tuple[str, ...] = ()) -> tuple[dict, tuple | None, list[str]]:
     """``(info with the run's cutout spec, bands to read, warnings)`` for ``--stretch`` and ``--bands``.
 
     ``--stretch`` (lupton = viewer, asinh, gz-decals) replaces the model's stretch. A trained checkpoint
-    records the stretch it saw: another one is a domain shift, warned about in the summary and kept in the
-    store (``model_cutout_spec`` beside ``cutout_spec``). RGB pictures are already stretched: with only
+    records the stretch it saw: another one is a domain shift, warned about in the summary, unless it is one
+    of ``also_trained`` (:func:`augmented_stretches`); either way the store keeps both specs
+    (``model_cutout_spec`` beside ``cutout_spec``). RGB pictures are already stretched: with only
     pictures ``--stretch`` is ignored with a warning. ``--bands``: :func:`galaxalign_batch.survey.bands.choose_bands`.
     """
     import dataclasses
@@ -117,7 +129,10 @@ def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False
     if stretch and pictures_only:
         notes.append(f"--stretch {stretch} ignored: RGB pictures are already stretched")
     elif stretch and stretch != spec.stretch:
-        if info["identity"].get("kind") == "checkpoint":
+        if stretch in also_trained:
+            log.info("--stretch %s: the model was trained on %s cutouts and, by --stretch-augment, on %s ones too",
+                     stretch, spec.stretch, stretch)
+        elif info["identity"].get("kind") == "checkpoint":
             notes.append(f"--stretch {stretch}: the model was trained on {spec.stretch} cutouts and sees {stretch} "
                          "cutouts in this run (a domain shift: its embeddings and classes may be worse)")
         else:

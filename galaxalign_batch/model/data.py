@@ -19,6 +19,7 @@ splits are split per class (stratified) with a seeded permutation.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -44,22 +45,36 @@ LEGACY_PIXSCALE = PIXSCALE  # arcsec / pixel of the Legacy Surveys
 
 @dataclass
 class ImageSet:
-    """Images (N, 3, S, S) — uint8 0..255 or float in [0, 1] — with integer labels."""
+    """Images (N, 3, S, S) — uint8 0..255 or float in [0, 1] — with integer labels.
+
+    ``alternates``: the same images made with other stretches (``train --stretch-augment``), same shape
+    and dtype; :meth:`batch` with a generator draws each row from ``images`` or one of them."""
 
     images: np.ndarray
     labels: np.ndarray
     name: str = ""
+    alternates: tuple[np.ndarray, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: np.ndarray) -> torch.Tensor:
-        """Float32 images in [0, 1] of the given rows."""
-        x = torch.from_numpy(np.ascontiguousarray(self.images[index]))
+    def batch(self, index: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Float32 images in [0, 1] of the given rows; with ``rng`` and :attr:`alternates`, each row's version
+        (the run's stretch or an alternate) is drawn uniformly."""
+        index = np.asarray(index)
+        rows = self.images[index]
+        if rng is not None and self.alternates:
+            version = rng.integers(0, len(self.alternates) + 1, size=len(index))
+            rows = rows.copy()
+            for v, alt in enumerate(self.alternates, start=1):
+                sel = np.flatnonzero(version == v)
+                if len(sel):
+                    rows[sel] = alt[index[sel]]
+        x = torch.from_numpy(np.ascontiguousarray(rows))
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
     def subset(self, index: np.ndarray) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.name)
+        return ImageSet(self.images[index], self.labels[index], self.name, tuple(a[index] for a in self.alternates))
 
 
 @dataclass
@@ -119,15 +134,27 @@ def source_kind(path: str | os.PathLike, store: str | os.PathLike | None = None)
 
 def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec, seed: int = 0,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, limit_per_class: int | None = None,
-                 store: str | os.PathLike | None = None, survey: list[str] | tuple[str, ...] | None = None) -> Dataset:
+                 store: str | os.PathLike | None = None, survey: list[str] | tuple[str, ...] | None = None,
+                 stretch_augment: tuple[str, ...] = ()) -> Dataset:
     """Load a labelled source with its splits; RGB images are resized to ``spec.out_size``.
 
     ``store``: ``path`` is a label file (``object_id,label``) of that store's objects, cut from its
-    tiles (``survey``: roots where its bricks are looked for)."""
+    tiles (``survey``: roots where its bricks are looked for). ``stretch_augment``: other stretches the
+    training split is also cut with (:attr:`ImageSet.alternates`); survey pixels only (the simulator's
+    labelled set, labels on a store): pictures are already stretched."""
     kind = source_kind(path, store)
     path = Path(path)
     desc = {"kind": kind, "path": str(path.resolve()), "seed": seed, "val_fraction": val_fraction,
             "test_fraction": test_fraction, "limit_per_class": limit_per_class}
+    stretch_augment = tuple(stretch_augment or ())
+    alt_specs = [dataclasses.replace(spec, stretch=st) for st in stretch_augment]
+    if alt_specs and kind not in ("store-labels", "simulated"):
+        raise ConfigError(f"--stretch-augment {','.join(stretch_augment)}: {path} holds pictures that are already "
+                          "stretched; stretch augmentation needs survey pixels (the simulator's labelled set, or "
+                          "labels on an embedding store)")
+    if alt_specs:
+        desc["stretch_augment"] = list(stretch_augment)
+    alternates = ()
     if kind == "store-labels":
         from galaxalign_batch.model.store_labels import load_store_labels, read_data_spec
 
@@ -135,10 +162,13 @@ def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec
             read_data_spec(path)
         if store is None and survey:
             roots = list(survey) + roots
-        images, labels, extra = load_store_labels(labels_path, store_path, vocab, spec, roots=roots)
+        images, labels, extra = load_store_labels(labels_path, store_path, vocab, spec, roots=roots,
+                                                  extra_specs=alt_specs)
+        if alt_specs:
+            images, alternates = images[0], tuple(images[1:])
         desc.update(extra)
     elif kind == "simulated":
-        splits, extra = _load_simulated(path, vocab, spec, limit_per_class, seed)
+        splits, extra = _load_simulated(path, vocab, spec, limit_per_class, seed, alt_specs)
         desc.update(extra)
         return Dataset(splits, desc)
     elif kind in ("folders", "csv"):
@@ -155,7 +185,8 @@ def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec
     splits = {}
     for name, idx in parts.items():
         idx = _limit(idx, labels, limit_per_class, seed)
-        splits[name] = ImageSet(images[idx], labels[idx], name)
+        splits[name] = ImageSet(images[idx], labels[idx], name,
+                                tuple(a[idx] for a in alternates) if name == "train" else ())
     return Dataset(splits, desc)
 
 
@@ -185,7 +216,8 @@ def _limit(idx: np.ndarray, labels: np.ndarray, per_class: int | None, seed: int
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int | None, seed: int):
+def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int | None, seed: int,
+                    alt_specs: list[CutoutSpec] | tuple = ()):
     root = path / "labelled" if (path / "labelled" / "manifest.json").is_file() else path
     manifest_path = root / "manifest.json"
     try:
@@ -215,7 +247,8 @@ def _load_simulated(path: Path, vocab: Vocabulary, spec: CutoutSpec, limit: int 
         flux, labels = flux[idx], labels[idx]
         pixels, frac = cut_stamps(flux, pixscale, spec, bands)
         masked.append(frac)
-        splits[name] = ImageSet(pixels, labels, name)
+        alternates = tuple(cut_stamps(flux, pixscale, alt, bands)[0] for alt in alt_specs) if name == "train" else ()
+        splits[name] = ImageSet(pixels, labels, name, alternates)
     if masked:
         m = float(np.concatenate(masked).mean()) if sum(len(x) for x in masked) else 0.0
         if m > 0.01:

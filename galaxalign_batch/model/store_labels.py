@@ -77,7 +77,7 @@ def read_data_spec(path: str | os.PathLike) -> tuple[str, str, list[str]]:
 
 
 def load_store_labels(labels: str | os.PathLike, store_path: str | os.PathLike, vocab, spec, *,
-                      roots: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                      roots: Sequence[str] | None = None, extra_specs: Sequence = ()) -> tuple[np.ndarray, np.ndarray, dict]:
     """Cutouts and class indices of the labelled objects of a store.
 
     Parameters
@@ -92,10 +92,13 @@ def load_store_labels(labels: str | os.PathLike, store_path: str | os.PathLike, 
         The run's cutouts.
     roots : sequence of str, optional
         Survey roots of the store's bricks (before the store's own ``survey_roots``).
+    extra_specs : sequence of CutoutSpec, optional
+        Other specs (same size, other stretches: ``train --stretch-augment``) the objects are also cut
+        with, from the same tile reads.
 
     Returns
     -------
-    images : (n, 3, S, S) uint8 or float16
+    images : (n, 3, S, S) uint8 or float16; with ``extra_specs`` a list, ``spec``'s first, then one per extra spec
     labels : (n,) int64
     description : dict
         What the data was (recorded in the checkpoint's ``info["data"]``).
@@ -126,7 +129,8 @@ def load_store_labels(labels: str | os.PathLike, store_path: str | os.PathLike, 
     store = open_readable(store_path)
     rows = rows_of(store, labelset.object_ids, what=str(labels))
     dtype = np.uint8 if spec.dtype == "uint8" else np.float16
-    images = np.empty((len(rows), 3, spec.out_size, spec.out_size), dtype)
+    specs = [spec, *extra_specs]
+    versions = [np.empty((len(rows), 3, spec.out_size, spec.out_size), dtype) for _ in specs]
     opener = store.tile_opener(roots, keep=4)
     from galaxalign_batch.progress import bar
 
@@ -134,10 +138,11 @@ def load_store_labels(labels: str | os.PathLike, store_path: str | os.PathLike, 
     for start in bar(range(0, len(order), BATCH), total=-(-len(order) // BATCH), desc="cutting labelled objects",
                      unit="batch"):
         sel = order[start:start + BATCH]
-        cut = store.cutouts(rows[sel], spec, opener=opener, strict=True)
-        for i in sel:
-            p = np.asarray(cut[int(rows[i])])
-            images[i] = p if p.dtype == dtype else p.astype(dtype)
+        for one, images in zip(specs, versions):
+            cut = store.cutouts(rows[sel], one, opener=opener, strict=True)
+            for i in sel:
+                p = np.asarray(cut[int(rows[i])])
+                images[i] = p if p.dtype == dtype else p.astype(dtype)
     counts = {vocab.keys[c]: int(n) for c, n in enumerate(np.bincount(y, minlength=len(vocab))) if n}
     desc = {"labels": str(Path(labels).resolve()), "store": store.path, "store_model": store.attrs.get("model"),
             "store_rows": int(store.n_rows), "objects": int(len(rows)), "counts": counts,
@@ -145,4 +150,4 @@ def load_store_labels(labels: str | os.PathLike, store_path: str | os.PathLike, 
                            f"({spec.angular_size}\" at {spec.out_size} px, {spec.stretch})"}
     log.info("%s: %d labelled objects of %s cut from their tiles (%s)", labels, len(rows), store.path,
              ", ".join(f"{k} {n}" for k, n in counts.items()))
-    return images, y, desc
+    return (versions if extra_specs else versions[0]), y, desc

@@ -54,8 +54,9 @@ METRIC_FIELDS = ["epoch", "stage", "global_step", "train_loss", "lr", "logit_sca
 # Settings that must agree between a run and the checkpoint it resumes from.
 RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "align_epochs", "epochs_stage1", "epochs_stage2", "epochs",
                "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class", "schedule",
-               "withhold_classes", "store")
+               "withhold_classes", "store", "stretch_augment")
 SCHEDULES = ("stage", "run")
+AUGMENT_STRETCHES = ("lupton", "asinh", "gz-decals")  # picture conventions (CutoutSpec.stretch less "none")
 PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols", "store")  # compared as resolved paths on resume
 
 
@@ -100,6 +101,7 @@ class TrainConfig:
     angular_size: float = 32.0
     cutout_size: int | None = None         # default: the model's input size
     stretch: str = "lupton"
+    stretch_augment: tuple[str, ...] = ()  # other stretches each training image is drawn in at random
     symbol_bank: int = 32                  # augmented symbols per class rendered each epoch
     max_steps_per_epoch: int | None = None
     resume: str = "auto"                   # auto | yes | no
@@ -114,6 +116,11 @@ class TrainConfig:
         self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
         self.withhold_classes = tuple(str(k) for k in (self.withhold_classes or ()))
         self.survey = tuple(str(r) for r in (self.survey or ()))
+        self.stretch_augment = tuple(str(x) for x in (self.stretch_augment or ()))
+        bad = [x for x in self.stretch_augment if x not in AUGMENT_STRETCHES]
+        if bad or len(set(self.stretch_augment)) != len(self.stretch_augment) or self.stretch in self.stretch_augment:
+            raise ConfigError(f"--stretch-augment must name other stretches than --stretch {self.stretch}, each once, "
+                              f"from {', '.join(AUGMENT_STRETCHES)}; got {','.join(self.stretch_augment)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("weights", "stage1_weights"):
@@ -380,9 +387,12 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     model.to(device)
 
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
+    if spec.stretch in cfg.stretch_augment:
+        raise ConfigError(f"--stretch-augment {','.join(cfg.stretch_augment)}: {spec.stretch} is the model's own "
+                          f"stretch (its cutout spec), not another one")
     data = load_dataset(cfg.data, model.vocabulary, spec=spec, seed=cfg.seed, val_fraction=cfg.val_fraction,
                         test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class, store=cfg.store,
-                        survey=cfg.survey)
+                        survey=cfg.survey, stretch_augment=cfg.stretch_augment)
     model.info["data"] = data.description
     train, val = data.split("train"), data.split("val")
     withheld = withheld_ids(cfg, model.vocabulary)
@@ -540,7 +550,7 @@ def _train_epoch(cfg, ctx, model, optimizer, scheduler, scaler, stage, train: Im
             start = (step * accum + k) * bsz
             idx = order[start:start + bsz]
             labels_np = train.labels[idx]
-            mb = MicroBatch(images=model.prepare_images(augment_images(train.batch(idx), rng)),
+            mb = MicroBatch(images=model.prepare_images(augment_images(train.batch(idx, rng), rng)),
                             labels=torch.from_numpy(labels_np).to(device))
             if stage.weights is not None:
                 mb.symbols = model.prepare_images(bank.sample(labels_np, rng)) if bank is not None else None
