@@ -227,3 +227,32 @@ def test_an_image_query_is_encoded_in_the_stores_precision(cube_store, monkeypat
         assert search.store_precision(store) == expect
         search.QueryModels(store, "tiny").encoder()
     assert seen == ["bf16", "fp32", "auto"]
+
+
+def test_a_picture_query_goes_through_embeds_picture_path(tmp_path):
+    """``search --image`` cuts a picture as ``embed`` does (one resampler): the same pixels as the engine's
+    for the same scale, the field cut at ``--pixscale``, and rows reversed for a legacy fits-order store."""
+    from PIL import Image
+
+    from galaxalign_batch.engine.images import scale_record
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.preprocess.rgb import picture_pixscale, rgb_cutouts
+
+    rng = np.random.default_rng(0)
+    pic = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    pic[:10] = 255  # the top rows (north) white
+    path = tmp_path / "galaxy.png"
+    Image.fromarray(pic).save(path)
+    spec = CutoutSpec(angular_size=32.0, out_size=32)
+    for scale in (None, scale_record(0.262, None), scale_record(None, 60.0)):
+        got = read_query_image(path, spec, scale)
+        s = scale or {}
+        want, _ = rgb_cutouts([pic], [picture_pixscale(pic.shape[:2], pixscale=s.get("pixscale"),
+                                                       angular_size=s.get("angular_size"), spec=spec)], spec)
+        np.testing.assert_array_equal(got, want[0])
+    whole = read_query_image(path, spec)          # the longer side spans the field: rows above/below are black
+    assert whole[:, 0].max() == 0 and whole[:, 16].max() > 0
+    north_up = read_query_image(path, spec, scale_record(None, 120 * 0.25))
+    legacy = read_query_image(path, CutoutSpec(angular_size=32.0, out_size=32, orientation="fits"),
+                              scale_record(None, 120 * 0.25))
+    np.testing.assert_array_equal(legacy, north_up[:, ::-1])

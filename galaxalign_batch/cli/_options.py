@@ -29,7 +29,7 @@ from galaxalign_batch.errors import ConfigError
 
 __all__ = [
     "HelpFormatter", "CommandParser", "UsageError", "add_store", "add_tiles", "add_bricks", "add_survey",
-    "add_sources", "add_angular_size", "add_device", "add_seed", "add_stretch", "add_force", "add_force_unlock",
+    "add_sources", "add_angular_size", "add_picture_scale", "picture_scale", "add_device", "add_seed", "add_stretch", "add_force", "add_force_unlock",
     "add_batch_rows", "add_threads", "add_resume", "add_address", "loss_weights", "STRETCHES", "DEVICES",
 ]
 
@@ -131,6 +131,32 @@ def add_sources(p) -> argparse.Action:
 
 def add_angular_size(p, *, help: str = "side of a cutout in arcsec: the field of view the model sees") -> argparse.Action:
     return p.add_argument("--angular-size", type=float, default=32.0, metavar="ARCSEC", help=help)
+
+
+def add_picture_scale(p, *, what: str = "RGB pictures (PNG/JPEG)") -> None:
+    """``--pixscale`` / ``--angular-size``: what an already-stretched picture shows (embed's pictures, search's
+    picture queries); read back with :func:`picture_scale`."""
+    p.add_argument("--pixscale", type=float, metavar="ARCSEC",
+                   help=f"{what}: arcsec per pixel of the files; each is cut to the model's field around its centre "
+                        "(a CSV column pixscale/pxscale gives it per picture)")
+    p.add_argument("--angular-size", type=float, metavar="ARCSEC",
+                   help=f"{what}: the arcsec the width of each picture spans. Without --pixscale or --angular-size a "
+                        "picture is taken to show the model's field (resized whole)")
+
+
+def picture_scale(args: argparse.Namespace) -> dict | None:
+    """The ``image_scale`` record of :func:`add_picture_scale`'s options (None when neither is given)."""
+    from galaxalign_batch.engine.images import scale_record
+
+    if args.pixscale is not None and args.angular_size is not None:
+        raise UsageError("give --pixscale or --angular-size, not both")
+    for name in ("pixscale", "angular_size"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and v < float("inf")):
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+    if args.pixscale is None and args.angular_size is None:
+        return None
+    return scale_record(args.pixscale, args.angular_size)
 
 
 def add_device(p, *, help: str = "where the model runs; auto: a GPU when there is one") -> argparse.Action:

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from galaxalign_batch.cli import _options
-from galaxalign_batch.errors import ConfigError
 
 log = logging.getLogger("galaxalign_batch")
 
@@ -51,25 +50,11 @@ def run(args: argparse.Namespace) -> int:
                           catalog=args.sources, embedding_dtype=args.dtype, retry_failed=not args.skip_failed,
                           commit_rows=args.commit_rows, commit_seconds=args.commit_seconds,
                           force_unlock=args.force_unlock, max_image_pixels=args.max_image_pixels,
-                          log_every=args.log_every, image_scale=_image_scale(args), stretch=args.stretch,
+                          log_every=args.log_every, image_scale=_options.picture_scale(args), stretch=args.stretch,
                           bands=parse_bands(args.bands), selection=selection, executor=args.executor)
     for line in summary.lines() + selection.lines():
         print(line)
     return 0 if summary.ok else 3
-
-
-def _image_scale(args: argparse.Namespace) -> dict | None:
-    from galaxalign_batch.engine.images import scale_record
-
-    if args.pixscale is not None and args.angular_size is not None:
-        raise ConfigError("give --pixscale or --angular-size, not both")
-    for name in ("pixscale", "angular_size"):
-        v = getattr(args, name)
-        if v is not None and not (v > 0 and v < float("inf")):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-    if args.pixscale is None and args.angular_size is None:
-        return None
-    return scale_record(args.pixscale, args.angular_size)
 
 
 def _selection(args: argparse.Namespace, tiles: list, out: str):
@@ -135,12 +120,7 @@ def register(sub) -> None:
                    help="when stderr is not a terminal (a batch job's log), log progress (tiles, sources/s, ETA) "
                         "every this many seconds (default 30; 0: never)")
     inp = p.add_argument_group("what the tiles show (docs/engine.md, 'Inputs')")
-    inp.add_argument("--pixscale", type=float, metavar="ARCSEC",
-                     help="RGB pictures (PNG/JPEG): arcsec per pixel of the files; each is cut to the model's field "
-                          "around its centre (a CSV column pixscale/pxscale gives it per picture)")
-    inp.add_argument("--angular-size", type=float, metavar="ARCSEC",
-                     help="RGB pictures: the arcsec the width of each picture spans. Without --pixscale or "
-                          "--angular-size a picture is taken to show the model's field (resized whole)")
+    _options.add_picture_scale(inp)
     _options.add_stretch(inp, default=None, help="the stretch of FITS cutouts (default: the model's CutoutSpec): lupton (the Legacy Survey "
                           "viewer's), asinh, or gz-decals (Galaxy Zoo DECaLS images). Another stretch than a "
                           "trained checkpoint's is warned about; recorded in the store")

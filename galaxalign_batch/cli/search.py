@@ -33,14 +33,17 @@ def run(args: argparse.Namespace) -> int:
     dedup = parse_angle_arcsec(args.dedup, "--dedup") if args.dedup is not None else None
     if args.queries and args.plot:
         raise opt.UsageError("--plot draws one query's grid; with --queries write the table with --csv")
+    image_scale = opt.picture_scale(args)
     items = read_queries(args.queries) if args.queries else None
     store = open_readable(args.store)
     device = str(resolve_device(args.device))
     if items is not None:
-        queries = run_queries(store, items, model=args.model, radius_arcsec=radius, device=device)
+        queries = run_queries(store, items, model=args.model, radius_arcsec=radius, device=device,
+                              image_scale=image_scale)
     else:
         queries = [run_query(store, object_id=args.object, near=args.near, image=args.image, text=args.text,
-                             symbol=args.symbol, model=args.model, radius_arcsec=radius, device=device)]
+                             symbol=args.symbol, model=args.model, radius_arcsec=radius, device=device,
+                             image_scale=image_scale)]
     results = search_many(store, queries, args.k, index=args.index, rebuild_index=args.rebuild_index,
                           target_recall=args.target_recall, dedup_arcsec=dedup, address=args.address)
     for i, result in enumerate(results):
@@ -87,6 +90,7 @@ def register(sub) -> None:
     q.add_argument("--queries", metavar="FILE", help="a batch: one query per line, 'KIND VALUE' with KIND object, "
                                                      "near, image, text or symbol (or a CSV with columns kind, query); "
                                                      "the table gets query_index and query columns")
+    opt.add_picture_scale(p, what="picture queries (--image PNG/JPEG, image lines of --queries)")
     p.add_argument("-k", "--k", type=int, default=10, help="number of results, the query itself included (default 10)")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
                    help="exact search, or an approximate faiss index; auto: exact below 10^7 rows, else ivf "

@@ -188,13 +188,15 @@ def _stored_vector(store: EmbeddingStore, row: int) -> np.ndarray:
     return np.asarray(store.read_embeddings(np.array([row]))[0], dtype=np.float32)
 
 
-def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
+def read_query_image(path: str | os.PathLike, spec, image_scale: dict | None = None) -> np.ndarray:
     """A query image as a cutout ``(3, S, S)`` float32 in [0, 1], in the store's pixel convention.
 
     FITS files (a cutout cube, or a Legacy Survey coadd file) go through the store's preprocessing
     with a cutout at the image centre. Pictures (PNG, JPEG, ...) are taken as already-stretched RGB
-    shown north up: they are resized to the cutout size, and flipped vertically for a store whose
-    cutouts keep the tile's pixel rows (``spec.orientation == "fits"``: row 0 south for the Legacy Survey).
+    shown north up and go through ``embed``'s picture path (:func:`galaxalign_batch.preprocess.rgb.rgb_cutouts`):
+    cut to the store's field around their centre at ``image_scale``'s ``pixscale`` / ``angular_size`` (the
+    record of ``--pixscale`` / ``--angular-size``), or, without one, taken to show the store's field (the
+    longer side resized to it); a stored picture given back scores 1.0 against itself.
     """
     from galaxalign_batch.preprocess import make_cutouts
 
@@ -210,23 +212,23 @@ def read_query_image(path: str | os.PathLike, spec) -> np.ndarray:
                              tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs)
         p = batch.pixels[0]
         return p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
-    from PIL import Image, UnidentifiedImageError
+    from galaxalign_batch.errors import TileError
+    from galaxalign_batch.preprocess.rgb import picture_pixscale, rgb_cutouts
+    from galaxalign_batch.survey.images import read_picture
 
     try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise QueryError(f"{path}: not an image ({' '.join(str(e).split())})") from None
-    import torch
-
-    rows = rgb[::-1] if spec.orientation == "fits" else rgb
-    x = torch.from_numpy(np.array(rows, dtype=np.uint8)).permute(2, 0, 1)[None].float() / 255.0  # a writable copy
-    s = spec.out_size
-    if x.shape[-2:] != (s, s):
-        from galaxalign_batch.model.inputs import resize_images
-
-        x = resize_images(x, s).clamp(0, 1)
-    return x[0].numpy()
+        pic = read_picture(path)
+    except TileError as e:
+        raise QueryError(f"{path}: not an image ({e.reason})") from None
+    scale = image_scale or {}
+    pixscale = picture_pixscale(pic.shape[:2], pixscale=scale.get("pixscale"), angular_size=scale.get("angular_size"),
+                                spec=spec)
+    pixels, masked = rgb_cutouts([pic], [pixscale], spec)
+    if masked[0] > 0:
+        log.info("%s: %.0f%% of the store's %.3g\" field lies outside the picture (black)", path, 100 * masked[0],
+                 spec.angular_size)
+    p = pixels[0]
+    return p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
 
 
 def store_precision(store: EmbeddingStore) -> str:
@@ -236,7 +238,8 @@ def store_precision(store: EmbeddingStore) -> str:
     return made[0] if len(made) == 1 else "auto"
 
 
-def query_image(store: EmbeddingStore, path: str, model: str | None, device: str = "cpu") -> Query:
+def query_image(store: EmbeddingStore, path: str, model: str | None, device: str = "cpu",
+                image_scale: dict | None = None) -> Query:
     from galaxalign_batch.downstream.classify import check_model
     from galaxalign_batch.engine.encoder import load_encoder
 
@@ -244,7 +247,7 @@ def query_image(store: EmbeddingStore, path: str, model: str | None, device: str
         m = store.attrs.get("model") or {}
         raise ConfigError(f"--image needs --model: the model the store was embedded with ({m.get('kind')} "
                           f"{m.get('name')}, id {m.get('id')}) encodes the image")
-    pixels = read_query_image(path, store.cutout_spec)
+    pixels = read_query_image(path, store.cutout_spec, image_scale)
     encoder = load_encoder(model, device=device, precision=store_precision(store))
     check_model(store, encoder.identity)
     vec = encoder.encode(pixels[None])[0]
@@ -373,13 +376,15 @@ def read_queries(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def run_queries(store: EmbeddingStore, items: Sequence[tuple[str, str]], *, model: str | None = None,
-                radius_arcsec: float = 5.0, device: str = "cpu") -> list[Query]:
-    """The :class:`Query` of every ``(kind, value)`` (see :func:`read_queries`); the model is loaded once."""
+                radius_arcsec: float = 5.0, device: str = "cpu", image_scale: dict | None = None) -> list[Query]:
+    """The :class:`Query` of every ``(kind, value)`` (see :func:`read_queries`); the model is loaded once.
+    ``image_scale``: what the picture queries show (:func:`read_query_image`)."""
     models = QueryModels(store, model, device)
-    return [_one_query(store, kind, value, models, radius_arcsec) for kind, value in items]
+    return [_one_query(store, kind, value, models, radius_arcsec, image_scale) for kind, value in items]
 
 
-def _one_query(store: EmbeddingStore, kind: str, value: str, models: QueryModels, radius_arcsec: float) -> Query:
+def _one_query(store: EmbeddingStore, kind: str, value: str, models: QueryModels, radius_arcsec: float,
+               image_scale: dict | None = None) -> Query:
     if kind == "object":
         return query_object(store, value)
     if kind == "near":
@@ -391,7 +396,7 @@ def _one_query(store: EmbeddingStore, kind: str, value: str, models: QueryModels
     if kind == "image":
         if not models.model:
             return query_image(store, value, None)  # the one-line error naming the store's model
-        pixels = read_query_image(value, store.cutout_spec)
+        pixels = read_query_image(value, store.cutout_spec, image_scale)
         vec = models.encoder().encode(pixels[None])[0]
         return Query("image", os.fspath(value), vec.astype(np.float32), pixels=pixels)
     raise ConfigError(f"unknown query kind {kind!r} (one of {', '.join(QUERY_KINDS)})")
@@ -612,8 +617,10 @@ def _short(text: str, n: int = 28) -> str:
 
 def run_query(store: EmbeddingStore, *, object_id: str | None = None, near: str | None = None,
               image: str | None = None, text: str | None = None, symbol: str | None = None,
-              model: str | None = None, radius_arcsec: float = 5.0, device: str = "cpu") -> Query:
-    """The :class:`Query` of exactly one of ``object_id``, ``near``, ``image``, ``text``, ``symbol``."""
+              model: str | None = None, radius_arcsec: float = 5.0, device: str = "cpu",
+              image_scale: dict | None = None) -> Query:
+    """The :class:`Query` of exactly one of ``object_id``, ``near``, ``image``, ``text``, ``symbol``
+    (``image_scale``: what a picture query shows, :func:`read_query_image`)."""
     given = [(k, v) for k, v in (("object", object_id), ("near", near), ("image", image), ("text", text),
                                  ("symbol", symbol)) if v is not None]
     if len(given) != 1:
@@ -621,5 +628,5 @@ def run_query(store: EmbeddingStore, *, object_id: str | None = None, near: str 
                           "--symbol FILE")
     kind, value = given[0]
     if kind == "image":
-        return query_image(store, value, model, device)
+        return query_image(store, value, model, device, image_scale)
     return _one_query(store, kind, value, QueryModels(store, model, device), radius_arcsec)

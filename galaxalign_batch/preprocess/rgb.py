@@ -1,5 +1,6 @@
 """RGB pictures (PNG/JPEG of Galaxy Zoo, Galaxy10, the viewer) to model input: the same exact resampler
-as survey cutouts, no stretch (the picture is already stretched), array order kept (already north up)."""
+as survey cutouts, no stretch (the picture is already stretched), shown north up as pictures are (rows
+reversed only for a spec in the legacy ``orientation="fits"``, whose cutouts keep the tile's row order)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def rgb_cutouts(pictures: list[np.ndarray], pixscales: list[float], spec: Cutout
         batch = make_cutouts(planes, None, [(w - 1) / 2.0], [(h - 1) / 2.0], float(scale), none,
                              bands=("p0", "p1", "p2"))
         values = np.clip(batch.pixels[0], 0.0, 255.0)
+        if spec.orientation == "fits":  # a north-up picture in the store's row order (row 0 south)
+            values = values[:, ::-1]
         out[i] = np.floor(values + 0.5) if spec.dtype == "uint8" else values / 255.0
         masked[i] = batch.masked_fraction[0]
     return out, masked
