@@ -14,8 +14,8 @@ from galaxalign_batch.cli import SUBCOMMANDS, _options, build_parser, main
 SHARED = ["store", "tiles", "bricks", "survey", "sources", "device", "seed", "stretch", "force", "force_unlock",
           "batch_rows", "threads", "resume", "no_resume", "angular_size", "address"]
 # Documented differences (docs/cli.md): simulate --bricks N is how many bricks to make; embed --stretch
-# defaults to the model's own stretch, and embed/search --angular-size is what an RGB picture spans (no default; both from _options.add_picture_scale).
-EXCEPTIONS = {("simulate", "bricks"), ("embed", "stretch"), ("embed", "angular_size"), ("search", "angular_size")}
+# (and evaluate --stretch) defaults to the model's own stretch, and embed/search --angular-size is what an RGB picture spans (no default; both from _options.add_picture_scale).
+EXCEPTIONS = {("simulate", "bricks"), ("embed", "stretch"), ("evaluate", "stretch"), ("embed", "angular_size"), ("search", "angular_size")}
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:

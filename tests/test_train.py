@@ -226,6 +226,19 @@ def test_evaluate_compares_checkpoints(labelled, tmp_path):
         assert main(["evaluate", "--checkpoints", paths[0], "--data", str(labelled), "--out", str(out)]) == 1
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
         assert other.poll() is None
+    # --stretch: the same test galaxies cut in another stretch than the checkpoint's (lupton)
+    assert rows[0]["stretch"] == "lupton" and metrics[0]["trained_stretches"] == ["lupton"]
+    gz = tmp_path / "eval-gz"
+    assert main(["evaluate", "--checkpoints", paths[0], "--names", "tri", "--data", str(labelled), "--out", str(gz),
+                 "--stretch", "gz-decals"]) == 0
+    got = json.loads((gz / "metrics.json").read_text())[0]
+    assert got["stretch"] == "gz-decals" and "| tri | trimodal | gz-decals |" in (gz / "table.md").read_text()
+    assert got["retrieval"] != metrics[0]["retrieval"]  # other pixels, other embeddings
+    _png(tmp_path / "pics" / "round_smooth" / "0.png", 10)
+    with pytest.raises(ConfigError, match="already stretched"):
+        from galaxalign_batch.model.evaluate import evaluate_checkpoints
+
+        evaluate_checkpoints([paths[0]], str(tmp_path / "pics"), tmp_path / "eval-pics", stretch="asinh")
 
 
 # ---------------------------------------------------------------------------------------------- other sources

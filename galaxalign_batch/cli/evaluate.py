@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints")
     result = evaluate_checkpoints(args.checkpoints, args.data, args.out, split=args.split, ks=tuple(args.k),
                                   batch_size=args.batch_size, device=str(resolve_device(args.device)), names=args.names,
-                                  force_unlock=args.force_unlock)
+                                  force_unlock=args.force_unlock, stretch=args.stretch)
     print(result["table_md"], end="")
     log.info("wrote %s/table.md, table.json, metrics.json and confusion matrices", args.out)
     return 0
@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="which split to evaluate")
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="k of precision@k and mAP@k")
     p.add_argument("--batch-size", type=int, default=256)
+    opt.add_stretch(p, default=None, help="cut the data in this stretch (lupton, asinh, gz-decals) instead of each "
+                                          "checkpoint's own: how a model reads pictures another pipeline stretched "
+                                          "(survey pixels only: the simulator's labelled set, labels on a store)")
     opt.add_device(p)
     opt.add_force_unlock(p)
     p.set_defaults(func=run)

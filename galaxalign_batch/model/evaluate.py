@@ -13,6 +13,7 @@ number of other same-class images (queries with ``R = 0`` are skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,7 +166,7 @@ def comparison_table(results: list[dict], ks=(1, 5, 10)) -> tuple[str, list[dict
     for r in results:
         cls = r["classification"]
         prim = cls[r["primary"]]
-        row = {"checkpoint": r["name"], "mode": r["mode"], "primary": r["primary"],
+        row = {"checkpoint": r["name"], "mode": r["mode"], "stretch": r.get("stretch"), "primary": r["primary"],
                "acc_text": cls.get("text", {}).get("accuracy"), "acc_symbol": cls.get("symbol", {}).get("accuracy"),
                "acc_combined": cls.get("combined", {}).get("accuracy"), "acc_head": cls.get("head", {}).get("accuracy"),
                "primary_accuracy": prim["accuracy"], "primary_macro_f1": prim["macro_f1"],
@@ -173,11 +174,11 @@ def comparison_table(results: list[dict], ks=(1, 5, 10)) -> tuple[str, list[dict
                **{f"mAP@{k}": r["retrieval"][f"mAP@{k}"] for k in ks}, "n_images": r["n_images"]}
         rows.append(row)
     kcols = [f"P@{k}" for k in ks] + [f"mAP@{k}" for k in ks]
-    head = ["checkpoint", "mode", "acc text", "acc symbol", "acc text+symbol", "acc linear head",
+    head = ["checkpoint", "mode", "stretch", "acc text", "acc symbol", "acc text+symbol", "acc linear head",
             "primary acc", "primary macro-F1", *kcols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for row in rows:
-        vals = [row["checkpoint"], row["mode"], _fmt(row["acc_text"]), _fmt(row["acc_symbol"]), _fmt(row["acc_combined"]),
+        vals = [row["checkpoint"], row["mode"], row["stretch"] or "—", _fmt(row["acc_text"]), _fmt(row["acc_symbol"]), _fmt(row["acc_combined"]),
                 _fmt(row["acc_head"]), f"{_fmt(row['primary_accuracy'])} ({row['primary']})", _fmt(row["primary_macro_f1"]),
                 *[_fmt(row[f"precision@{k}"]) for k in ks], *[_fmt(row[f"mAP@{k}"]) for k in ks]]
         lines.append("| " + " | ".join(vals) + " |")
@@ -186,8 +187,11 @@ def comparison_table(results: list[dict], ks=(1, 5, 10)) -> tuple[str, list[dict
 
 def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLike, *, split: str = "test",
                          ks=(1, 5, 10), batch_size: int = 256, device: str = "cpu",
-                         names: list[str] | None = None, force_unlock: bool = False) -> dict:
+                         names: list[str] | None = None, force_unlock: bool = False, stretch: str | None = None) -> dict:
     """Evaluate each checkpoint on the same split of ``data``; write metrics.json, table.md/json, confusion PNGs.
+
+    ``stretch``: cut the data in this stretch instead of each checkpoint's own (survey pixels only: the
+    simulator's labelled set, labels on a store); how a model reads pictures another pipeline stretched.
 
     Holds ``out``'s lease (:mod:`galaxalign_batch.lease`): two evaluations into one folder would leave one's
     table beside the other's confusion matrices."""
@@ -196,15 +200,21 @@ def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLi
     out = Path(out)
     with lease.locked(out, force=force_unlock):
         return _evaluate(checkpoints, data, out, split=split, ks=ks, batch_size=batch_size, device=device,
-                         names=names)
+                         names=names, stretch=stretch)
 
 
 def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, batch_size: int, device: str,
-              names: list[str] | None) -> dict:
+              names: list[str] | None, stretch: str | None = None) -> dict:
     from galaxalign_batch.model.checkpoint import load_checkpoint
     from galaxalign_batch.model.data import load_dataset
     from galaxalign_batch.preprocess import CutoutSpec
 
+    from galaxalign_batch.model.data import source_kind
+    from galaxalign_batch.model.store_labels import is_data_spec, is_label_file
+
+    if stretch and not (source_kind(data) == "simulated" or is_label_file(data) or is_data_spec(data)):
+        raise ConfigError(f"--stretch {stretch}: {data} holds pictures that are already stretched; another stretch "
+                          "needs survey pixels (the simulator's labelled set, or labels on an embedding store)")
     out.mkdir(parents=True, exist_ok=True)
     names = names or _unique_names(checkpoints)
     split_ref, results, cache = None, [], {}
@@ -217,6 +227,8 @@ def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, b
             log.warning("%s was trained with split settings %s; evaluating on the split of the first checkpoint %s",
                         name, split_settings, split_ref)
         spec = CutoutSpec.from_dict(model.info["cutout_spec"])
+        if stretch:
+            spec = dataclasses.replace(spec, stretch=stretch)
         key = (json.dumps(spec.to_dict(), sort_keys=True), model.vocabulary.digest())
         if key not in cache:  # checkpoints with the same preprocessing share the loaded images
             from galaxalign_batch.model.store_labels import is_label_file
@@ -229,6 +241,8 @@ def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, b
         log.info("evaluating %s (%s) on %d %s images", name, model.mode, len(subset), split)
         r = evaluate_model(model, subset.images, subset.labels, ks, batch_size)
         r.update(name=name, checkpoint=str(Path(ckpt).resolve()), split=split, data=str(Path(data).resolve()),
+                 stretch=spec.stretch, trained_stretches=[model.info["cutout_spec"].get("stretch"),
+                                                          *training.get("stretch_augment", [])],
                  vocabulary=model.vocabulary.name, weights_digest=model.info.get("weights_digest"),
                  training_epochs=_epochs(training), training_seconds=model.info.get("train_seconds"))
         for m, metrics in r["classification"].items():
