@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
         raise opt.UsageError("--bricks selects bricks of a --tiles survey root")
     summary = restore_tiles(args.tiles, args.model, args.out, bricks=args.bricks,
                             device=str(resolve_device(args.device)), window=args.window, margin=args.margin,
-                            batch_size=args.batch_size, force=args.force, force_unlock=args.force_unlock)
+                            batch_size=args.batch_size, force=args.force, force_unlock=args.force_unlock,
+                            precision=args.precision)
     for line in summary.lines():
         print(line)
     return 3 if summary.failed else 0
@@ -52,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--margin", type=int, default=16, metavar="PX", help="pixels of each window's inner borders not kept")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="windows per forward pass")
     opt.add_device(p)
+    opt.add_precision(p, help="the head's forward passes in fp32 or under bf16 autocast; auto (the default): bf16 where "
+                              "the hardware runs it natively (a CPU with AVX512-BF16, a GPU with bf16), else fp32 "
+                              "(docs/restoration.md)")
     opt.add_force(p, help="restore tiles again even if their output exists")
     opt.add_force_unlock(p)
     p.set_defaults(func=run)

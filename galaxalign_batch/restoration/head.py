@@ -184,13 +184,18 @@ def estimate_noise(noisy: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def denoise(head: DenoiseHead, noisy, sigma=None, *, batch_size: int = 32, pixscale: float | None = None) -> np.ndarray:
+def denoise(head: DenoiseHead, noisy, sigma=None, *, batch_size: int = 32, pixscale: float | None = None,
+            precision: str = "fp32") -> np.ndarray:
     """Denoised stamps (N, bands, H, W) float32 nanomaggies of ``noisy`` (N, bands, H, W) nanomaggies.
 
     ``sigma``: the per-pixel noise, a number, (bands,) or (N, bands) in nanomaggies (from the
     inverse variance in real data); None estimates it per stamp and band (:func:`estimate_noise`).
     A head with foundation features cuts each stamp around its centre for the encoder.
+    ``precision``: ``fp32`` or ``bf16`` (resolved, :mod:`galaxalign_batch.model.precision`): the head's (and the
+    encoder's) forward passes under bf16 autocast; the noise it predicts is subtracted in float32.
     """
+    from galaxalign_batch.model.precision import autocast
+
     noisy = check_stamps(noisy, head.config.bands)
     sig = estimate_noise(noisy) if sigma is None else check_sigma(sigma, len(noisy), head.config.bands)
     pixscale = head.config.pixscale if pixscale is None else float(pixscale)
@@ -203,8 +208,10 @@ def denoise(head: DenoiseHead, noisy, sigma=None, *, batch_size: int = 32, pixsc
             x = noisy[i:i + batch_size]
             s = torch.from_numpy(sig[i:i + batch_size]).float().to(device)[:, :, None, None]
             z = torch.from_numpy(x).to(device) / s
-            tokens = head.encoder.tokens(x, pixscale).to(device) if head.uses_features else None
-            out[i:i + batch_size] = ((z - head(z, tokens)) * s).cpu().numpy()
+            with autocast(precision, device):
+                tokens = head.encoder.tokens(x, pixscale).to(device) if head.uses_features else None
+                noise = head(z, tokens).float()
+            out[i:i + batch_size] = ((z - noise) * s).cpu().numpy()
     finally:
         head.train(was_training)
     return out

@@ -42,8 +42,10 @@ HEAD_BANDS = ("g", "r", "z")
 SUFFIX = "-restored.fits"
 
 
-def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size: int = 16) -> tuple[np.ndarray, dict]:
-    """The restored ``(3, H, W)`` float32 image of ``tile`` (NaN without coverage) and what was done."""
+def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size: int = 16,
+                 precision: str = "fp32") -> tuple[np.ndarray, dict]:
+    """The restored ``(3, H, W)`` float32 image of ``tile`` (NaN without coverage) and what was done
+    (``precision``: the head's forward passes, resolved fp32 or bf16; :func:`~galaxalign_batch.restoration.head.denoise`)."""
     from galaxalign_batch.restoration.head import denoise
 
     missing = [b for b in HEAD_BANDS if b not in tile.bands]
@@ -93,7 +95,7 @@ def restore_tile(head, tile, *, window: int = 128, margin: int = 16, batch_size:
             fallback = _median_sigma(invvar)
             sig[bad] = np.broadcast_to(fallback, sig.shape)[bad]
         sig_used.append(sig)
-        restored = denoise(head, stamps, sig, batch_size=batch_size, pixscale=tile.pixscale)
+        restored = denoise(head, stamps, sig, batch_size=batch_size, pixscale=tile.pixscale, precision=precision)
         for j, (y0, x0, ya, yb, xa, xb) in enumerate(part):
             out[:, ya:yb, xa:xb] = restored[j][:, ya - y0:yb - y0, xa - x0:xb - x0]
     out[~valid] = np.nan
@@ -125,9 +127,10 @@ class RestoreSummary:
     redone: list[str] = field(default_factory=list)  # outputs of another head, window or margin, written again
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = "fp32"
 
     def lines(self) -> list[str]:
-        out = [f"restored {len(self.written)} tile(s) into {self.out} in {self.seconds:.1f} s"
+        out = [f"restored {len(self.written)} tile(s) into {self.out} in {self.seconds:.1f} s ({self.precision})"
                + (f"; {len(self.skipped)} already there (--force redoes them)" if self.skipped else "")
                + (f"; {len(self.redone)} of them again: made by another head, window or margin" if self.redone
                   else "")]
@@ -181,14 +184,20 @@ def write_cube(path: str | os.PathLike, data: np.ndarray, tile, cards: dict) -> 
 
 def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str | os.PathLike, *,
                   bricks: Sequence[str] | None = None, device: str = "cpu", window: int = 128, margin: int = 16,
-                  batch_size: int = 16, force: bool = False, force_unlock: bool = False) -> RestoreSummary:
+                  batch_size: int = 16, force: bool = False, force_unlock: bool = False,
+                  precision: str = "auto") -> RestoreSummary:
     """Restore every tile of ``tiles`` (as ``--tiles`` resolves them) with the head at ``head_path`` into ``out``.
+
+    ``precision``: ``auto`` (bf16 where ``device`` runs it natively, else fp32), ``fp32`` or ``bf16``; recorded
+    in each output's ``PRECISN`` card (an output of another precision is not restored again: the two differ by
+    a few thousandths of the noise, docs/restoration.md).
 
     A tile whose output exists, made by this head file with this window and margin (its header's
     ``HEADSHA``, ``WINREQ``, ``MARGIN``, ``TILEKEY``), is skipped (``force`` redoes it); one made otherwise is
     restored again. A tile that cannot be read or restored is reported in the summary and the others go
     on. The run holds ``out``'s lease (:mod:`galaxalign_batch.lease`): one restore per folder at a time.
     """
+    from galaxalign_batch.model.precision import resolve_precision
     from galaxalign_batch.model.spec import file_digest
     from galaxalign_batch.restoration.head import load_head, read_head_info
     from galaxalign_batch.survey.tiles import resolve_tiles
@@ -196,6 +205,7 @@ def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str |
     t0 = time.perf_counter()
     if window < 16 or margin < 0 or 2 * margin >= window:
         raise ConfigError(f"--window must be at least 16 px and more than twice the margin, got {window}, {margin}")
+    precision = resolve_precision(precision, device)
     head_path = os.fspath(head_path)
     if not os.path.isfile(head_path):
         raise ConfigError(f"{head_path}: no such denoising head file")
@@ -210,16 +220,16 @@ def restore_tiles(tiles: Sequence[str], head_path: str | os.PathLike, out: str |
              f" ({trained['steps']} steps)" if "steps" in trained else "")
     with lease.locked(out, force=force_unlock):
         return _restore(refs, head, digest, out, window=window, margin=margin, batch_size=batch_size, force=force,
-                        t0=t0)
+                        t0=t0, precision=precision)
 
 
 def _restore(refs, head, digest: str, out, *, window: int, margin: int, batch_size: int, force: bool,
-             t0: float) -> RestoreSummary:
+             t0: float, precision: str = "fp32") -> RestoreSummary:
     from galaxalign_batch.survey import open_tile
 
     os.makedirs(out, exist_ok=True)
     atomic.remove_partials(out)  # of a run killed while writing (we hold the lease)
-    summary = RestoreSummary(os.fspath(out))
+    summary = RestoreSummary(os.fspath(out), precision=precision)
     used: set[str] = set()
     for ref in refs:
         dest = os.path.join(out, output_name(ref, used))
@@ -237,10 +247,12 @@ def _restore(refs, head, digest: str, out, *, window: int, margin: int, batch_si
             if str(ref.path).lower().endswith((".png", ".jpg", ".jpeg")):
                 raise ConfigError("a picture has no calibrated flux: restore takes FITS tiles")
             tile = open_tile(ref.path, ref.brick)
-            data, info = restore_tile(head, tile, window=window, margin=margin, batch_size=batch_size)
+            data, info = restore_tile(head, tile, window=window, margin=margin, batch_size=batch_size,
+                                      precision=precision)
             lease.check_held(out)
             write_cube(dest, data, tile, {**cards, "WINDOW": (info["window"][1], "px, used"),
-                                          "SIGMA": info["sigma"][:68]})
+                                          "SIGMA": info["sigma"][:68],
+                                          "PRECISN": (precision, "the head's forward passes (--precision)")})
             summary.written.append(dest)
         except GalaxAlignError as e:
             log.warning("tile %s failed: %s", ref.name, e)
