@@ -34,15 +34,15 @@ def run(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     if args.train:
         return _train(args, device)
-    if (args.detector is not None or args.fields is not None or args.steps is not None or args.epochs is not None
-            or args.precision is not None):
-        raise opt.UsageError("--detector, --fields, --steps, --epochs and --precision are for --train")
+    if args.detector is not None or args.fields is not None or args.steps is not None or args.epochs is not None:
+        raise opt.UsageError("--detector, --fields, --steps and --epochs are for --train")
     if not args.model:
         raise opt.UsageError("--model: the detector file to apply (written by detect --train)")
     from galaxalign_batch.detection.apply import detect_tiles
 
     summary = detect_tiles(args.tiles, args.model, args.out, bricks=args.bricks, device=device,
-                           window=args.window, margin=args.margin, min_score=args.min_score, force=args.force)
+                           window=args.window, margin=args.margin, min_score=args.min_score, force=args.force,
+                           precision=args.precision or "auto")
     for line in summary.lines():
         print(line)
     return 3 if summary.failed else 0
@@ -120,7 +120,8 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=float, default=None, metavar="E",
                    help=f"--train: passes over the fields (default {DEFAULT_EPOCHS:g})")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="--train: optimizer steps instead of --epochs")
-    opt.add_precision(p, default=None, help="--train: forward passes in fp32 or under bf16 autocast (default auto: bf16 "
+    opt.add_precision(p, default=None, help="forward passes (training, or a head detector applied; Faster R-CNN is "
+                                            "applied in fp32) in fp32 or under bf16 autocast (default auto: bf16 "
                                             "where the CPU has AVX512-BF16 or the GPU bf16)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="--train: fields per step")
     opt.add_seed(p)

@@ -43,13 +43,14 @@ BANDS = ("g", "r", "z")
 DEFAULT_SCORE = 0.3
 
 
-def _predict(model, images: np.ndarray, sigma: np.ndarray, pixscale: float, min_score: float) -> list:
+def _predict(model, images: np.ndarray, sigma: np.ndarray, pixscale: float, min_score: float,
+             precision: str = "fp32") -> list:
     from galaxalign_batch.detection import head as H
     from galaxalign_batch.detection import rcnn as R
 
     if isinstance(model, R.RCNNDetector):
-        return R.predict(model, images, sigma, min_score=min_score)
-    return H.predict(model, images, sigma, pixscale=pixscale, min_score=min_score)
+        return R.predict(model, images, sigma, min_score=min_score)  # fp32 (see detect_tiles)
+    return H.predict(model, images, sigma, pixscale=pixscale, min_score=min_score, precision=precision)
 
 
 def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -90,8 +91,9 @@ def prepare_tile(tile, pixscale: float) -> tuple[np.ndarray, np.ndarray | None, 
 
 
 def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min_score: float = DEFAULT_SCORE,
-                nms_iou: float = 0.5, key: str | None = None) -> tuple[Table, dict]:
-    """Detections of ``model`` on ``tile`` (the catalogue's columns, see the module docstring) and what was done."""
+                nms_iou: float = 0.5, key: str | None = None, precision: str = "fp32") -> tuple[Table, dict]:
+    """Detections of ``model`` on ``tile`` (the catalogue's columns, see the module docstring) and what was done
+    (``precision``: a head's forward passes, resolved fp32 or bf16)."""
     from galaxalign_batch.survey.windows import wavelet_sigma, window_jobs
 
     cfg = model.config
@@ -116,7 +118,7 @@ def detect_tile(model, tile, *, window: int | None = None, margin: int = 16, min
         stamps = np.stack([image[:, y0:y0 + win_y, x0:x0 + win_x] for y0, x0, *_ in part])
         sig = np.stack([whole if invvar is None else field_sigma(invvar[:, y0:y0 + win_y, x0:x0 + win_x], stamps[j])
                         for j, (y0, x0, *_) in enumerate(part)]).astype(np.float32)
-        preds += _predict(model, stamps, sig, cfg.pixscale, min_score)
+        preds += _predict(model, stamps, sig, cfg.pixscale, min_score, precision)
     boxes, scores = [], []
     for (y0, x0, ya, yb, xa, xb), (b, s) in zip(jobs, preds):
         b = np.asarray(b, np.float64).reshape(-1, 4) + np.array([x0, y0, x0, y0])
@@ -156,10 +158,12 @@ class DetectSummary:
     tiles: list[tuple[str, int]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = "fp32"
 
     def lines(self) -> list[str]:
         n = sum(k for _, k in self.tiles)
-        out = [f"{n} detection(s) in {len(self.tiles)} tile(s) written to {self.out} in {self.seconds:.1f} s"]
+        out = [f"{n} detection(s) in {len(self.tiles)} tile(s) written to {self.out} in {self.seconds:.1f} s "
+               f"({self.precision})"]
         out += [f"  {name}: {k}" for name, k in self.tiles]
         if self.failed:
             out.append(f"{len(self.failed)} tile(s) failed:")
@@ -170,10 +174,14 @@ class DetectSummary:
 def detect_tiles(tiles: Sequence[str], model_path: str | os.PathLike, out: str | os.PathLike, *,
                  bricks: Sequence[str] | None = None, device: str = "cpu", window: int | None = None,
                  margin: int = 16, min_score: float = DEFAULT_SCORE, nms_iou: float = 0.5,
-                 force: bool = False) -> DetectSummary:
+                 force: bool = False, precision: str = "auto") -> DetectSummary:
     """Detect every tile of ``tiles`` (as ``--tiles`` resolves them) with the detector at ``model_path``
-    and write one catalogue ``out`` (FITS). A tile that cannot be read is reported and the others go on."""
+    and write one catalogue ``out`` (FITS). A tile that cannot be read is reported and the others go on.
+    ``precision``: a head detector's forward passes, ``auto`` (bf16 where ``device`` runs it natively, else
+    fp32), ``fp32`` or ``bf16``; Faster R-CNN runs in fp32. Recorded in the catalogue's ``PRECISN``."""
     from galaxalign_batch.detection.files import load_detector, read_detector_info
+    from galaxalign_batch.detection.rcnn import RCNNDetector
+    from galaxalign_batch.model.precision import resolve_precision
     from galaxalign_batch.model.spec import file_digest
     from galaxalign_batch.progress import bar
     from galaxalign_batch.survey import open_tile
@@ -194,8 +202,12 @@ def detect_tiles(tiles: Sequence[str], model_path: str | os.PathLike, out: str |
     refs = resolve_tiles(list(tiles), bricks)
     if not refs:
         raise ConfigError(f"--tiles {' '.join(tiles)}: no tiles found")
+    precision = resolve_precision(precision, device)
     model = load_detector(model_path, device=device)
-    summary = DetectSummary(out)
+    if isinstance(model, RCNNDetector) and precision != "fp32":
+        log.info("Faster R-CNN runs in fp32 (--precision applies to head detectors)")
+        precision = "fp32"
+    summary = DetectSummary(out, precision=precision)
     parts = []
     for ref in bar(refs, total=len(refs), desc="detecting", unit="tile"):
         try:
@@ -203,7 +215,7 @@ def detect_tiles(tiles: Sequence[str], model_path: str | os.PathLike, out: str |
                 raise ConfigError("a picture has no calibrated flux: detect takes FITS tiles")
             tile = open_tile(ref.path, ref.brick)
             t, _ = detect_tile(model, tile, window=window, margin=margin, min_score=min_score, nms_iou=nms_iou,
-                               key=ref.name)
+                               key=ref.name, precision=precision)
             parts.append(t)
             summary.tiles.append((ref.name, len(t)))
         except GalaxAlignError as e:
@@ -215,7 +227,7 @@ def detect_tiles(tiles: Sequence[str], model_path: str | os.PathLike, out: str |
          "flux_r": np.zeros(0, np.float32)})
     table.meta.update({"DETECTOR": info.get("kind", "")[:60], "DETSHA": file_digest(model_path),
                        "WINDOW": int(window or model.config.field), "MARGIN": int(margin),
-                       "MINSCORE": float(min_score), "NMSIOU": float(nms_iou)})
+                       "MINSCORE": float(min_score), "NMSIOU": float(nms_iou), "PRECISN": precision})
     with atomic.replacing(out) as tmp:
         table.write(tmp, format="fits", overwrite=True)
     summary.seconds = time.perf_counter() - t0

@@ -197,19 +197,24 @@ def decode(out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], max_detections:
 
 @torch.no_grad()
 def predict(head: DetectionHead, images: np.ndarray, sigma: np.ndarray, *, pixscale: float | None = None,
-            batch_size: int = 32, min_score: float = 0.01, tokens: torch.Tensor | None = None
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Boxes and scores of fields ``images`` (N, 3, S, S) nanomaggies with noise ``sigma`` (N, 3)."""
+            batch_size: int = 32, min_score: float = 0.01, tokens: torch.Tensor | None = None,
+            precision: str = "fp32") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes and scores of fields ``images`` (N, 3, S, S) nanomaggies with noise ``sigma`` (N, 3); ``precision``
+    (resolved fp32 or bf16): the forward passes (encoder and head) under bf16 autocast, decoding in float32."""
     from galaxalign_batch.detection.fields import normalise
+    from galaxalign_batch.model.precision import autocast
 
     head.eval()
+    device = next(head.parameters()).device
     pixscale = head.config.pixscale if pixscale is None else float(pixscale)
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(normalise(images[i:i + batch_size], sigma[i:i + batch_size], head.config.compress))
         tok = None
-        if head.uses_features:
-            tok = tokens[i:i + batch_size] if tokens is not None else head.encoder.tokens(images[i:i + batch_size],
-                                                                                          pixscale)
-        out += decode(head(x, tok), head.config.max_detections, min_score)
+        with autocast(precision, device):
+            if head.uses_features:
+                tok = tokens[i:i + batch_size] if tokens is not None else head.encoder.tokens(images[i:i + batch_size],
+                                                                                              pixscale)
+            raw = head(x, tok)
+        out += decode(tuple(o.float() for o in raw), head.config.max_detections, min_score)
     return out
