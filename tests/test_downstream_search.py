@@ -256,3 +256,19 @@ def test_a_picture_query_goes_through_embeds_picture_path(tmp_path):
     legacy = read_query_image(path, CutoutSpec(angular_size=32.0, out_size=32, orientation="fits"),
                               scale_record(None, 120 * 0.25))
     np.testing.assert_array_equal(legacy, north_up[:, ::-1])
+
+
+def test_a_decompression_bomb_is_a_one_line_error_in_search_and_embed(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from galaxalign_batch.errors import TileError
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.images import read_picture
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses pictures over twice this
+    with pytest.raises(TileError, match="decompression bomb"):
+        read_picture(path)
+    with pytest.raises(QueryError, match="not an image .*decompression bomb"):
+        read_query_image(path, CutoutSpec())

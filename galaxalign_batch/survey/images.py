@@ -175,7 +175,7 @@ def read_picture(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im:
             im.load()  # decode everything now: a truncated file fails here, not later
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise TileError(path, f"cannot read image ({' '.join(str(e).split())})") from None
     if arr.ndim != 3 or arr.shape[0] < 2 or arr.shape[1] < 2:
         raise TileError(path, f"image of shape {arr.shape} is too small")
