@@ -284,3 +284,15 @@ def test_progress_lines_for_logs(caplog):
     assert lines == ["progress: 25/100 tiles, 5000 sources, 500.0 sources/s, 10 s elapsed, ETA 0h00m30s",
                      "progress: 50/100 tiles, 10000 sources, 500.0 sources/s, 20 s elapsed, ETA 0h00m20s"]
     assert not RateLog(10, 0.0, force=True).active  # --log-every 0: none
+
+
+def test_a_run_over_fits_and_pictures_says_how_many_of_each(pictures, cutouts_dir, tmp_path, caplog):
+    """A folder walk takes pictures beside FITS tiles (docs/engine.md): the run's first line says so."""
+    import logging
+
+    from galaxalign_batch.cli import main
+
+    with caplog.at_level(logging.INFO, logger="galaxalign_batch"):
+        main(["--no-progress", "embed", "--tiles", str(pictures), str(cutouts_dir / "example_a.fits"), "--model",
+              "tiny", "--out", str(tmp_path / "mixed.zarr"), "--executor", "local"])
+    assert "embedding 7 tile(s) (1 FITS, 6 picture(s)) with tiny" in caplog.text, caplog.text[-2000:]

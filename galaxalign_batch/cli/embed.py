@@ -66,7 +66,12 @@ def _selection(args: argparse.Namespace, tiles: list, out: str):
     selection = make_selection(tiles, out, catalog=args.sources, targets=args.targets, ra_col=args.ra_col,
                                dec_col=args.dec_col, id_col=args.id_col, where=args.where,
                                keep_columns=args.keep_columns, sections=args.section_reads)
-    log.info("embedding %d tile(s) with %s into %s", len(selection.restrict(tiles)), args.model or "tiny", out)
+    from galaxalign_batch.engine.images import ImageRef
+
+    chosen = selection.restrict(tiles)
+    pictures = sum(isinstance(t, ImageRef) for t in chosen)
+    kinds = f" ({len(chosen) - pictures} FITS, {pictures} picture(s))" if pictures and pictures < len(chosen) else ""
+    log.info("embedding %d tile(s)%s with %s into %s", len(chosen), kinds, args.model or "tiny", out)
     return selection
 
 
