@@ -132,6 +132,11 @@ def test_label_train_reembed_label_round_trip(labelled_store, tmp_path):
                  "--batch-size", "8", "--max-steps-per-epoch", "2", "--val-fraction", "0.2", "--test-fraction", "0.2",
                  "--threads", "1", "--device", "cpu"]) == 0
     assert read_info(run2 / "model.safetensors")["weights_digest"] == info["weights_digest"]
+    # evaluate --stretch on the label file: its store comes from the checkpoint, its objects are re-cut in gz-decals
+    ev = tmp_path / "eval-gz"
+    assert main(["--no-progress", "evaluate", "--checkpoints", str(run2 / "model.safetensors"), "--data",
+                 str(labelled_store["labels"]), "--out", str(ev), "--stretch", "gz-decals", "--device", "cpu"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())[0]["stretch"] == "gz-decals"
 
     # 2. embed the same tiles again with the fine-tuned checkpoint
     enc = load_encoder(str(run / "model.safetensors"))

@@ -132,6 +132,17 @@ def source_kind(path: str | os.PathLike, store: str | os.PathLike | None = None)
     raise ConfigError(f"{p}: data not found")
 
 
+SURVEY_PIXEL_KINDS = ("simulated", "store-labels")  # sources cut from flux: any stretch can be made of them
+
+
+def check_restretchable(kind: str, path: str | os.PathLike, option: str) -> None:
+    """:class:`ConfigError` unless a source of ``kind`` can be cut in another stretch than the run's (``option``,
+    e.g. ``--stretch-augment gz-decals``): pictures are already stretched."""
+    if kind not in SURVEY_PIXEL_KINDS:
+        raise ConfigError(f"{option}: {path} holds pictures that are already stretched; another stretch needs survey "
+                          "pixels (the simulator's labelled set, or labels on an embedding store)")
+
+
 def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec, seed: int = 0,
                  val_fraction: float = 0.1, test_fraction: float = 0.1, limit_per_class: int | None = None,
                  store: str | os.PathLike | None = None, survey: list[str] | tuple[str, ...] | None = None,
@@ -148,11 +159,8 @@ def load_dataset(path: str | os.PathLike, vocab: Vocabulary, *, spec: CutoutSpec
             "test_fraction": test_fraction, "limit_per_class": limit_per_class}
     stretch_augment = tuple(stretch_augment or ())
     alt_specs = [dataclasses.replace(spec, stretch=st) for st in stretch_augment]
-    if alt_specs and kind not in ("store-labels", "simulated"):
-        raise ConfigError(f"--stretch-augment {','.join(stretch_augment)}: {path} holds pictures that are already "
-                          "stretched; stretch augmentation needs survey pixels (the simulator's labelled set, or "
-                          "labels on an embedding store)")
     if alt_specs:
+        check_restretchable(kind, path, f"--stretch-augment {','.join(stretch_augment)}")
         desc["stretch_augment"] = list(stretch_augment)
     alternates = ()
     if kind == "store-labels":

@@ -206,15 +206,12 @@ def evaluate_checkpoints(checkpoints: list[str], data: str, out: str | os.PathLi
 def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, batch_size: int, device: str,
               names: list[str] | None, stretch: str | None = None) -> dict:
     from galaxalign_batch.model.checkpoint import load_checkpoint
-    from galaxalign_batch.model.data import load_dataset
+    from galaxalign_batch.model.data import check_restretchable, load_dataset, source_kind
+    from galaxalign_batch.model.store_labels import is_label_file
     from galaxalign_batch.preprocess import CutoutSpec
 
-    from galaxalign_batch.model.data import source_kind
-    from galaxalign_batch.model.store_labels import is_data_spec, is_label_file
-
-    if stretch and not (source_kind(data) == "simulated" or is_label_file(data) or is_data_spec(data)):
-        raise ConfigError(f"--stretch {stretch}: {data} holds pictures that are already stretched; another stretch "
-                          "needs survey pixels (the simulator's labelled set, or labels on an embedding store)")
+    if stretch:  # a label file of store objects takes its store from the checkpoint (below)
+        check_restretchable("store-labels" if is_label_file(data) else source_kind(data), data, f"--stretch {stretch}")
     out.mkdir(parents=True, exist_ok=True)
     names = names or _unique_names(checkpoints)
     split_ref, results, cache = None, [], {}
@@ -231,8 +228,6 @@ def _evaluate(checkpoints: list[str], data: str, out: Path, *, split: str, ks, b
             spec = dataclasses.replace(spec, stretch=stretch)
         key = (json.dumps(spec.to_dict(), sort_keys=True), model.vocabulary.digest())
         if key not in cache:  # checkpoints with the same preprocessing share the loaded images
-            from galaxalign_batch.model.store_labels import is_label_file
-
             # a label file of store objects: the store (and survey roots) the checkpoint was trained on
             on_store = {"store": training.get("store"), "survey": training.get("survey")} \
                 if is_label_file(data) and training.get("store") else {}
