@@ -208,26 +208,25 @@ def read_query_image(path: str | os.PathLike, spec, image_scale: dict | None = N
 
         tile = open_tile(path)
         h, w = tile.shape
-        batch = make_cutouts(tile.image, tile.valid, np.array([(w - 1) / 2.0]), np.array([(h - 1) / 2.0]),
-                             tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs)
-        p = batch.pixels[0]
-        return p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
-    from galaxalign_batch.errors import TileError
-    from galaxalign_batch.preprocess.rgb import picture_pixscale, rgb_cutouts
-    from galaxalign_batch.survey.images import read_picture
+        p = make_cutouts(tile.image, tile.valid, np.array([(w - 1) / 2.0]), np.array([(h - 1) / 2.0]),
+                         tile.pixscale, spec, bands=tile.bands, wcs=tile.wcs).pixels[0]
+    else:
+        from galaxalign_batch.errors import TileError
+        from galaxalign_batch.preprocess.rgb import picture_pixscale, rgb_cutouts
+        from galaxalign_batch.survey.images import read_picture
 
-    try:
-        pic = read_picture(path)
-    except TileError as e:
-        raise QueryError(f"{path}: not an image ({e.reason})") from None
-    scale = image_scale or {}
-    pixscale = picture_pixscale(pic.shape[:2], pixscale=scale.get("pixscale"), angular_size=scale.get("angular_size"),
-                                spec=spec)
-    pixels, masked = rgb_cutouts([pic], [pixscale], spec)
-    if masked[0] > 0:
-        log.info("%s: %.0f%% of the store's %.3g\" field lies outside the picture (black)", path, 100 * masked[0],
-                 spec.angular_size)
-    p = pixels[0]
+        try:
+            pic = read_picture(path)
+        except TileError as e:
+            raise QueryError(f"{path}: not an image ({e.reason})") from None
+        scale = image_scale or {}
+        pixscale = picture_pixscale(pic.shape[:2], pixscale=scale.get("pixscale"),
+                                    angular_size=scale.get("angular_size"), spec=spec)
+        pixels, masked = rgb_cutouts([pic], [pixscale], spec)
+        if masked[0] > 0:
+            log.info("%s: %.0f%% of the store's %.3g\" field lies outside the picture (black)", path,
+                     100 * masked[0], spec.angular_size)
+        p = pixels[0]
     return p.astype(np.float32) / 255.0 if p.dtype == np.uint8 else p.astype(np.float32)
 
 
