@@ -60,6 +60,28 @@ def pictures(tmp_path):
 
 # ------------------------------------------------------------------------------------------ resolution
 
+def test_a_folder_of_fits_skips_the_pictures_beside_them(cutouts_dir, tmp_path, caplog):
+    """Galaxy Zoo subjects beside their cubes (as in tests/data/decals_cutouts) would be second rows of the
+    same galaxies without positions: a folder walk that finds FITS takes the FITS and says what it skipped;
+    the pictures are still taken when named or globbed."""
+    import logging
+    import shutil
+
+    d = tmp_path / "cubes"
+    (d / "subjects").mkdir(parents=True)
+    shutil.copy(cutouts_dir / "example_a.fits", d)
+    shutil.copy(cutouts_dir / "subjects" / "example_a.png", d / "subjects")
+    _png(d / "preview.jpg")
+    with caplog.at_level(logging.WARNING, logger="galaxalign_batch"):
+        refs = resolve_tiles([str(d)])
+    assert [os.path.basename(r.name) for r in refs] == ["example_a.fits"]
+    assert not any(isinstance(r, ImageRef) for r in refs)
+    assert "skipped 2 PNG/JPEG picture(s) beside its FITS tiles" in caplog.text, caplog.text
+    both = resolve_tiles([str(d), str(d / "**" / "*.png")])
+    assert sorted(type(r).__name__ for r in both) == ["ImageRef", "TileRef"]
+    assert resolve_tiles([str(d / "subjects")])[0].object_id == "example_a"  # a folder of pictures alone
+
+
 def test_picture_folder_and_csv_resolve(pictures, tmp_path):
     refs = resolve_tiles([str(pictures)])
     assert all(isinstance(r, ImageRef) for r in refs)

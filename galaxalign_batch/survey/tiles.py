@@ -133,7 +133,8 @@ def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None, *,
     - a Legacy Survey root (has ``coadd/``): its bricks (all, or those named in ``bricks``);
     - a release folder whose regions are roots (DR9/DR10 ``north/`` and ``south/``): every region's bricks;
     - a directory of FITS files: each file is a tile (searched recursively; Legacy Survey products other
-      than ``-image-<band>`` files and catalogues are skipped), and each PNG/JPEG picture in it;
+      than ``-image-<band>`` files and catalogues are skipped); PNG/JPEG pictures beside them are skipped
+      with a warning (previews of the same galaxies), a directory of pictures alone gives its pictures;
     - a FITS file, a PNG/JPEG picture, a CSV listing pictures (:func:`~galaxalign_batch.survey.images.read_image_csv`;
       ``image_columns`` may name its ``id_col``, ``ra_col``, ``dec_col``, ``file_col``), a glob, or
       ``@list.txt`` (one path or pattern per line, ``#`` comments).
@@ -173,7 +174,15 @@ def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None, *,
                 files = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if _is_fits(f))
                 for f in files:
                     skipped += _add_file(refs, f)
-                for f in images.pictures_in(p):
+                found = images.pictures_in(p)
+                if files and found:
+                    # previews beside cubes (Galaxy Zoo subjects, viewer JPEGs) would be second rows of the
+                    # same galaxies, without positions: a folder of FITS gives its FITS
+                    log.warning("%s: skipped %d PNG/JPEG picture(s) beside its FITS tiles; to embed them "
+                                "too, name them or a glob (e.g. '%s')", p, len(found),
+                                os.path.join(p, "**", "*.png"))
+                    found = []
+                for f in found:
                     ref = images.picture_ref(f)
                     refs.setdefault(ref.name, ref)
             elif images.is_picture(p):
