@@ -136,6 +136,44 @@ def test_pretrain_runs_resumes_and_loads_in_train_embed_classify(tiny_sky, tmp_p
     assert g["embedding"].shape[0] == g["label"].shape[0] > 0
 
 
+def test_stretch_augmented_views_mix_the_stretches_and_are_part_of_a_runs_identity(tiny_sky, tmp_path):
+    """`pretrain --stretch-augment`: each source is also cut in the other stretch, each view drawn in one of
+    them (so the two views of a source differ in stretch about half the time); recorded, and a resume
+    without it is refused."""
+    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.model.pretrain import Chunk, PretrainConfig, load_chunk, pretrain
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.tiles import resolve_tiles
+
+    own = np.zeros((400, 3, 4, 4), np.uint8)
+    chunk = Chunk(own, [None] * 400, (np.full_like(own, 255),))
+    idx = np.arange(0, 400, 2)
+    x = chunk.views_of(idx, np.random.default_rng(0))
+    other = (x == 1).all(dim=(1, 2, 3))
+    assert ((x == 0).all(dim=(1, 2, 3)) | other).all() and 0.4 < other.float().mean() < 0.6
+    assert (chunk.views_of(idx, None) == 0).all()                # no draw: the own stretch
+
+    refs = resolve_tiles([str(tiny_sky / "sky")])
+    spec = CutoutSpec(angular_size=48.0, out_size=48, dtype="uint8")
+    c = load_chunk(refs, [0], spec, False, None, (CutoutSpec(angular_size=48.0, out_size=48, dtype="uint8",
+                                                              stretch="gz-decals"),))
+    (alt,) = c.alternates
+    assert alt.shape == c.pixels.shape and len(c.pixels) > 0
+    assert np.abs(alt.astype(int) - c.pixels.astype(int)).mean() > 5   # another picture of the same sources
+
+    out = tmp_path / "f"
+    args = ["--no-progress", "pretrain", "--tiles", str(tiny_sky / "sky"), "--out", str(out), "--batch-size", "8",
+            "--epochs", "2", "--threads", "1", "--max-steps", "2", "--stretch-augment", "gz-decals"]
+    assert main(args) == 0
+    assert read_info(out / "model.safetensors")["pretraining"]["config"]["stretch_augment"] == ["gz-decals"]
+    with pytest.raises(ConfigError, match=r"different pretraining \(stretch_augment\)"):
+        pretrain(PretrainConfig(tiles=[str(tiny_sky / "sky")], out=str(out), batch_size=8, epochs=2, max_steps=3))
+    with pytest.raises(ConfigError, match="other stretches than the model's lupton"):
+        PretrainConfig(tiles=["x"], out="y", stretch_augment=("lupton",))
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["gz-decal"])                           # not a stretch: a usage error
+
+
 def test_compact_foundation_round_trip(tiny_sky, tmp_path):
     from galaxalign_batch.model.pretrain import PretrainConfig, expand_foundation, export_foundation, pretrain
 

@@ -26,15 +26,16 @@ import argparse
 import textwrap
 
 from galaxalign_batch.errors import ConfigError
+from galaxalign_batch.preprocess.spec import PICTURE_STRETCHES
 
 __all__ = [
     "HelpFormatter", "CommandParser", "UsageError", "add_store", "add_tiles", "add_bricks", "add_survey",
-    "add_sources", "add_angular_size", "add_picture_scale", "picture_scale", "add_device", "add_seed", "add_stretch", "add_force", "add_force_unlock",
+    "add_sources", "add_angular_size", "add_picture_scale", "picture_scale", "add_device", "add_seed", "add_stretch", "add_stretch_augment", "add_force", "add_force_unlock",
     "add_batch_rows", "add_threads", "add_resume", "add_address", "loss_weights", "STRETCHES", "DEVICES",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
-STRETCHES = ("lupton", "asinh", "gz-decals")
+STRETCHES = PICTURE_STRETCHES
 
 
 def loss_weights(*names: str):
@@ -181,6 +182,18 @@ def add_stretch(p, *, default: str | None = "lupton", help: str | None = None) -
         "--stretch", default=default, choices=STRETCHES,
         help=help or "picture stretch: lupton (the Legacy Survey viewer, Galaxy10 DECaLS), asinh, or gz-decals "
                      "(Galaxy Zoo DECaLS: per-band arcsinh with desaturation); docs/preprocess.md")
+
+
+def _stretch_list(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    if bad := [x for x in names if x not in STRETCHES]:
+        raise argparse.ArgumentTypeError(f"{','.join(bad)}: not a stretch (choose from {', '.join(STRETCHES)})")
+    return names
+
+
+def add_stretch_augment(p, *, help: str) -> argparse.Action:
+    """``--stretch-augment S[,S]`` (train, pretrain): other stretches the images are also made in."""
+    return p.add_argument("--stretch-augment", type=_stretch_list, default=(), metavar="STRETCH[,STRETCH]", help=help)
 
 
 def add_force(p, *, help: str = "do it again even if the store is up to date") -> argparse.Action:

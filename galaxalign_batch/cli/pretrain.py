@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         tiles=args.tiles, out=args.out, model=args.model, pretrained=args.pretrained, bricks=args.bricks,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup=args.warmup, weights=args.weights, temperature=args.temperature, angular_size=args.angular_size,
-        stretch=args.stretch, buffer=args.buffer, galaxies_only=args.galaxies_only, max_steps=args.max_steps,
+        stretch=args.stretch, stretch_augment=args.stretch_augment, buffer=args.buffer, galaxies_only=args.galaxies_only, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads, device=args.device,
         resume="yes" if args.resume else "no" if args.no_resume else "auto")
     summary = pretrain(cfg, force_unlock=args.force_unlock)
@@ -67,6 +67,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.1, help="initial temperature (learned)")
     opt.add_angular_size(p)
     opt.add_stretch(p)
+    opt.add_stretch_augment(p, help="other stretches (asinh, gz-decals, lupton) each source is also cut in; each of "
+                                    "its two views is drawn in one of the stretches at random, so the image-image "
+                                    "term teaches the foundation that a galaxy is the same galaxy in another "
+                                    "picture convention (docs/model.md); memory: one more buffer per stretch")
     p.add_argument("--buffer", type=int, default=20000, help="sources held in memory at once (whole tiles, shuffled)")
     p.add_argument("--galaxies-only", action="store_true", help="skip catalogue rows of type PSF/DUP (stars)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         train_layers=args.train_layers, loss=args.loss, workers=args.workers, device=args.device, amp=not args.no_amp,
         seed=args.seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         limit_per_class=args.limit_per_class, angular_size=args.angular_size, cutout_size=args.cutout_size,
-        stretch=args.stretch, stretch_augment=tuple(x for x in (args.stretch_augment or "").split(",") if x),
+        stretch=args.stretch, stretch_augment=args.stretch_augment,
         symbol_bank=args.symbol_bank, max_steps_per_epoch=args.max_steps_per_epoch,
         resume="yes" if args.resume else "no" if args.no_resume else "auto", tensorboard=args.tensorboard,
         threads=args.threads, store=args.store, survey=tuple(args.survey or ()))
@@ -70,11 +70,11 @@ def register(sub) -> None:
     opt.add_angular_size(g, help="cutout side in arcsec (simulated / survey data)")
     g.add_argument("--cutout-size", type=int, default=None, help="cutout side in pixels (default: model input size)")
     opt.add_stretch(g)
-    g.add_argument("--stretch-augment", default=None, metavar="STRETCH[,STRETCH]",
-                   help="other stretches (asinh, gz-decals, lupton) each training image is also made in, one version "
-                        "drawn at random per image and step: a model that also knows pictures made by other pipelines "
-                        "(Galaxy Zoo PNGs), at some cost on its own stretch (docs/model.md, 'Stretch augmentation'); "
-                        "survey pixels only (the simulator's labelled set, labels on a store)")
+    opt.add_stretch_augment(g, help="other stretches (asinh, gz-decals, lupton) each training image is also made "
+                                    "in, one version drawn at random per image and step: a model that also knows "
+                                    "pictures made by other pipelines (Galaxy Zoo PNGs), at some cost on its own "
+                                    "stretch (docs/model.md, 'Stretch augmentation'); survey pixels only (the "
+                                    "simulator's labelled set, labels on a store)")
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="trimodal", choices=["trimodal", "image-text", "image-only"])
     g.add_argument("--model", default="galaxalign-tiny",

@@ -49,6 +49,7 @@ from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
+from galaxalign_batch.preprocess.spec import check_stretch_augment
 from galaxalign_batch.progress import bar
 from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 VIEW_MARGIN = 1.5          # sources are cut at this multiple of the model's angular size
 RESUME_KEYS = ("tiles", "model", "pretrained", "epochs", "batch_size", "seed", "angular_size", "stretch", "buffer",
-               "weights", "galaxies_only")
+               "weights", "galaxies_only", "stretch_augment")
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PretrainConfig:
     temperature: float = 0.1
     angular_size: float = 32.0
     stretch: str = "lupton"
+    stretch_augment: tuple[str, ...] = ()  # other stretches each view is drawn in at random (with the own one)
     buffer: int = 20000                   # sources held at once (shuffle buffer)
     galaxies_only: bool = False           # drop catalogue type PSF rows (uses the catalogue, not labels)
     max_steps: int | None = None          # stop after this many steps (quick runs); the schedule still spans epochs
@@ -87,6 +89,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         self.tiles = [str(t) for t in self.tiles]
         self.weights = tuple(float(w) for w in self.weights)
+        self.stretch_augment = check_stretch_augment(self.stretch, self.stretch_augment)
         if len(self.weights) != 2 or min(self.weights) < 0 or max(self.weights) == 0:
             raise ConfigError(f"--weights must be two non-negative numbers w_ii,w_ic, not both 0; got {self.weights}")
         if self.epochs < 1 or self.batch_size < 2:
@@ -108,6 +111,18 @@ class Chunk:
 
     pixels: np.ndarray            # (N, 3, W, W) uint8, W = 1.5 x the model's input size
     captions: list[str | None]
+    alternates: tuple[np.ndarray, ...] = ()   # the same cutouts in the --stretch-augment stretches
+
+    def views_of(self, idx: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
+        """Float [0, 1] wide cutouts of ``idx``; with alternates, each source's stretch drawn by ``rng``
+        (the own one and each alternate equally likely)."""
+        x = self.pixels[idx]
+        if self.alternates and rng is not None:
+            pick = rng.integers(0, len(self.alternates) + 1, len(idx))
+            x = x.copy()
+            for k, alt in enumerate(self.alternates, 1):
+                x[pick == k] = alt[idx[pick == k]]
+        return torch.from_numpy(x).float() / 255.0
 
 
 def plan_chunks(refs, counts: list[int], buffer: int, order: np.ndarray) -> list[list[int]]:
@@ -150,8 +165,10 @@ def count_sources(refs, galaxies_only: bool) -> list[int]:
     return out
 
 
-def load_chunk(refs, tiles: list[int], spec: CutoutSpec, galaxies_only: bool, fits) -> Chunk:
-    pixels, caps = [], []
+def load_chunk(refs, tiles: list[int], spec: CutoutSpec, galaxies_only: bool, fits,
+               alt_specs: tuple[CutoutSpec, ...] = ()) -> Chunk:
+    """The wide cutouts and captions of ``tiles``; ``alt_specs``: the same cutouts in other stretches."""
+    pixels, caps, alts = [], [], [[] for _ in alt_specs]
     for i in tiles:
         try:
             tile, src = _sources(refs[i], galaxies_only)
@@ -164,12 +181,18 @@ def load_chunk(refs, tiles: list[int], spec: CutoutSpec, galaxies_only: bool, fi
         batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
         keep = np.asarray(batch.masked_fraction) < 0.5
         pixels.append(batch.pixels[keep])
+        for a, alt in zip(alts, alt_specs):
+            a.append(make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, alt, bands=tile.bands).pixels[keep])
         if has_caption_columns(src):
             caps += [c for c, k in zip(make_captions(src, None, fits), keep) if k]
         else:
             caps += [None] * int(keep.sum())
     w = spec.out_size
-    return Chunk(np.concatenate(pixels) if pixels else np.zeros((0, 3, w, w), np.uint8), caps)
+
+    def stack(parts):
+        return np.concatenate(parts) if parts else np.zeros((0, 3, w, w), np.uint8)
+
+    return Chunk(stack(pixels), caps, tuple(stack(a) for a in alts))
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -305,6 +328,8 @@ def _pretrain(cfg: PretrainConfig) -> dict:
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
     wide = CutoutSpec(angular_size=spec.angular_size * VIEW_MARGIN,
                       out_size=int(round(spec.out_size * VIEW_MARGIN)), stretch=spec.stretch, dtype="uint8")
+    check_stretch_augment(spec.stretch, cfg.stretch_augment)  # the own stretch of a checkpoint continued from
+    alt_wide = tuple(dataclasses.replace(wide, stretch=s) for s in cfg.stretch_augment)
     context = int(model.info["open_clip"]["config"].get("text_cfg", {}).get("context_length", 77))
     fits = _token_budget(model, context - 2)
 
@@ -348,7 +373,7 @@ def _pretrain(cfg: PretrainConfig) -> dict:
         chunks = plan_chunks(refs, counts, cfg.buffer, order)
         first_chunk = int(progress["chunk"]) if epoch == int(progress["epoch"]) else 0
         for ci in range(first_chunk, len(chunks)):
-            data = load_chunk(refs, chunks[ci], wide, cfg.galaxies_only, fits)
+            data = load_chunk(refs, chunks[ci], wide, cfg.galaxies_only, fits, alt_wide)
             perm = np.random.default_rng([cfg.seed, epoch, ci]).permutation(len(data.pixels))
             nb = len(perm) // cfg.batch_size
             first_batch = int(progress["batch"]) if (epoch, ci) == (int(progress["epoch"]), int(progress["chunk"])) else 0
@@ -356,9 +381,13 @@ def _pretrain(cfg: PretrainConfig) -> dict:
             for b in range(first_batch, nb):
                 idx = np.sort(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
                 rng = np.random.default_rng([cfg.seed, epoch, ci, b])
-                x = torch.from_numpy(data.pixels[idx]).float() / 255.0
-                v1 = model.prepare_images(make_views(x, model.image_size, rng))
-                v2 = model.prepare_images(make_views(x, model.image_size, rng))
+                if data.alternates:  # each view of a source in a stretch of its own draw (own or another)
+                    pick = np.random.default_rng([cfg.seed, epoch, ci, b, 1])
+                    x1, x2 = data.views_of(idx, pick), data.views_of(idx, pick)
+                else:
+                    x1 = x2 = data.views_of(idx, None)
+                v1 = model.prepare_images(make_views(x1, model.image_size, rng))
+                v2 = model.prepare_images(make_views(x2, model.image_size, rng))
                 caps = [data.captions[i] for i in idx]
                 use_text = w_ic > 0 and all(c is not None for c in caps)
                 tokens = model.tokenize(caps).to(device) if use_text else None

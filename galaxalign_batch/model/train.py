@@ -44,6 +44,7 @@ from galaxalign_batch.model.inputs import resolve_device  # noqa: F401  (re-expo
 from galaxalign_batch.model.galaxalign import MODES, GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.preprocess import CutoutSpec
+from galaxalign_batch.preprocess.spec import check_stretch_augment
 from galaxalign_batch.progress import bar
 from galaxalign_batch.vocabulary import load_vocabulary
 
@@ -56,7 +57,6 @@ RESUME_KEYS = ("mode", "model", "pretrained", "data", "vocabulary", "symbols", "
                "batch_size", "accum_steps", "seed", "val_fraction", "test_fraction", "limit_per_class", "schedule",
                "withhold_classes", "store", "stretch_augment")
 SCHEDULES = ("stage", "run")
-AUGMENT_STRETCHES = ("lupton", "asinh", "gz-decals")  # picture conventions (CutoutSpec.stretch less "none")
 PATH_KEYS = ("model", "pretrained", "data", "vocabulary", "symbols", "store")  # compared as resolved paths on resume
 
 
@@ -116,11 +116,7 @@ class TrainConfig:
         self.stage1_weights = tuple(float(w) for w in self.stage1_weights)
         self.withhold_classes = tuple(str(k) for k in (self.withhold_classes or ()))
         self.survey = tuple(str(r) for r in (self.survey or ()))
-        self.stretch_augment = tuple(str(x) for x in (self.stretch_augment or ()))
-        bad = [x for x in self.stretch_augment if x not in AUGMENT_STRETCHES]
-        if bad or len(set(self.stretch_augment)) != len(self.stretch_augment) or self.stretch in self.stretch_augment:
-            raise ConfigError(f"--stretch-augment must name other stretches than --stretch {self.stretch}, each once, "
-                              f"from {', '.join(AUGMENT_STRETCHES)}; got {','.join(self.stretch_augment)}")
+        self.stretch_augment = check_stretch_augment(self.stretch, self.stretch_augment)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         for name in ("weights", "stage1_weights"):
@@ -387,9 +383,7 @@ def run_training(cfg: TrainConfig, ctx: RunContext | None = None) -> dict:
     model.to(device)
 
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
-    if spec.stretch in cfg.stretch_augment:
-        raise ConfigError(f"--stretch-augment {','.join(cfg.stretch_augment)}: {spec.stretch} is the model's own "
-                          f"stretch (its cutout spec), not another one")
+    check_stretch_augment(spec.stretch, cfg.stretch_augment)  # the model's own stretch (a checkpoint's spec)
     data = load_dataset(cfg.data, model.vocabulary, spec=spec, seed=cfg.seed, val_fraction=cfg.val_fraction,
                         test_fraction=cfg.test_fraction, limit_per_class=cfg.limit_per_class, store=cfg.store,
                         survey=cfg.survey, stretch_augment=cfg.stretch_augment)

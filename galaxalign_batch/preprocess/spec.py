@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from galaxalign_batch.errors import ConfigError
 
 STRETCHES = ("lupton", "asinh", "gz-decals", "none")
+PICTURE_STRETCHES = STRETCHES[:3]  # the picture conventions ("none" is linear flux, no picture)
 # "north-up": row 0 is north, column 0 east (as the Legacy Survey viewer, Galaxy Zoo and Galaxy10
 # show them), derived from the tile's WCS; "fits": rows and columns in the tile's array order (row 0 =
 # FITS row 1, i.e. south for Legacy Survey bricks), the convention before orientation was recorded.
@@ -208,3 +209,12 @@ def _finite(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"CutoutSpec.{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_stretch_augment(own: str, others) -> tuple[str, ...]:
+    """``--stretch-augment``'s stretches as a tuple: picture stretches other than the model's ``own``, each once."""
+    others = tuple(str(x) for x in (others or ()))
+    if any(x not in PICTURE_STRETCHES for x in others) or len(set(others)) != len(others) or own in others:
+        raise ConfigError(f"--stretch-augment must name other stretches than the model's {own}, each once, "
+                          f"from {', '.join(PICTURE_STRETCHES)}; got {','.join(others)}")
+    return others
