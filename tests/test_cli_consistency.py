@@ -12,7 +12,7 @@ from galaxalign_batch.cli import SUBCOMMANDS, _options, build_parser, main
 
 # Options built by galaxalign_batch.cli._options; their dest names.
 SHARED = ["store", "tiles", "bricks", "survey", "sources", "device", "seed", "stretch", "force", "force_unlock",
-          "batch_rows", "threads", "resume", "no_resume", "angular_size", "address"]
+          "batch_rows", "threads", "resume", "no_resume", "angular_size", "address", "stretch_augment"]
 # Documented differences (docs/cli.md): simulate --bricks N is how many bricks to make; embed --stretch
 # (and evaluate --stretch) defaults to the model's own stretch, and embed/search --angular-size is what an RGB picture spans (no default; both from _options.add_picture_scale).
 EXCEPTIONS = {("simulate", "bricks"), ("embed", "stretch"), ("evaluate", "stretch"), ("embed", "angular_size"), ("search", "angular_size")}

@@ -116,10 +116,9 @@ class Chunk:
     def views_of(self, idx: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
         """Float [0, 1] wide cutouts of ``idx``; with alternates, each source's stretch drawn by ``rng``
         (the own one and each alternate equally likely)."""
-        x = self.pixels[idx]
+        x = self.pixels[idx]  # a copy (fancy indexing)
         if self.alternates and rng is not None:
             pick = rng.integers(0, len(self.alternates) + 1, len(idx))
-            x = x.copy()
             for k, alt in enumerate(self.alternates, 1):
                 x[pick == k] = alt[idx[pick == k]]
         return torch.from_numpy(x).float() / 255.0
