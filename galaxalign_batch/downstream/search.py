@@ -437,8 +437,9 @@ def search_many(store: EmbeddingStore, queries: Sequence[Query], k: int = 10, *,
     n = store.n_rows
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"-k must be a positive integer, got {k!r}")
-    if k > n:
-        raise ConfigError(f"-k {k} is larger than the store ({n} rows)")
+    if k > n:  # as head -n: all there is, said once
+        log.warning("-k %d is larger than the store (%d rows): returning all %d", k, n, n)
+        k = n
     if index not in INDEX_CHOICES:
         raise ConfigError(f"--index must be one of {', '.join(INDEX_CHOICES)}, got {index!r}")
     if dedup_arcsec is not None and not (np.isfinite(dedup_arcsec) and dedup_arcsec > 0):
