@@ -236,12 +236,22 @@ def main() -> int:
         from galaxalign_batch.errors import ConfigError
         from galaxalign_batch.model.pretrain import expand_foundation
 
+        import hashlib
+
         expanded = out / "foundation" / "model.safetensors"
+        digest = hashlib.sha256(foundation.read_bytes()).hexdigest()
+        source = out / "foundation" / "source.sha256"
+        if source.is_file() and source.read_text().split()[0] != digest:
+            # the results in OUT were trained from another file (e.g. the shipped foundation was re-made)
+            sys.exit(f"{out} holds runs from another foundation (sha256 {source.read_text().split()[0][:12]}, "
+                     f"{foundation} is {digest[:12]}): give another --out")
         if not expanded.is_file():
             try:
                 expand_foundation(foundation, expanded)   # a compact foundation file
             except ConfigError:
                 expanded = foundation                      # an ordinary checkpoint: used as it is
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(f"{digest}  {foundation}\n")
         foundation = expanded
     results_path = out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []

@@ -52,3 +52,15 @@ def test_the_gpu_embed_benchmarks_encoder_is_the_engines():
                                                         dtype=np.uint8))
     assert rows.shape == (5, enc.dim) and rows.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_galaxalign_bench_refuses_a_folder_of_runs_from_another_foundation(tmp_path):
+    """bench/galaxalign.py resumes from OUT/results.json; a folder whose runs started from another foundation
+    file (the shipped one was re-made) must not be silently mixed with runs from the new one."""
+    out = tmp_path / "res"
+    (out / "foundation").mkdir(parents=True)
+    (out / "foundation" / "source.sha256").write_text("0" * 64 + "  old.safetensors\n")
+    r = subprocess.run([sys.executable, str(BENCH / "galaxalign.py"), "--data", str(tmp_path / "none"), "--out",
+                        str(out), "--inits", "foundation", "--modes", "trimodal", "--seeds", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "holds runs from another foundation" in r.stderr, r.stderr[-2000:]
