@@ -228,6 +228,7 @@ def test_pictures_embed_skip_a_corrupt_one_resume_and_rerun_without_ray(pictures
     assert "WARNING: --model tiny has RANDOM weights" in stdout
     assert "tiles: 5 embedded, 0 already done, 1 failed" in stdout
     assert f"FAILED {pictures.resolve() / 'broken.png'}: " in stdout and "cannot read image" in stdout
+    assert f"broken.png: {pictures.resolve() / 'broken.png'}" not in stdout      # the path said once
     store = open_store(out)
     ids = sorted(map(str, store.read("object_id")))
     assert ids == ["gal0", "gal1", "gal2", "gal3", "gal4"]

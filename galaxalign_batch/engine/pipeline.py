@@ -74,7 +74,8 @@ class EmbedSummary:
             out.append(f"model precision: {', '.join(self.precisions)} (--precision; docs/engine.md, 'Precision')")
         if self.timings:
             out.append("task time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
-        out += [f"FAILED {name}: {reason}" for name, reason in sorted(self.tiles_failed.items())]
+        # a TileError's reason starts with the file's path: say it once
+        out += [f"FAILED {name}: {reason.removeprefix(name + ': ')}" for name, reason in sorted(self.tiles_failed.items())]
         out += [f"LOST {name} (worker or node failure; re-run to finish it)" for name in self.tiles_lost]
         return out
 
