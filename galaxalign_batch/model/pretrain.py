@@ -4,7 +4,8 @@ What it reads: survey tiles through the same path as ``embed`` (``survey.tiles.r
 ``engine.prepare.read_tile``, ``survey.sources_for``, ``preprocess.make_cutouts``). Each source is
 cut once per pass at 1.5x the model's angular size (same pixel scale and stretch), so that two
 random **views** can be resampled from it: rotation by any angle, mirror, zoom 0.85-1.2, shift up to
-1.5", Gaussian blur (seeing) 0-1 px, brightness x0.8-1.2 and pixel noise. No class label is read
+1.5", Gaussian blur (seeing) 0-1 px, brightness x0.8-1.2 and pixel noise. With ``stretch_augment``
+each source is also cut in those stretches and each view drawn in one of them. No class label is read
 anywhere (the simulator's ``true_class*`` columns are dropped on reading).
 
 Objective, per batch of B sources (the fused tri-modal loss of ``galaxalign_batch.ops`` with
