@@ -310,7 +310,7 @@ def test_progress_lines_for_logs(caplog):
 
 
 def test_a_run_over_fits_and_pictures_says_how_many_of_each(pictures, cutouts_dir, tmp_path, caplog):
-    """A folder walk takes pictures beside FITS tiles (docs/engine.md): the run's first line says so."""
+    """A run given FITS and pictures (named, globbed or a folder of pictures) says how many of each in its first line."""
     import logging
 
     from galaxalign_batch.cli import main
