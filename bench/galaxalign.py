@@ -31,6 +31,7 @@ re-scored from their checkpoints.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -236,15 +237,14 @@ def main() -> int:
         from galaxalign_batch.errors import ConfigError
         from galaxalign_batch.model.pretrain import expand_foundation
 
-        import hashlib
-
         expanded = out / "foundation" / "model.safetensors"
         digest = hashlib.sha256(foundation.read_bytes()).hexdigest()
         source = out / "foundation" / "source.sha256"
-        if source.is_file() and source.read_text().split()[0] != digest:
+        recorded = source.read_text().split()[0] if source.is_file() else digest
+        if recorded != digest:
             # the results in OUT were trained from another file (e.g. the shipped foundation was re-made)
-            sys.exit(f"{out} holds runs from another foundation (sha256 {source.read_text().split()[0][:12]}, "
-                     f"{foundation} is {digest[:12]}): give another --out")
+            sys.exit(f"{out} holds runs from another foundation (sha256 {recorded[:12]}, {foundation} is "
+                     f"{digest[:12]}): give another --out")
         if not expanded.is_file():
             try:
                 expand_foundation(foundation, expanded)   # a compact foundation file

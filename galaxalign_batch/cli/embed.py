@@ -66,7 +66,7 @@ def _selection(args: argparse.Namespace, tiles: list, out: str):
     selection = make_selection(tiles, out, catalog=args.sources, targets=args.targets, ra_col=args.ra_col,
                                dec_col=args.dec_col, id_col=args.id_col, where=args.where,
                                keep_columns=args.keep_columns, sections=args.section_reads)
-    from galaxalign_batch.engine.images import ImageRef
+    from galaxalign_batch.survey.images import ImageRef
 
     chosen = selection.restrict(tiles)
     pictures = sum(isinstance(t, ImageRef) for t in chosen)

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         tiles=args.tiles, out=args.out, model=args.model, pretrained=args.pretrained, bricks=args.bricks,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup=args.warmup, weights=args.weights, temperature=args.temperature, angular_size=args.angular_size,
-        stretch=args.stretch, stretch_augment=args.stretch_augment, buffer=args.buffer, galaxies_only=args.galaxies_only, max_steps=args.max_steps,
+        stretch=args.stretch, stretch_augment=args.stretch_augment, buffer=args.buffer,
+        galaxies_only=args.galaxies_only, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads, device=args.device,
         resume="yes" if args.resume else "no" if args.no_resume else "auto")
     summary = pretrain(cfg, force_unlock=args.force_unlock)

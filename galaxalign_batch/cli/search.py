@@ -91,8 +91,9 @@ def register(sub) -> None:
                                                      "near, image, text or symbol (or a CSV with columns kind, query); "
                                                      "the table gets query_index and query columns")
     opt.add_picture_scale(p, what="picture queries (--image PNG/JPEG, image lines of --queries)")
-    p.add_argument("-k", "--k", type=int, default=10, help="number of results, the query itself included; more than the store holds gives all its rows "
-                        "(default 10)")
+    p.add_argument("-k", "--k", type=int, default=10,
+                   help="number of results, the query itself included; more than the store holds gives all its "
+                        "rows (default 10)")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
                    help="exact search, or an approximate faiss index; auto: exact below 10^7 rows, else ivf "
                         "(default: auto)")

@@ -381,11 +381,10 @@ def _pretrain(cfg: PretrainConfig) -> dict:
             for b in range(first_batch, nb):
                 idx = np.sort(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
                 rng = np.random.default_rng([cfg.seed, epoch, ci, b])
-                if data.alternates:  # each view of a source in a stretch of its own draw (own or another)
-                    pick = np.random.default_rng([cfg.seed, epoch, ci, b, 1])
-                    x1, x2 = data.views_of(idx, pick), data.views_of(idx, pick)
-                else:
-                    x1 = x2 = data.views_of(idx, None)
+                # with alternates each view of a source is drawn in its own stretch (the own one or another)
+                pick = np.random.default_rng([cfg.seed, epoch, ci, b, 1]) if data.alternates else None
+                x1 = data.views_of(idx, pick)
+                x2 = data.views_of(idx, pick) if pick is not None else x1
                 v1 = model.prepare_images(make_views(x1, model.image_size, rng))
                 v2 = model.prepare_images(make_views(x2, model.image_size, rng))
                 caps = [data.captions[i] for i in idx]
