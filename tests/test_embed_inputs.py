@@ -188,6 +188,10 @@ def test_stretch_choice_is_recorded_and_a_trained_one_warned():
     info, _, notes = run_spec(ckpt, "gz-decals", None, also_trained=("gz-decals",))
     assert notes == [] and info["model_cutout_spec"]["stretch"] == "lupton"
     assert len(run_spec(ckpt, "asinh", None, also_trained=("gz-decals",))[2]) == 1
+    # a stretch only its foundation saw (pretrain --stretch-augment): still a shift, and the warning says so
+    notes = run_spec(ckpt, "gz-decals", None, seen_unlabelled=("lupton", "gz-decals"))[2]
+    assert len(notes) == 1 and "domain shift" in notes[0] and "foundation saw gz-decals cutouts without labels" in notes[0]
+    assert "foundation saw" not in run_spec(ckpt, "asinh", None, seen_unlabelled=("lupton", "gz-decals"))[2][0]
 
 
 def test_a_resumed_store_keeps_its_stretch():

@@ -119,6 +119,8 @@ def test_pretrain_runs_resumes_and_loads_in_train_embed_classify(tiny_sky, tmp_p
                  "--batch-size", "8", "--max-steps-per-epoch", "1", "--threads", "1", "--symbol-bank", "2"]) == 0
     tuned = read_info(model_dir / "model.safetensors")
     assert tuned["open_clip"]["initialised_from"] == str((out / "model.safetensors").resolve())
+    assert [(a["made_by"], a["steps"], a["path"]) for a in tuned["lineage"]] == [
+        ("pretrain", 4, str((out / "model.safetensors").resolve()))]    # `info MODEL` shows it
     a = load_checkpoint(out / "model.safetensors").clip.visual.conv1.weight
     b = load_checkpoint(model_dir / "model.safetensors").clip.visual.conv1.weight
     assert 0 < (a - b).abs().max().item() < 0.05                 # started from the foundation, then moved

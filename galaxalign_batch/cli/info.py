@@ -1,9 +1,11 @@
-"""`galaxalign-batch info`: versions, compiled modules, threads and devices."""
+"""`galaxalign-batch info`: versions, compiled modules, threads and devices; `info MODEL ...`: what a model
+file is (a checkpoint, a foundation, a head), from its header alone."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def collect() -> dict:
@@ -50,7 +52,89 @@ def collect() -> dict:
     return info
 
 
+def _scalars(d: dict, limit: int = 10) -> str:
+    items = [(k, v) for k, v in d.items() if isinstance(v, (str, int, float, bool)) and v not in ("", None)]
+    return ", ".join(f"{k} {v}" for k, v in items[:limit])
+
+
+def _head_lines(what: str, desc: dict) -> list[tuple[str, str]]:
+    """Lines for the files of the downstream heads (each owner writes its own description)."""
+    lines = [("kind", what + (f" ({desc['kind']})" if desc.get("kind") else ""))]
+    if desc.get("classes"):
+        lines.append(("classes", f"{len(desc['classes'])}: {', '.join(map(str, desc['classes']))}"))
+    if desc.get("counts"):
+        lines.append(("labels", ", ".join(f"{k} {v}" for k, v in desc["counts"].items())))
+    enc = desc.get("encoder") or {}
+    if enc:
+        lines.append(("encoder", f"{enc.get('source')} (visual weights {enc.get('weights_digest')})"))
+    source = desc.get("source") or {}
+    if isinstance(source, dict) and source:
+        model = source.get("model") or {}
+        lines.append(("fitted on", ", ".join(filter(None, [
+            f"store {source['store']}" if source.get("store") else None,
+            f"model {model.get('name')} ({model.get('id')})" if isinstance(model, dict) and model else None])) or
+            _scalars(source)))
+    for key in ("training", "settings"):
+        if isinstance(desc.get(key), dict) and desc[key]:
+            lines.append((key, _scalars(desc[key])))
+    lines.append(("saved", f"{desc.get('saved') or desc.get('created') or '?'}, galaxalign-batch "
+                           f"{desc.get('code_version') or desc.get('software_version') or '?'}"))
+    return lines
+
+
+def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
+    """``(JSON-able description, lines)`` of any weight file the project writes."""
+    import os
+
+    from galaxalign_batch.detection.files import META_KEY as DETECTOR, read_detector_info
+    from galaxalign_batch.errors import ConfigError
+    from galaxalign_batch.fewshot.heads import FORMAT as FEWSHOT_FORMAT, FORMAT_VERSION, META_KEY as FEWSHOT
+    from galaxalign_batch.model import describe
+    from galaxalign_batch.model.files import description_keys, read_description
+    from galaxalign_batch.restoration.head import META_KEY as DENOISER, read_head_info
+
+    if os.path.isdir(path) or not os.path.isfile(path):
+        d = describe.describe(path)  # a checkpoint folder; a missing file is its error
+        return d, describe.summary(d)
+    keys = description_keys(path)
+    heads = {FEWSHOT: ("few-shot head (`fewshot`, `classify --head`)",
+                       lambda p: read_description(p, FEWSHOT, FEWSHOT_FORMAT, FORMAT_VERSION, "head")),
+             DENOISER: ("denoising head (`restore`)", read_head_info),
+             DETECTOR: ("source detector (`detect`)", read_detector_info)}
+    for key, (what, read) in heads.items():
+        if key in keys:
+            desc = read(path)
+            return ({"path": path, "bytes": os.path.getsize(path), "kind": what, "description": desc},
+                    _head_lines(what, desc))
+    try:
+        d = describe.describe(path)
+    except ConfigError:
+        raise ConfigError(f"{path}: a safetensors file, but none of galaxalign-batch's (a model, a foundation "
+                          "or a head); an open_clip weights file is given as --model NAME:FILE") from None
+    return d, describe.summary(d)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.models:
+        from galaxalign_batch.errors import ConfigError
+
+        described, failed = [], 0
+        for path in args.models:
+            try:
+                d, lines = describe_file(path)
+            except ConfigError as e:
+                failed += 1
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            described.append(d)
+            if not args.json:
+                print(d["path"])
+                width = max(len(k) for k, _ in lines)
+                for k, v in lines:
+                    print(f"  {k:{width}s}  {v}")
+        if args.json:
+            print(json.dumps(described if len(args.models) > 1 else (described or [None])[0], indent=2))
+        return 1 if failed else 0
     info = collect()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -62,6 +146,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="versions, compiled modules, threads and devices")
-    p.add_argument("--json", action="store_true", help="print as JSON")
+    p = sub.add_parser("info", help="versions, compiled modules, threads and devices; or what model files are",
+                       description="Without MODEL: versions, compiled modules, the kernel level chosen on this CPU, "
+                                   "threads and devices. With MODEL(s): what each file is (a GalaxAlign checkpoint, a "
+                                   "foundation, a few-shot/denoising/detection head), read from its header: what made "
+                                   "it, the cutouts and stretch it reads, its classes, what it was trained on and "
+                                   "which model it started from.")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="a model file or checkpoint folder (model.safetensors), a compact foundation or a head file")
+    p.add_argument("--json", action="store_true", help="print as JSON (with MODEL: the whole description)")
     p.set_defaults(func=run)

@@ -225,8 +225,8 @@ def embed_tiles(tiles: list[TileRef], model: str, out: str | os.PathLike, *, bat
             if store is not None:
                 store = preflight.open_for_resume(out, info, embedding_dtype)
         pictures_only = has_pictures and all(isinstance(t, images.ImageRef) for t in tiles)
-        info, run_bands, notes = preflight.run_spec(info, stretch, bands, pictures_only,
-                                                    preflight.augmented_stretches(model, identity) if stretch else ())
+        seen = preflight.stretches_seen(model, identity) if stretch else ((), ())
+        info, run_bands, notes = preflight.run_spec(info, stretch, bands, pictures_only, *seen)
         warnings += notes
         run = EmbedRun(tiles, model, out, info, store, t_start, catalog=catalog, commit_rows=commit_rows,
                        commit_seconds=commit_seconds, embedding_dtype=embedding_dtype, retry_failed=retry_failed,

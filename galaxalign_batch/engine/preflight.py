@@ -98,23 +98,29 @@ def open_for_resume(out: str, info: dict | None, embedding_dtype: str | None = N
 STRETCH_ALIASES = {"viewer": "lupton"}
 
 
-def augmented_stretches(model: str, identity: dict) -> tuple[str, ...]:
-    """The other stretches a checkpoint was trained on (``train --stretch-augment``), from its header; ()
-    for anything else."""
+def stretches_seen(model: str, identity: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(trained, unlabelled)``: the other stretches a checkpoint was trained on (``train
+    --stretch-augment``), and those only a model in its lineage saw (a foundation pretrained with
+    ``--stretch-augment``: without labels); ``((), ())`` for anything else."""
     if identity.get("kind") != "checkpoint":
-        return ()
+        return (), ()
     from galaxalign_batch.model.checkpoint import read_info
 
-    return tuple((read_info(model).get("training") or {}).get("stretch_augment") or ())
+    head = read_info(model)
+    trained = tuple((head.get("training") or {}).get("stretch_augment") or ())
+    earlier = tuple(dict.fromkeys(s for a in head.get("lineage") or () for s in a.get("stretches") or ()))
+    return trained, earlier
 
 
 def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False,
-             also_trained: tuple[str, ...] = ()) -> tuple[dict, tuple | None, list[str]]:
+             also_trained: tuple[str, ...] = (), seen_unlabelled: tuple[str, ...] = ()
+             ) -> tuple[dict, tuple | None, list[str]]:
     """``(info with the run's cutout spec, bands to read, warnings)`` for ``--stretch`` and ``--bands``.
 
     ``--stretch`` (lupton = viewer, asinh, gz-decals) replaces the model's stretch. A trained checkpoint
     records the stretch it saw: another one is a domain shift, warned about in the summary, unless it is one
-    of ``also_trained`` (:func:`augmented_stretches`); either way the store keeps both specs
+    of ``also_trained`` (:func:`stretches_seen`; one in ``seen_unlabelled``, which only its foundation
+    saw, is still warned about, and says so); either way the store keeps both specs
     (``model_cutout_spec`` beside ``cutout_spec``). RGB pictures are already stretched: with only
     pictures ``--stretch`` is ignored with a warning. ``--bands``: :func:`galaxalign_batch.survey.bands.choose_bands`.
     """
@@ -133,8 +139,11 @@ def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False
             log.info("--stretch %s: the model was trained on %s cutouts and, by --stretch-augment, on %s ones too",
                      stretch, spec.stretch, stretch)
         elif info["identity"].get("kind") == "checkpoint":
+            seen = (f"; its foundation saw {stretch} cutouts without labels, which narrows the shift but does not "
+                    "remove it" if stretch in seen_unlabelled else "")
             notes.append(f"--stretch {stretch}: the model was trained on {spec.stretch} cutouts and sees {stretch} "
-                         "cutouts in this run (a domain shift: its embeddings and classes may be worse)")
+                         f"cutouts in this run (a domain shift: its embeddings and classes may be worse{seen}; "
+                         f"train --stretch-augment {stretch} fine-tunes a model on both)")
         else:
             log.info("--stretch %s (the model %s records no trained stretch)", stretch, info["identity"].get("name"))
         spec = dataclasses.replace(spec, stretch=stretch)

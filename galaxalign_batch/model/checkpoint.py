@@ -35,6 +35,7 @@ from galaxalign_batch.vocabulary import Vocabulary
 
 FORMAT = "galaxalign-model"
 META_KEY = "galaxalign"  # the header key of the description
+COMPACT_KEY = "galaxalign_compact"  # ... and of a compact foundation's (model.pretrain.export_foundation)
 FORMAT_VERSION = 1
 
 STATE_FILE = "train_state.pt"
@@ -76,7 +77,50 @@ def save_model(model: GalaxAlignModel, path: str | os.PathLike) -> Path:
 
 def read_info(path: str | os.PathLike) -> dict:
     """The JSON description stored in a model file (no weights read)."""
-    return read_description(_model_path(path), META_KEY, FORMAT, FORMAT_VERSION, "GalaxAlign checkpoint")
+    path = _model_path(path)
+    try:
+        return read_description(path, META_KEY, FORMAT, FORMAT_VERSION, "GalaxAlign checkpoint")
+    except ConfigError:
+        from galaxalign_batch.model.files import description_keys
+
+        if COMPACT_KEY in description_keys(path):
+            raise ConfigError(f"{path}: a compact foundation file: expand it into a checkpoint first, "
+                              f"`galaxalign-batch pretrain --expand {path} --out DIR`, then give DIR") from None
+        raise
+
+
+def made_by(info: dict) -> str:
+    """Which command made a model description: ``pretrain``, ``train`` or ``""`` (neither recorded)."""
+    return "pretrain" if info.get("pretraining") else "train" if info.get("training") else ""
+
+
+def trained_stretches(info: dict) -> list[str]:
+    """Every picture stretch a model's own run saw: its cutout spec's and ``--stretch-augment``'s."""
+    run = (info.get("pretraining") or {}).get("config") or info.get("training") or {}
+    own = (info.get("cutout_spec") or {}).get("stretch")
+    return [s for s in [own, *(run.get("stretch_augment") or [])] if s]
+
+
+def ancestor(info: dict, path: str | os.PathLike) -> dict:
+    """A short record of the model a run started from (``train``/``pretrain --model CHECKPOINT``), kept
+    in the new model's ``lineage``: what it was, which file, which weights, what it was trained on."""
+    run = info.get("pretraining") or {}
+    entry = {"path": str(Path(path).resolve()), "weights_digest": info.get("weights_digest"),
+             "made_by": made_by(info), "mode": info.get("mode"), "stretches": trained_stretches(info),
+             "saved": info.get("saved")}
+    if info.get("expanded_from"):
+        entry["expanded_from"] = info["expanded_from"]
+    if run:
+        entry.update(tiles=run.get("tiles"), sources=run.get("sources"), steps=run.get("global_step"))
+    elif info.get("training"):
+        entry.update(data=(info.get("data") or {}).get("path") or info["training"].get("data"))
+    return entry
+
+
+def lineage_from(base: dict, path: str | os.PathLike) -> list[dict]:
+    """The ``lineage`` of a model started from ``base`` (a checkpoint's description, read from ``path``):
+    the base's own lineage, oldest first, then the base."""
+    return [*(base.get("lineage") or []), ancestor(base, path)]
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GalaxAlignModel:

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 from galaxalign_batch import atomic
 from galaxalign_batch.errors import ConfigError
 
-__all__ = ["write_weights", "read_description", "read_weights", "has_checksum", "tensors_checksum"]
+__all__ = ["write_weights", "read_description", "read_weights", "has_checksum", "tensors_checksum",
+           "description_keys"]
 
 #: header key of the checksum of every tensor (name, dtype, shape, bytes), written by :func:`write_weights`
 CHECKSUM_KEY = "galaxalign_tensors_sha256"
@@ -69,6 +70,11 @@ def _header(path: str | os.PathLike) -> dict:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{path}: not a safetensors file ({' '.join(str(e).split())})") from None
+
+
+def description_keys(path: str | os.PathLike) -> set[str]:
+    """The header keys of ``path`` (which of the project's descriptions it carries), no tensors read."""
+    return set(_header(path))
 
 
 def has_checksum(path: str | os.PathLike) -> bool:

@@ -242,7 +242,7 @@ def build_foundation_model(cfg: PretrainConfig) -> GalaxAlignModel:
     """A fresh open_clip model (name + tag/file, or one of our checkpoints to continue from) wrapped as an
     ``image-text`` GalaxAlign model with the galaxy10 vocabulary and the built-in symbols (so that a
     foundation can be classified zero-shot and fine-tuned like any checkpoint)."""
-    from galaxalign_batch.model.spec import parse_model_spec
+    from galaxalign_batch.model.spec import model_file, parse_model_spec
 
     vocab = load_vocabulary("galaxy10")
     model_spec = parse_model_spec(cfg.model, pretrained=cfg.pretrained)
@@ -256,6 +256,8 @@ def build_foundation_model(cfg: PretrainConfig) -> GalaxAlignModel:
     spec = CutoutSpec(angular_size=cfg.angular_size, out_size=pre["size"], stretch=cfg.stretch)
     info = {"mode": "image-text", "stage": "pretrain", "open_clip": oc, "preprocess": pre,
             "cutout_spec": spec.to_dict()}
+    if from_checkpoint:
+        info["lineage"] = ckpt.lineage_from(base.info, model_file(cfg.model))
     model = GalaxAlignModel(clip, info, tokenizer_for(oc["name"], oc["config"]), vocab,
                             SymbolSet.builtin(vocab, pre["size"]))
     with torch.no_grad():
@@ -452,6 +454,7 @@ def _token_budget(model: GalaxAlignModel, max_tokens: int):
 # ---------------------------------------------------------------------------------------------- compact foundations
 
 COMPACT_FORMAT = "galaxalign-foundation-compact"
+COMPACT_KEY = ckpt.COMPACT_KEY   # the header key of its description
 _ROWS, _VALUES = "__token_rows__", "__token_values__"
 TOKEN_KEY = "clip.token_embedding.weight"
 
@@ -490,7 +493,7 @@ def export_foundation(model_path: str | Path, dest: str | Path) -> dict:
     meta = {"format": COMPACT_FORMAT, "info": model.info, "token_init": {
         "seed": seed, "std": TOKEN_INIT_STD, "shape": list(emb.shape), "digest": _tensor_digest(init)},
         "weights_digest": model.info.get("weights_digest")}
-    dest = write_weights(dest, out, "galaxalign_compact", meta)
+    dest = write_weights(dest, out, COMPACT_KEY, meta)
     return {"file": str(dest), "bytes": dest.stat().st_size, "token_rows": int(len(rows)),
             "source": str(model_path)}
 
@@ -509,23 +512,31 @@ def _rows_with_gradient(model_path: Path, shape: tuple[int, int]) -> torch.Tenso
     return torch.nonzero(found[0].sum(1) > 0).flatten()
 
 
+def read_compact(compact: str | Path) -> dict:
+    """The header of a compact foundation file (``format``, ``info``: the model's description,
+    ``token_init``, ``weights_digest`` of the model it was exported from); no tensors read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(compact), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(COMPACT_KEY, "{}"))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise ConfigError(f"{compact}: not a compact foundation file ({' '.join(str(e).split())[:200]})") from None
+    if meta.get("format") != COMPACT_FORMAT:
+        raise ConfigError(f"{compact}: not a compact foundation file")
+    return meta
+
+
 def expand_foundation(compact: str | Path, dest: str | Path) -> Path:
     """The full checkpoint (``dest``, a ``model.safetensors``) of a compact foundation file. Fails if this
     torch regenerates a different token initialisation than the one the file was made with."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from galaxalign_batch.model.config import build_clip_from_config
     from galaxalign_batch.vocabulary import Vocabulary
 
     compact = Path(compact)
-    try:
-        with safe_open(str(compact), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("galaxalign_compact", "{}"))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same error to the user
-        raise ConfigError(f"{compact}: not a compact foundation file ({' '.join(str(e).split())[:200]})") from None
-    if meta.get("format") != COMPACT_FORMAT:
-        raise ConfigError(f"{compact}: not a compact foundation file")
+    meta = read_compact(compact)
     info, ti = meta["info"], meta["token_init"]
     init = seeded_token_embedding(tuple(ti["shape"]), int(ti["seed"]))
     if _tensor_digest(init) != ti["digest"]:

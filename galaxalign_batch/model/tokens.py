@@ -157,12 +157,14 @@ def load_token_encoder(model: str | os.PathLike) -> FoundationEncoder:
                 meta = f.metadata() or {}
         except Exception as e:  # noqa: BLE001 - an unreadable file is one error to the user
             raise ConfigError(f"{text}: not a safetensors file ({' '.join(str(e).split())[:200]})") from None
-        if "galaxalign_compact" in meta:
+        from galaxalign_batch.model.checkpoint import COMPACT_KEY
+
+        if COMPACT_KEY in meta:
             from safetensors.torch import load_file
 
             from galaxalign_batch.model.config import build_clip_from_config
 
-            info = json.loads(meta["galaxalign_compact"])["info"]
+            info = json.loads(meta[COMPACT_KEY])["info"]
             visual = build_clip_from_config(info["open_clip"]["config"]).visual
             state = {k[len("clip.visual."):]: v.float() for k, v in load_file(text).items()
                      if k.startswith("clip.visual.")}

@@ -225,8 +225,8 @@ class RunContext:
 def build_model(cfg: TrainConfig) -> GalaxAlignModel:
     """A fresh GalaxAlign model from ``cfg.model`` (:func:`galaxalign_batch.model.spec.parse_model_spec`):
     an open_clip model (name, with a tag or weights file or random) or the weights of one of our checkpoints."""
-    from galaxalign_batch.model.checkpoint import load_checkpoint
-    from galaxalign_batch.model.spec import parse_model_spec
+    from galaxalign_batch.model.checkpoint import lineage_from, load_checkpoint
+    from galaxalign_batch.model.spec import model_file, parse_model_spec
 
     vocab = load_vocabulary(cfg.vocabulary)
     model_spec = parse_model_spec(cfg.model, pretrained=cfg.pretrained)
@@ -241,6 +241,8 @@ def build_model(cfg: TrainConfig) -> GalaxAlignModel:
     spec = CutoutSpec(angular_size=cfg.angular_size, out_size=cfg.cutout_size or size, stretch=cfg.stretch)
     symbols = (SymbolSet.from_folder(cfg.symbols, vocab, size) if cfg.symbols else SymbolSet.builtin(vocab, size))
     info = {"mode": cfg.mode, "stage": None, "open_clip": oc, "preprocess": pre, "cutout_spec": spec.to_dict()}
+    if model_spec.kind == "checkpoint":
+        info["lineage"] = lineage_from(base.info, model_file(cfg.model))
     model = GalaxAlignModel(clip, info, tokenizer_for(oc["name"], oc["config"]), vocab, symbols)
     if cfg.temperature is not None:
         with torch.no_grad():
