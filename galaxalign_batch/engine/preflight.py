@@ -108,7 +108,8 @@ def stretches_seen(model: str, identity: dict) -> tuple[tuple[str, ...], tuple[s
 
     head = read_info(model)
     trained = tuple((head.get("training") or {}).get("stretch_augment") or ())
-    earlier = tuple(dict.fromkeys(s for a in head.get("lineage") or () for s in a.get("stretches") or ()))
+    earlier = tuple(dict.fromkeys(s for a in head.get("lineage") or () if a.get("made_by") == "pretrain"
+                                  for s in a.get("stretches") or ()))
     return trained, earlier
 
 

@@ -57,7 +57,8 @@ def _stretches(info: dict) -> str:
 
     own = (info.get("cutout_spec") or {}).get("stretch")
     also = [s for s in trained_stretches(info) if s != own]
-    earlier = [s for a in info.get("lineage") or () for s in a.get("stretches") or () if s != own and s not in also]
+    earlier = [s for a in info.get("lineage") or () if a.get("made_by") == "pretrain"
+               for s in a.get("stretches") or () if s != own and s not in also]
     text = f"stretch {own}"
     if also and info.get("pretraining"):
         text += f", also saw {', '.join(also)} (pretrain --stretch-augment)"
