@@ -79,10 +79,16 @@ def test_heads_and_other_files(tmp_path, capsys):
                     source={"store": "sky.zarr", "model": {"name": "tri", "id": "abc"}}, validate=False)
     head.save(tmp_path / "rings.safetensors")
     save_head(DenoiseHead(HeadConfig(width=4)), tmp_path / "denoise.safetensors")
-    rc, out, _ = _info(capsys, tmp_path / "rings.safetensors", tmp_path / "denoise.safetensors")
+    from galaxalign_batch.detection.files import save_detector
+    from galaxalign_batch.detection.head import DetectionHead, DetectorConfig
+
+    save_detector(DetectionHead(DetectorConfig()), tmp_path / "det.safetensors", {"training": {"steps": 7}})
+    rc, out, _ = _info(capsys, tmp_path / "rings.safetensors", tmp_path / "denoise.safetensors",
+                       tmp_path / "det.safetensors")
     assert rc == 0
+    assert "source detector (`detect --model FILE`) (centernet)" in out and "steps 7" in out
     assert "few-shot head" in out and "2: ring, no-ring" in out and "store sky.zarr, model tri (abc)" in out
-    assert "denoising head (`restore`)" in out
+    assert "denoising head (`restore --model FILE`)" in out
 
     # not ours, not safetensors, missing: one error line each, the others still described, exit 1
     save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))

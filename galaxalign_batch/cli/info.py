@@ -64,6 +64,10 @@ def _head_lines(what: str, desc: dict) -> list[tuple[str, str]]:
         lines.append(("classes", f"{len(desc['classes'])}: {', '.join(map(str, desc['classes']))}"))
     if desc.get("counts"):
         lines.append(("labels", ", ".join(f"{k} {v}" for k, v in desc["counts"].items())))
+    val = desc.get("validation") or {}
+    if val.get("n"):
+        lines.append(("validation", f"{val.get('method')} on {val['n']} labels: accuracy {val.get('accuracy', 0):.3f}"
+                                    + (f", AUC {val['auc']:.3f}" if val.get("auc") is not None else "")))
     enc = desc.get("encoder") or {}
     if enc:
         lines.append(("encoder", f"{enc.get('source')} (visual weights {enc.get('weights_digest')})"))
@@ -97,10 +101,10 @@ def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
         d = describe.describe(path)  # a checkpoint folder; a missing file is its error
         return d, describe.summary(d)
     keys = description_keys(path)
-    heads = {FEWSHOT: ("few-shot head (`fewshot`, `classify --head`)",
+    heads = {FEWSHOT: ("few-shot head (`fewshot --head FILE --apply`)",
                        lambda p: read_description(p, FEWSHOT, FEWSHOT_FORMAT, FORMAT_VERSION, "head")),
-             DENOISER: ("denoising head (`restore`)", read_head_info),
-             DETECTOR: ("source detector (`detect`)", read_detector_info)}
+             DENOISER: ("denoising head (`restore --model FILE`)", read_head_info),
+             DETECTOR: ("source detector (`detect --model FILE`)", read_detector_info)}
     for key, (what, read) in heads.items():
         if key in keys:
             desc = read(path)
