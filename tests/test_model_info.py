@@ -105,3 +105,26 @@ def test_a_compact_foundation_given_as_a_checkpoint_says_expand_it():
 
     with pytest.raises(ConfigError, match="a compact foundation file: expand it into a checkpoint first"):
         read_info(FOUNDATION)
+
+
+def test_a_store_says_what_it_holds(tmp_path, capsys):
+    from galaxalign_batch.store import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3, 8)).astype(np.float32)
+    rows = {"object_id": np.array([f"t1/{i}" for i in range(3)]), "ra": np.array([150.0, 150.1, 150.2]),
+            "dec": np.array([2.0, 2.1, 2.2]), "tile": np.array(["t1"] * 3), "x": np.zeros(3, np.float32),
+            "y": np.zeros(3, np.float32), "masked_fraction": np.zeros(3, np.float32),
+            "embedding": emb / np.linalg.norm(emb, axis=1, keepdims=True)}
+    store = EmbeddingStore.create(tmp_path / "s.zarr", 8, attrs={
+        "model": {"kind": "checkpoint", "name": "model.safetensors", "id": "abc", "mode": "trimodal"},
+        "model_path": "/runs/tri/model.safetensors", "cutout_spec": {"angular_size": 32.0, "out_size": 64,
+                                                                      "stretch": "gz-decals"},
+        "model_cutout_spec": {"stretch": "lupton"}, "precisions": ["bf16"], "warnings": ["--stretch gz-decals: ..."]})
+    store.commit([("t1", rows, ""), ("bad", None, "bad.fits: truncated FITS file")])
+    rc, out, _ = _info(capsys, tmp_path / "s.zarr")
+    assert rc == 0
+    assert "embedding store, format 2, not complete" in out
+    assert "3 rows of 8-d float16 embeddings from 1 tile(s), 1 failed" in out
+    assert "/runs/tri/model.safetensors (checkpoint, id abc, mode trimodal)" in out
+    assert "stretch gz-decals (the model's: lupton), model in bf16" in out and "warning" in out

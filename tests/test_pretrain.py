@@ -136,6 +136,7 @@ def test_pretrain_runs_resumes_and_loads_in_train_embed_classify(tiny_sky, tmp_p
 
     g = zarr.open_group(store, mode="r")
     assert g["embedding"].shape[0] == g["label"].shape[0] > 0
+    assert g.attrs["model_path"] == str((out / "model.safetensors").resolve())  # `info STORE` names the model
 
 
 def test_stretch_augmented_views_mix_the_stretches_and_are_part_of_a_runs_identity(tiny_sky, tmp_path):

@@ -87,7 +87,7 @@ def _head_lines(what: str, desc: dict) -> list[tuple[str, str]]:
 
 
 def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
-    """``(JSON-able description, lines)`` of any weight file the project writes."""
+    """``(JSON-able description, lines)`` of any weight file the project writes, or of an embedding store."""
     import os
 
     from galaxalign_batch.detection.files import META_KEY as DETECTOR, read_detector_info
@@ -97,6 +97,12 @@ def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
     from galaxalign_batch.model.files import description_keys, read_description
     from galaxalign_batch.restoration.head import META_KEY as DENOISER, read_head_info
 
+    from galaxalign_batch.store import open_store, store_exists
+
+    if os.path.isdir(path) and store_exists(path):
+        store = open_store(path)
+        lines = store.summary()
+        return {"path": path, "kind": "embedding store", "description": store.attrs}, lines
     if os.path.isdir(path) or not os.path.isfile(path):
         d = describe.describe(path)  # a checkpoint folder; a missing file is its error
         return d, describe.summary(d)
@@ -120,13 +126,13 @@ def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
 
 def run(args: argparse.Namespace) -> int:
     if args.models:
-        from galaxalign_batch.errors import ConfigError
+        from galaxalign_batch.errors import GalaxAlignError
 
         described, failed = [], 0
         for path in args.models:
             try:
                 d, lines = describe_file(path)
-            except ConfigError as e:
+            except GalaxAlignError as e:
                 failed += 1
                 print(f"error: {e}", file=sys.stderr)
                 continue
@@ -155,8 +161,10 @@ def register(sub) -> None:
                                    "threads and devices. With MODEL(s): what each file is (a GalaxAlign checkpoint, a "
                                    "foundation, a few-shot/denoising/detection head), read from its header: what made "
                                    "it, the cutouts and stretch it reads, its classes, what it was trained on and "
-                                   "which model it started from.")
+                                   "which model it started from; or what an embedding store holds (rows, model, "
+                                   "stretch, selection, classification, few-shot heads).")
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="a model file or checkpoint folder (model.safetensors), a compact foundation or a head file")
+                   help="a model file or checkpoint folder (model.safetensors), a compact foundation, a head file "
+                        "or an embedding store")
     p.add_argument("--json", action="store_true", help="print as JSON (with MODEL: the whole description)")
     p.set_defaults(func=run)

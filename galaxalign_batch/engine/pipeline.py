@@ -342,7 +342,8 @@ class EmbedRun:
         if self.store is None:
             self.store = EmbeddingStore.create(self.out, self.info["dim"], dtype=self.embedding_dtype,
                                                attrs={**_store_attrs(self.info, self.warnings), **(sel.attrs() if sel else {}),
-                                                      "precisions": self.summary.precisions},
+                                                      "precisions": self.summary.precisions,
+                                                      "model_path": _model_location(self.model)},
                                                extra_columns=sel.keep if sel is not None else ())
         store = self.store
         roots = sorted({t.path for t in self.tiles if t.is_brick} | set(store.attrs.get("survey_roots", [])))
@@ -596,6 +597,12 @@ def _store_attrs(info: dict, warnings=()) -> dict:
     return {"model": info["identity"], "vocabulary": info.get("vocabulary"), "cutout_spec": info["cutout_spec"],
             "normalised": True, "random_weights": info["identity"].get("kind") == "tiny", "warnings": list(warnings),
             **({"model_cutout_spec": info["model_cutout_spec"]} if "model_cutout_spec" in info else {})}
+
+
+def _model_location(model: str) -> str:
+    """Where the model came from, for a reader of the store: a file's resolved path, else the name given."""
+    path = model.rsplit(":", 1)[-1] if ":" in model and not os.path.exists(model) else model
+    return os.path.realpath(path) if os.path.exists(path) else model
 
 
 def _id_bricks(ids: np.ndarray) -> set[str]:

@@ -391,6 +391,44 @@ class EmbeddingStore(StoreReader):
         i = int(hit[-1])
         return int(t["row_start"][i]), int(t["row_count"][i])
 
+    def summary(self) -> list[tuple[str, str]]:
+        """``(label, text)`` lines saying what the store holds (``galaxalign-batch info STORE``): rows and
+        tiles, the model that made it, its cutouts, its selection, and what was derived from it."""
+        a = self.attrs
+        lines = [("kind", f"embedding store, format {self.format_version}, "
+                          + ("complete" if a.get("complete") else "not complete (re-run embed to finish it)"))]
+        failed = len(self.failed_tiles())
+        lines.append(("rows", f"{self.n_rows} rows of {self.dim}-d {self.group['embedding'].dtype} embeddings from "
+                              f"{len(self.completed_tiles())} tile(s)" + (f", {failed} failed" if failed else "")))
+        model = a.get("model") or {}
+        mode = f", mode {model['mode']}" if model.get("mode") else ""
+        lines.append(("model", f"{a.get('model_path') or model.get('name')} ({model.get('kind')}, id {model.get('id')}{mode})"
+                               + (", RANDOM weights" if a.get("random_weights") else "")))
+        spec = a.get("cutout_spec") or {}
+        if spec:
+            own = (a.get("model_cutout_spec") or {}).get("stretch")
+            lines.append(("cutouts", f"{spec.get('angular_size')}\" -> {spec.get('out_size')} px, stretch "
+                                     f"{spec.get('stretch')}" + (f" (the model's: {own})" if own else "")
+                                     + (f", model in {', '.join(a['precisions'])}" if a.get("precisions") else "")))
+        sel = a.get("selection") or {}
+        if sel and sel.get("kind") != "all":
+            lines.append(("selection", ", ".join(f"{k} {v}" for k, v in sel.items() if isinstance(v, (str, int, float)))))
+        cls = a.get("classification") or {}
+        if cls:
+            lines.append(("classified", f"{len(cls.get('classes') or ())} classes by {cls.get('method')} "
+                                        f"({cls.get('rows')} rows, {cls.get('created', '?')})"))
+        for name, head in (a.get("fewshot") or {}).items():
+            lines.append(("few-shot head", f"{name}: {', '.join(head.get('classes') or ())} "
+                                           f"({head.get('kind')}, {head.get('rows')} rows; {head.get('head_file')})"))
+        extra = [c.name for c in self.extra_columns]
+        if extra:
+            lines.append(("columns", ", ".join(extra)))
+        for w in a.get("warnings") or ():
+            lines.append(("warning", str(w)))
+        lines.append(("written", f"created {a.get('created', '?')}, finalised {a.get('finalized', '-')}, "
+                                 f"galaxalign-batch {a.get('software_version', '?')}"))
+        return lines
+
     # ---- writing (one writer) ------------------------------------------------------------------------------
     def _on_disk_record(self) -> dict:
         with open(os.path.join(self.path, "zarr.json")) as f:
