@@ -81,8 +81,15 @@ def test_near_query_and_outside_the_store(synth):
     rows, sep = nearest_rows(store, ra, dec, 60.0)
     all_sep = np.hypot((store.read("ra") - ra) * np.cos(np.radians(dec)), store.read("dec") - dec) * 3600
     assert set(rows.tolist()) == set(np.flatnonzero(all_sep <= 60.0).tolist()) and np.all(np.diff(sep) >= 0)
-    with pytest.raises(QueryError, match="no source of the store within 5 arcsec"):
+    with pytest.raises(QueryError, match="no source of the store within 5 arcsec.*none within 10 arcmin"):
         run_query(store, near="10.0,-30.0")
+    # a miss near the store names the nearest source and the radius that takes it
+    off = 20.0 / 3600 / np.cos(np.radians(dec))
+    near, far = nearest_rows(store, ra + off, dec, 600.0)
+    oid = store.read("object_id", near[:1])[0]
+    with pytest.raises(QueryError, match=rf"the nearest is {oid} at {far[0]:.1f} arcsec: --radius "
+                                         rf"{int(np.ceil(far[0]))}arcsec takes it"):
+        run_query(store, near=f"{ra + off},{dec}", radius_arcsec=far[0] / 2)
     with pytest.raises(ConfigError, match="expected RA,DEC"):
         run_query(store, near="150.1")
     with pytest.raises(ConfigError, match="Dec must be in"):

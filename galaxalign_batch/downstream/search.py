@@ -13,6 +13,7 @@ closer on the sky than ``dedup`` arcsec to a better-scoring result are one objec
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -176,8 +177,19 @@ def query_near(store: EmbeddingStore, text: str, radius_arcsec: float = 5.0) -> 
     ra, dec = parse_position(text)
     rows, sep = nearest_rows(store, ra, dec, radius_arcsec)
     if not len(rows):
+        hint = "outside the store's footprint?"
+        for wider in (60.0, 600.0):  # say how far the nearest source is, so the user can widen --radius to it
+            if wider > radius_arcsec:
+                near, far = nearest_rows(store, ra, dec, wider)
+                if len(near):
+                    oid = str(store.read("object_id", near[:1])[0])
+                    hint = (f"the nearest is {oid} at {far[0]:.1f} arcsec: --radius {math.ceil(far[0])}arcsec "
+                            f"takes it")
+                    break
+        else:
+            hint = f"none within {600 / 60:g} arcmin: outside the store's footprint"
         raise QueryError(f"{store.path}: no source of the store within {radius_arcsec:g} arcsec of RA, Dec = "
-                         f"{ra:.6f}, {dec:.6f} (outside the store's footprint? widen --radius)")
+                         f"{ra:.6f}, {dec:.6f} ({hint})")
     row = int(rows[0])
     oid = str(store.read("object_id", np.array([row]))[0])
     return Query("near", f"{ra:.6f},{dec:.6f}", _stored_vector(store, row), row,
