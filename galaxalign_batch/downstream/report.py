@@ -283,7 +283,7 @@ def write_report(store_path: str | os.PathLike, out: str | os.PathLike, *, roots
     parts: list[str] = []
     overview = [("store", os.path.abspath(store.path)), ("rows (sources)", n),
                 ("tiles done", len(store.completed_tiles())), ("tiles failed", len(failed)),
-                ("model", f"{model.get('name')} ({model.get('kind')}, id {model.get('id')})"),
+                ("model", f"{attrs.get('model_path') or model.get('name')} ({model.get('kind')}, id {model.get('id')})"),
                 ("embedding", f"{store.dim} x {store.embeddings.dtype}"),
                 ("cutouts", f"{spec.get('angular_size')} arcsec, {spec.get('out_size')} px, {spec.get('stretch')} stretch"),
                 ("created", attrs.get("created")), ("complete", attrs.get("complete"))]
