@@ -1,10 +1,11 @@
-"""`galaxalign-batch info`: versions, compiled modules, threads and devices; `info MODEL ...`: what a model
-file is (a checkpoint, a foundation, a head), from its header alone."""
+"""`galaxalign-batch info`: versions, compiled modules, threads and devices; `info PATH ...`: what a model
+file is (a checkpoint, a foundation, a head), from its header alone, or what an embedding store holds."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -88,15 +89,12 @@ def _head_lines(what: str, desc: dict) -> list[tuple[str, str]]:
 
 def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
     """``(JSON-able description, lines)`` of any weight file the project writes, or of an embedding store."""
-    import os
-
     from galaxalign_batch.detection.files import META_KEY as DETECTOR, read_detector_info
     from galaxalign_batch.errors import ConfigError
-    from galaxalign_batch.fewshot.heads import FORMAT as FEWSHOT_FORMAT, FORMAT_VERSION, META_KEY as FEWSHOT
+    from galaxalign_batch.fewshot.heads import META_KEY as FEWSHOT, read_head_info as read_fewshot_info
     from galaxalign_batch.model import describe
-    from galaxalign_batch.model.files import description_keys, read_description
-    from galaxalign_batch.restoration.head import META_KEY as DENOISER, read_head_info
-
+    from galaxalign_batch.model.files import description_keys
+    from galaxalign_batch.restoration.head import META_KEY as DENOISER, read_head_info as read_denoiser_info
     from galaxalign_batch.store import open_store, store_exists
 
     if os.path.isdir(path) and store_exists(path):
@@ -107,9 +105,8 @@ def describe_file(path: str) -> tuple[dict, list[tuple[str, str]]]:
         d = describe.describe(path)  # a checkpoint folder; a missing file is its error
         return d, describe.summary(d)
     keys = description_keys(path)
-    heads = {FEWSHOT: ("few-shot head (`fewshot --head FILE --apply`)",
-                       lambda p: read_description(p, FEWSHOT, FEWSHOT_FORMAT, FORMAT_VERSION, "head")),
-             DENOISER: ("denoising head (`restore --model FILE`)", read_head_info),
+    heads = {FEWSHOT: ("few-shot head (`fewshot --head FILE --apply`)", read_fewshot_info),
+             DENOISER: ("denoising head (`restore --model FILE`)", read_denoiser_info),
              DETECTOR: ("source detector (`detect --model FILE`)", read_detector_info)}
     for key, (what, read) in heads.items():
         if key in keys:
@@ -157,14 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="versions, compiled modules, threads and devices; or what model files are",
-                       description="Without MODEL: versions, compiled modules, the kernel level chosen on this CPU, "
-                                   "threads and devices. With MODEL(s): what each file is (a GalaxAlign checkpoint, a "
+                       description="Without PATH: versions, compiled modules, the kernel level chosen on this CPU, "
+                                   "threads and devices. With PATH(s): what each file is (a GalaxAlign checkpoint, a "
                                    "foundation, a few-shot/denoising/detection head), read from its header: what made "
                                    "it, the cutouts and stretch it reads, its classes, what it was trained on and "
                                    "which model it started from; or what an embedding store holds (rows, model, "
                                    "stretch, selection, classification, few-shot heads).")
-    p.add_argument("models", nargs="*", metavar="MODEL",
+    p.add_argument("models", nargs="*", metavar="PATH",
                    help="a model file or checkpoint folder (model.safetensors), a compact foundation, a head file "
                         "or an embedding store")
-    p.add_argument("--json", action="store_true", help="print as JSON (with MODEL: the whole description)")
+    p.add_argument("--json", action="store_true", help="print as JSON (with PATH: the whole description)")
     p.set_defaults(func=run)

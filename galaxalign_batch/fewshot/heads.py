@@ -127,11 +127,18 @@ class Head:
         return write_weights(path, tensors, META_KEY, self.describe())
 
 
+def read_head_info(path: str | os.PathLike) -> dict:
+    """The description of a head file (:meth:`Head.describe`), no weights read."""
+    from galaxalign_batch.model.files import read_description
+
+    return read_description(path, META_KEY, FORMAT, FORMAT_VERSION, "head")
+
+
 def load_head(path: str | os.PathLike) -> Head:
     """A :class:`Head` from a file written by :meth:`Head.save`."""
-    from galaxalign_batch.model.files import read_description, read_weights
+    from galaxalign_batch.model.files import read_weights
 
-    info = read_description(path, META_KEY, FORMAT, FORMAT_VERSION, "head")
+    info = read_head_info(path)
     tensors = read_weights(path, framework="numpy")
     if info.get("kind") not in KINDS or not {"mean", "scale"} <= set(tensors):
         raise ConfigError(f"{path}: incomplete head (kind {info.get('kind')!r}, tensors {sorted(tensors)})")
