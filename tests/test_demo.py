@@ -39,6 +39,14 @@ def test_demo_smallest_runs_end_to_end(tmp_path):
 
     joined = pd.read_parquet(out / "joined.parquet")
     assert joined["object_id"].notna().sum() == n  # every primary truth row found its source
+    # the "next" commands it prints run: info describes the model (and the foundation it came from) and the store
+    nxt = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("  galaxalign-batch info ")]
+    assert len(nxt) == 1
+    info = subprocess.run([sys.executable, "-m", "galaxalign_batch", *nxt[0]], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "made by `train`" in info.stdout and "a foundation made by pretrain" in info.stdout
+    assert f"{n} rows of 128-d" in info.stdout and "classified" in info.stdout
 
 
 def test_the_demo_asks_about_one_galaxy_whatever_order_ray_committed_the_tiles(tmp_path):

@@ -133,7 +133,11 @@ outputs in {out}/:
   search.png               the first galaxy and its nearest neighbours
   joined.parquet           the truth catalog joined to labels by position
   report.html              counts, class histogram, sky map, examples, confusion matrix
-  summary.json             the figures above, per-step timings""")
+  summary.json             the figures above, per-step timings
+
+next, for example (README, "Using it"):
+  galaxalign-batch info {model_dir} {store}
+  galaxalign-batch search --store {store} --text "barred spiral galaxy with two arms" --model {model_dir}""")
     return 0
 
 
