@@ -26,7 +26,7 @@ log = logging.getLogger("galaxalign_batch")
 
 # (bricks, brick size px, labelled images per class, align epochs, epochs per stage, max steps per epoch)
 SETTINGS = {
-    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=6, max_steps=None),
+    "default": dict(bricks=4, size=1024, n_per_class=120, align=4, epochs=9, max_steps=None),
     "small": dict(bricks=2, size=512, n_per_class=40, align=2, epochs=2, max_steps=None),
     "smallest": dict(bricks=1, size=256, n_per_class=8, align=1, epochs=1, max_steps=2),
 }
