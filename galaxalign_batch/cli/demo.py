@@ -228,7 +228,7 @@ def register(sub) -> None:
                                                       "the simulated sky and the trained model found there "
                                                       "(refused when that sky is of another simulator version)")
     p.add_argument("--size", default="default", choices=list(SETTINGS),
-                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4 align + 6+6 epochs (a few minutes on 2 cores); "
+                   help="default: 4 bricks of 1024 px, 1,200 labelled images, 4 align + 9+9 epochs (about 5 minutes on 2 cores); "
                         "small; smallest (CI smoke test)")
     opt.add_seed(p)
     p.add_argument("--from-scratch", action="store_true",
