@@ -128,3 +128,14 @@ def test_a_store_says_what_it_holds(tmp_path, capsys):
     assert "3 rows of 8-d float16 embeddings from 1 tile(s), 1 failed" in out
     assert "/runs/tri/model.safetensors (checkpoint, id abc, mode trimodal)" in out
     assert "stretch gz-decals (the model's: lupton), model in bf16" in out and "warning" in out
+
+
+def test_epochs_line_for_every_mode():
+    from galaxalign_batch.model.describe import _epochs
+
+    # a baseline without --epochs runs as many as both tri-modal stages (it printed "None epoch(s)")
+    assert _epochs({"mode": "image-text", "epochs": None, "epochs_stage1": 6, "epochs_stage2": 6,
+                    "align_epochs": 4}) == "align 4 + 12 epoch(s)"
+    assert _epochs({"mode": "trimodal", "epochs": None, "epochs_stage1": 9, "epochs_stage2": 9}) == \
+        "stage 1 9 + stage 2 9 epoch(s)"
+    assert _epochs({"mode": "image-only", "epochs": 8, "align_epochs": 2}) == "align 2 + 8 epoch(s)"

@@ -1,7 +1,7 @@
 """What a model file is, in a few lines: ``galaxalign-batch info MODEL``.
 
 A GalaxAlign checkpoint (``train``, ``pretrain``, ``pretrain --expand``) or a compact foundation file
-(``pretrain --compact``, the shipped ``foundation-tiny.safetensors``) describes itself in its header;
+(``pretrain --export``, the shipped ``foundation-tiny.safetensors``) describes itself in its header;
 :func:`describe` reads that description (no weights) and :func:`summary` turns it into the lines a
 user asks for: what made the model, its architecture, the cutouts it reads (size, stretch, and the other
 stretches it or its foundation saw), its classes and symbols, what it was trained on, which model it
@@ -45,8 +45,9 @@ def _epochs(training: dict) -> str:
     align = int(training.get("align_epochs") or 0)
     if training.get("mode") == "trimodal" and training.get("epochs") is None:
         parts = [f"stage 1 {training.get('epochs_stage1')}", f"stage 2 {training.get('epochs_stage2')}"]
-    else:
-        parts = [f"{training.get('epochs')}"]
+    else:  # a baseline runs --epochs, by default as many as both tri-modal stages
+        n = training.get("epochs")
+        parts = [str(n if n is not None else (training.get("epochs_stage1") or 0) + (training.get("epochs_stage2") or 0))]
     if align:
         parts.insert(0, f"align {align}")
     return " + ".join(parts) + " epoch(s)"
