@@ -601,8 +601,11 @@ def _store_attrs(info: dict, warnings=()) -> dict:
 
 def _model_location(model: str) -> str:
     """Where the model came from, for a reader of the store: a file's resolved path, else the name given."""
-    path = model.rsplit(":", 1)[-1] if ":" in model and not os.path.exists(model) else model
-    return os.path.realpath(path) if os.path.exists(path) else model
+    from galaxalign_batch.model.spec import parse_model_spec
+
+    spec = parse_model_spec(model)
+    path = str(spec.path) if spec.kind == "checkpoint" else spec.weights
+    return os.path.realpath(path) if path and os.path.isfile(path) else model
 
 
 def _id_bricks(ids: np.ndarray) -> set[str]:

@@ -104,13 +104,10 @@ def stretches_seen(model: str, identity: dict) -> tuple[tuple[str, ...], tuple[s
     ``--stretch-augment``: without labels); ``((), ())`` for anything else."""
     if identity.get("kind") != "checkpoint":
         return (), ()
-    from galaxalign_batch.model.checkpoint import read_info
+    from galaxalign_batch.model.checkpoint import foundation_stretches, read_info
 
     head = read_info(model)
-    trained = tuple((head.get("training") or {}).get("stretch_augment") or ())
-    earlier = tuple(dict.fromkeys(s for a in head.get("lineage") or () if a.get("made_by") == "pretrain"
-                                  for s in a.get("stretches") or ()))
-    return trained, earlier
+    return tuple((head.get("training") or {}).get("stretch_augment") or ()), tuple(foundation_stretches(head))
 
 
 def run_spec(info: dict, stretch: str | None, bands, pictures_only: bool = False,

@@ -101,6 +101,12 @@ def trained_stretches(info: dict) -> list[str]:
     return [s for s in [own, *(run.get("stretch_augment") or [])] if s]
 
 
+def foundation_stretches(info: dict) -> list[str]:
+    """The stretches the foundations in a model's ``lineage`` saw (without labels), each once."""
+    return list(dict.fromkeys(s for a in info.get("lineage") or () if a.get("made_by") == "pretrain"
+                              for s in a.get("stretches") or ()))
+
+
 def ancestor(info: dict, path: str | os.PathLike) -> dict:
     """A short record of the model a run started from (``train``/``pretrain --model CHECKPOINT``), kept
     in the new model's ``lineage``: what it was, which file, which weights, what it was trained on."""

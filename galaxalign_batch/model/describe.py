@@ -54,19 +54,18 @@ def _epochs(training: dict) -> str:
 
 
 def _stretches(info: dict) -> str:
-    from galaxalign_batch.model.checkpoint import trained_stretches
+    from galaxalign_batch.model.checkpoint import foundation_stretches, trained_stretches
 
     own = (info.get("cutout_spec") or {}).get("stretch")
     also = [s for s in trained_stretches(info) if s != own]
-    earlier = [s for a in info.get("lineage") or () if a.get("made_by") == "pretrain"
-               for s in a.get("stretches") or () if s != own and s not in also]
+    earlier = [s for s in foundation_stretches(info) if s != own and s not in also]
     text = f"stretch {own}"
     if also and info.get("pretraining"):
         text += f", also saw {', '.join(also)} (pretrain --stretch-augment)"
     elif also:
         text += f", also trained on {', '.join(also)} (train --stretch-augment)"
     if earlier:
-        text += f"; its foundation also saw {', '.join(dict.fromkeys(earlier))} (without labels)"
+        text += f"; its foundation also saw {', '.join(earlier)} (without labels)"
     return text
 
 

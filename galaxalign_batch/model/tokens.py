@@ -138,7 +138,6 @@ def load_token_encoder(model: str | os.PathLike) -> FoundationEncoder:
     """The frozen image tower of ``--model``: a checkpoint (file or folder), a compact foundation file
     (``pretrain --export``, e.g. the shipped ``data/foundation-tiny.safetensors``: only its image tower is
     read) or ``tiny`` (seeded random weights, for tests)."""
-    import json
 
     from galaxalign_batch.model.spec import parse_model_spec
 
@@ -150,21 +149,16 @@ def load_token_encoder(model: str | os.PathLike) -> FoundationEncoder:
         return FoundationEncoder.from_model(build_model(TrainConfig(data="", out="")),
                                             "galaxalign-tiny, random weights (torch seed 0)")
     if os.path.isfile(text):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(text, framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # noqa: BLE001 - an unreadable file is one error to the user
-            raise ConfigError(f"{text}: not a safetensors file ({' '.join(str(e).split())[:200]})") from None
         from galaxalign_batch.model.checkpoint import COMPACT_KEY
+        from galaxalign_batch.model.files import description_keys
 
-        if COMPACT_KEY in meta:
+        if COMPACT_KEY in description_keys(text):  # "not a safetensors file" for anything else unreadable
             from safetensors.torch import load_file
 
             from galaxalign_batch.model.config import build_clip_from_config
+            from galaxalign_batch.model.pretrain import read_compact
 
-            info = json.loads(meta[COMPACT_KEY])["info"]
+            info = read_compact(text)["info"]
             visual = build_clip_from_config(info["open_clip"]["config"]).visual
             state = {k[len("clip.visual."):]: v.float() for k, v in load_file(text).items()
                      if k.startswith("clip.visual.")}

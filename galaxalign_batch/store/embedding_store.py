@@ -398,7 +398,7 @@ class EmbeddingStore(StoreReader):
         lines = [("kind", f"embedding store, format {self.format_version}, "
                           + ("complete" if a.get("complete") else "not complete (re-run embed to finish it)"))]
         failed = len(self.failed_tiles())
-        lines.append(("rows", f"{self.n_rows} rows of {self.dim}-d {self.group['embedding'].dtype} embeddings from "
+        lines.append(("rows", f"{self.n_rows} rows of {self.dim}-d {self.embeddings.dtype} embeddings from "
                               f"{len(self.completed_tiles())} tile(s)" + (f", {failed} failed" if failed else "")))
         model = a.get("model") or {}
         mode = f", mode {model['mode']}" if model.get("mode") else ""
