@@ -82,6 +82,32 @@ def test_a_folder_of_fits_skips_the_pictures_beside_them(cutouts_dir, tmp_path, 
     assert resolve_tiles([str(d / "subjects")])[0].object_id == "example_a"  # a folder of pictures alone
 
 
+def test_a_folder_walk_skips_hidden_files_and_ends_on_a_link_cycle(cutouts_dir, tmp_path):
+    """A folder copied from a Mac carries ``._name`` resource forks beside every file (not pictures, not FITS):
+    one walk finds FITS and pictures alike, skips hidden names as a shell glob does, follows a link to a
+    folder and stops at a link back to a folder already seen."""
+    import shutil
+
+    d = tmp_path / "cubes"
+    (d / "deeper").mkdir(parents=True)
+    shutil.copy(cutouts_dir / "example_a.fits", d / "deeper")
+    (d / "deeper" / "._example_a.fits").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (d / ".cache").mkdir()
+    shutil.copy(cutouts_dir / "example_a.fits", d / ".cache" / "copy.fits")
+    (d / "deeper" / "loop").symlink_to(d, target_is_directory=True)   # a cycle
+    refs = resolve_tiles([str(d)])
+    assert [os.path.basename(r.name) for r in refs] == ["example_a.fits"]
+
+    p = tmp_path / "pics"
+    p.mkdir()
+    _png(p / "gal0.png")
+    (p / "._gal0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    (tmp_path / "elsewhere").mkdir()
+    _png(tmp_path / "elsewhere" / "gal1.png", seed=1)
+    (p / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert sorted(r.object_id for r in resolve_tiles([str(p)])) == ["gal0", "gal1"]
+
+
 def test_picture_folder_and_csv_resolve(pictures, tmp_path):
     refs = resolve_tiles([str(pictures)])
     assert all(isinstance(r, ImageRef) for r in refs)

@@ -69,11 +69,24 @@ def is_csv(path: str | os.PathLike) -> bool:
 
 
 def pictures_in(folder: str | os.PathLike) -> list[str]:
-    """The pictures under ``folder`` (recursive, sorted)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if is_picture(f)]
+    """The pictures under ``folder`` (recursive, sorted; hidden names skipped, see :func:`files_under`)."""
+    return [f for f in files_under(folder) if is_picture(f)]
+
+
+def files_under(folder: str | os.PathLike) -> list[str]:
+    """Every file under ``folder``, in one walk: sorted, recursive, following links to folders (each real
+    folder once, so a link cycle ends), skipping hidden names (``.``-prefixed: macOS ``._x.png``
+    resource forks, ``.git``), as a shell glob does."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
     return out
 
 

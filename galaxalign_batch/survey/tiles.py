@@ -171,10 +171,11 @@ def resolve_tiles(paths: Sequence[str], bricks: Iterable[str] | None = None, *,
                 for r in regions:
                     add_root(r)
             elif os.path.isdir(p):
-                files = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True) if _is_fits(f))
+                under = images.files_under(p)   # one walk for both kinds (a survey folder can hold 10^5 files)
+                files = sorted(f for f in under if _is_fits(f))
                 for f in files:
                     skipped += _add_file(refs, f)
-                found = images.pictures_in(p)
+                found = [f for f in under if images.is_picture(f)]
                 if files and found:
                     # previews beside cubes (Galaxy Zoo subjects, viewer JPEGs) would be second rows of the
                     # same galaxies, without positions: a folder of FITS gives its FITS
