@@ -303,8 +303,12 @@ def test_text_and_symbol_search_find_the_class_on_a_trained_model(trained, tmp_p
         sym_p[key] = float(np.mean(labels[search_store(store, q, 10).rows] == c))
     print("text precision@10", text_p, "\nsymbol precision@10", sym_p)
     # measured when written (seed 0, 1 thread, 2+2+2 epochs): text mean 0.36 (0.0-0.8, 7 classes above
-    # chance), symbol mean 0.30 (0.0-0.5, 7 above chance); an untrained model gives chance, 0.1
-    assert np.mean(list(text_p.values())) >= 0.25, text_p
-    assert sum(p > 0.1 for p in text_p.values()) >= 6, text_p
+    # chance), symbol mean 0.30 (0.0-0.5, 7 above chance); an untrained model gives chance, 0.1.
+    # From the foundation pretrained twice as long (shipped since 2026-12-06), training seeds 0-3 of this
+    # fixture's recipe: text 0.21, 0.20, 0.25, 0.37 (seed 0: 5 classes above chance), symbol 0.37, 0.51, 0.35,
+    # 0.54; from the file before it: text 0.36, 0.38, 0.33, 0.34, symbol 0.32, 0.35, 0.33, 0.33. In ~75 steps
+    # its text channel aligns less and its symbol channel more (the demo's 572 steps: text prototypes 0.917).
+    assert np.mean(list(text_p.values())) >= 0.18, text_p
+    assert sum(p > 0.1 for p in text_p.values()) >= 5, text_p
     assert np.mean(list(sym_p.values())) >= 0.2, sym_p
     assert sum(p > 0.1 for p in sym_p.values()) >= 6, sym_p
