@@ -68,11 +68,6 @@ def is_csv(path: str | os.PathLike) -> bool:
     return os.fspath(path).lower().endswith(CSV_SUFFIXES)
 
 
-def pictures_in(folder: str | os.PathLike) -> list[str]:
-    """The pictures under ``folder`` (recursive, sorted; hidden names skipped, see :func:`files_under`)."""
-    return [f for f in files_under(folder) if is_picture(f)]
-
-
 def files_under(folder: str | os.PathLike) -> list[str]:
     """Every file under ``folder``, in one walk: sorted, recursive, following links to folders (each real
     folder once, so a link cycle ends), skipping hidden names (``.``-prefixed: macOS ``._x.png``
