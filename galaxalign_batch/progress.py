@@ -16,11 +16,12 @@ def disable() -> None:
 
 
 def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it", **kw):
-    """A tqdm bar writing to stderr; silent unless enabled and stderr is a TTY (or GALAXALIGN_PROGRESS=force)."""
+    """A tqdm bar writing to stderr; silent unless enabled and stderr is a TTY (or GALAXALIGN_PROGRESS=force), and
+    with ``disable=True`` (e.g. on every worker but one)."""
     from tqdm.auto import tqdm
 
     force = os.environ.get("GALAXALIGN_PROGRESS") == "force"
-    disabled = not (force or (_enabled and sys.stderr.isatty()))
+    disabled = kw.pop("disable", False) or not (force or (_enabled and sys.stderr.isatty()))
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disabled, dynamic_ncols=True, file=sys.stderr, **kw)
 
 

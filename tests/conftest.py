@@ -107,3 +107,32 @@ class lease_holder:
         self.proc.kill()
         self.proc.wait()
         self.proc.stdout.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def ray_train_workers(pid: int) -> list[int]:
+    """The Ray Train worker processes below ``pid`` (a driver started with start_new_session)."""
+    found = []
+    for p in descendants(pid):
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{p}/cmdline").read_bytes():
+                found.append(p)
+        except OSError:
+            pass
+    return found

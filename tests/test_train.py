@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_symbol_labelled
+from conftest import ray_train_workers, write_symbol_labelled
 import torch
 from PIL import Image
 
@@ -381,33 +380,6 @@ def test_ray_train_two_workers_take_a_real_step(labelled, tmp_path, ray_cluster)
         assert len(list(csv.DictReader(f))) == 1
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _ray_train_workers(pid: int) -> list[int]:
-    found = []
-    for p in _descendants(pid):
-        try:
-            if b"RayTrainWorker" in Path(f"/proc/{p}/cmdline").read_bytes():
-                found.append(p)
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.slow  # a Ray instance, two workers, a worker group restart: ~1-2 min on 2 shared cores
 def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_path):
     shutil.copytree(labelled, tmp_path / "sim")
@@ -429,7 +401,7 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
             workers: list[int] = []
             complete = None
             while complete is None and proc.poll() is None and time.monotonic() < deadline:
-                workers = workers if len(workers) == 2 else _ray_train_workers(proc.pid)  # found ahead of the kill
+                workers = workers if len(workers) == 2 else ray_train_workers(proc.pid)  # found ahead of the kill
                 if (tmp_path / "run" / "checkpoints" / "ray").is_dir():
                     complete = newest_complete_checkpoint(tmp_path / "run" / "checkpoints" / "ray")
                 time.sleep(0.05)

@@ -13,7 +13,8 @@ The vocabulary (docs/cli.md):
   detection, or one catalogue file); ``--catalog FILE`` is always *your* catalogue (``join``).
 - ``--model``: the model (checkpoint, foundation, open_clip spec), ``--device auto|cpu|cuda``.
 - ``--address``: a Ray cluster to run on (``auto`` or host:port; default: this machine, as before).
-- ``--workers N``: worker processes (``train``: Ray Train workers); ``--threads N``: threads of this
+- ``--workers N``: worker processes (``train``, ``pretrain``: Ray Train workers, :func:`add_train_workers`);
+  ``--threads N``: threads of this
   process. ``--seed S``, ``--stretch``, ``--force``, ``--force-unlock``, ``--batch-rows``.
 
 A usage error (a required option missing, options that exclude each other) exits with status 2, as
@@ -31,7 +32,7 @@ from galaxalign_batch.preprocess.spec import PICTURE_STRETCHES
 __all__ = [
     "HelpFormatter", "CommandParser", "UsageError", "add_store", "add_tiles", "add_bricks", "add_survey",
     "add_sources", "add_angular_size", "add_picture_scale", "picture_scale", "add_device", "add_seed", "add_stretch", "add_stretch_augment", "add_force", "add_force_unlock",
-    "add_batch_rows", "add_threads", "add_resume", "add_address", "loss_weights", "STRETCHES", "DEVICES",
+    "add_batch_rows", "add_threads", "add_train_workers", "add_resume", "add_address", "loss_weights", "STRETCHES", "DEVICES",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -214,6 +215,13 @@ def add_batch_rows(p) -> argparse.Action:
 
 def add_threads(p, *, help: str = "torch threads of this process (default: torch's choice)") -> argparse.Action:
     return p.add_argument("--threads", type=int, default=None, metavar="N", help=help)
+
+
+def add_train_workers(p, *, what: str) -> argparse.Action:
+    """``--workers N`` of a training: Ray Train data-parallel workers (0: this process)."""
+    return p.add_argument("--workers", type=int, default=0, metavar="N",
+                          help=f"Ray Train data-parallel workers, global negatives (0: run in this process); {what}; "
+                               "a local Ray instance, or the cluster RAY_ADDRESS names; paths may be relative")
 
 
 def add_resume(p) -> None:

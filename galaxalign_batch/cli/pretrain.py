@@ -33,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
         stretch=args.stretch, stretch_augment=args.stretch_augment, buffer=args.buffer,
         galaxies_only=args.galaxies_only, max_steps=args.max_steps,
         checkpoint_every=args.checkpoint_every, seed=args.seed, threads=args.threads, device=args.device,
+        workers=args.workers,
         resume="yes" if args.resume else "no" if args.no_resume else "auto")
     summary = pretrain(cfg, force_unlock=args.force_unlock)
     if args.export:
         summary["export"] = export_foundation(summary["model"], args.export)
     print(json.dumps({k: summary[k] for k in ("model", "global_step", "total_steps", "seconds", "sources", "tiles",
-                                              "last_loss", "export") if k in summary}, indent=1))
+                                              "workers", "global_batch", "last_loss", "export") if k in summary},
+                     indent=1))
     return 0
 
 
@@ -59,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=20, help="passes over the tiles (the schedule spans them)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (a rerun with a larger value continues the same schedule)")
-    p.add_argument("--batch-size", type=int, default=64, help="sources per step (two views each)")
+    p.add_argument("--batch-size", type=int, default=64, help="sources per step and worker (two views each)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (warmup + cosine)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
@@ -77,6 +79,8 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between training checkpoints")
     opt.add_seed(p, help="seed of order, views and initialisation")
     opt.add_threads(p, help="torch CPU threads (1 is fastest on a busy machine)")
+    opt.add_train_workers(p, what="a step's global batch is workers x batch-size sources; each worker reads and "
+                                  "cuts only its share of the tiles")
     opt.add_device(p)
     p.add_argument("--export", metavar="FILE",
                    help="also write the result as a compact foundation file (float16, only the token-embedding rows "

@@ -118,8 +118,7 @@ def register(sub) -> None:
     g.add_argument("--symbol-bank", type=int, default=32, help="augmented symbols per class drawn each epoch")
     g.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick runs)")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=0,
-                   help="Ray Train data-parallel workers (0: run in this process); --data and --out may be relative")
+    opt.add_train_workers(g, what="a step's global batch is workers x batch-size x accum-steps")
     opt.add_device(g)
     opt.add_threads(g, help="torch CPU threads of a local run (default: torch's; 1 is faster on a busy machine)")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")

@@ -28,7 +28,7 @@ from galaxalign_batch.errors import ConfigError, GalaxAlignError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.train import RunContext, TrainConfig, run_training
 
-__all__ = ["train", "train_distributed", "newest_complete_checkpoint", "absolute_paths"]
+__all__ = ["train", "train_distributed", "fit_workers", "newest_complete_checkpoint", "absolute_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,6 @@ def absolute_paths(cfg_dict: dict) -> dict:
 
 def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: float = 1.0) -> dict:
     """Run ``cfg`` (a TrainConfig) on ``cfg.workers`` Ray Train workers (starting a local Ray instance if none is running)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if cfg.workers < 1:
         raise ConfigError("train_distributed needs --workers >= 1")
     if use_gpu is None:
@@ -176,9 +173,6 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
     out = Path(worker_cfg["out"])
     if cfg.resume == "no" and (out / "checkpoints").exists():  # workers resume from what they find there
         shutil.rmtree(out / "checkpoints")
-    from galaxalign_batch.cluster import init_ray
-
-    init_ray(num_cpus=max(int(cfg.workers * cpus_per_worker), os.cpu_count() or 1))
     resume_dir = None
     if cfg.resume != "no":
         resume_dir = newest_complete_checkpoint(out / "checkpoints")
@@ -186,22 +180,45 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
             raise ConfigError(f"--resume: no training checkpoint under {out / 'checkpoints'}")
         if resume_dir is not None:
             log.info("resuming from %s", resume_dir)
-    storage = out / "checkpoints" / "ray"
+    result = fit_workers(_worker_loop, {"cfg": {**worker_cfg, "resume": "no"},
+                                        "resume_dir": str(resume_dir) if resume_dir else None,
+                                        "log_level": logging.getLogger("galaxalign_batch").getEffectiveLevel()
+                                        or logging.INFO},
+                         workers=cfg.workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                         max_failures=cfg.max_failures, storage=out / "checkpoints" / "ray", name=RAY_RUN_NAME,
+                         keep_checkpoints=2)
+    summary_path = out / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    return summary
+
+
+def fit_workers(loop, config: dict, *, workers: int, use_gpu: bool, storage: Path, name: str,
+                cpus_per_worker: float = 1.0, max_failures: int = 2, keep_checkpoints: int | None = None):
+    """Run ``loop(config)`` on ``workers`` Ray Train workers (a torch.distributed group: gloo on CPU, NCCL with
+    GPUs), starting a local Ray instance if none is running; a worker failure restarts the group
+    (``max_failures`` times). Ray keeps its run state (and the checkpoints ``loop`` reports) under
+    ``storage/name``. Returns Ray's result; an error of ours raised in a worker is raised here as itself,
+    any other as one :class:`ConfigError` line."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from galaxalign_batch.cluster import init_ray
+
+    init_ray(num_cpus=max(int(workers * cpus_per_worker), os.cpu_count() or 1))
+    storage = Path(storage)
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"cfg": {**worker_cfg, "resume": "no"},
-                           "resume_dir": str(resume_dir) if resume_dir else None,
-                           "log_level": logging.getLogger("galaxalign_batch").getEffectiveLevel() or logging.INFO},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+        loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=RAY_RUN_NAME, storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except GalaxAlignError:
         raise
     except Exception as e:  # Ray wraps worker errors; surface ours as one line
@@ -211,7 +228,3 @@ def train_distributed(cfg, *, use_gpu: bool | None = None, cpus_per_worker: floa
         if isinstance(cause, GalaxAlignError):
             raise cause from None
         raise ConfigError(f"Ray Train run failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}") from None
-    summary_path = out / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
-    return summary

@@ -17,8 +17,18 @@ Objective, per batch of B sources (the fused tri-modal loss of ``galaxalign_batc
   Tractor catalogue (sources from detection) have no captions: their batches use image-image only.
 
 Streaming: tiles are read in a seeded order, ``buffer`` sources at a time (a shuffle buffer of
-whole tiles), so memory holds one buffer, never the survey. Resumable: every ``checkpoint_every``
-steps (and at the end of each pass) a training checkpoint is written under ``OUT/checkpoints``;
+whole tiles), so memory holds one buffer, never the survey.
+
+Workers (``workers >= 1``: Ray Train, a ``torch.distributed`` group, gloo on CPU, NCCL with GPUs): each
+group of tiles (``buffer`` sources per worker) is dealt out to the workers whole tiles at a time,
+balanced by sources, so each worker reads and cuts only its own tiles; a step's global batch is
+``workers x batch_size`` sources, contrasted with **global negatives** (every worker's views and captions
+are negatives of every other's, ``galaxalign_batch.model.loss.contrastive_loss``) and the gradients are
+averaged over the workers. Worker 0 writes the checkpoints and the model; a worker failure restarts the
+group from the last checkpoint. One worker gives the single-process run's numbers exactly.
+
+Resumable: every ``checkpoint_every`` steps (and at the end of each pass) a training checkpoint is
+written under ``OUT/checkpoints``;
 a rerun of the same command continues from the last one at the same batch, with the same data
 order and augmentation (everything is seeded by position, not by history).
 
@@ -40,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from galaxalign_batch import atomic, lease
@@ -47,6 +58,8 @@ from galaxalign_batch.errors import ConfigError, TileError
 from galaxalign_batch.model import checkpoint as ckpt
 from galaxalign_batch.model.captions import captions as make_captions, has_caption_columns
 from galaxalign_batch.model.config import TINY, create_clip, tokenizer_for
+from galaxalign_batch.model.distributed import allreduce_gradients, broadcast_parameters, mean_over_workers
+from galaxalign_batch.model.loss import contrastive_loss
 from galaxalign_batch.model.galaxalign import GalaxAlignModel
 from galaxalign_batch.model.symbols import SymbolSet
 from galaxalign_batch.preprocess import CutoutSpec, make_cutouts
@@ -86,6 +99,8 @@ class PretrainConfig:
     threads: int | None = None
     device: str = "auto"
     resume: str = "auto"                  # auto | yes | no
+    workers: int = 0                      # 0: this process; N >= 1: Ray Train data-parallel workers
+    max_failures: int = 2                 # Ray Train worker-failure restarts
 
     def __post_init__(self) -> None:
         self.tiles = [str(t) for t in self.tiles]
@@ -97,6 +112,8 @@ class PretrainConfig:
             raise ConfigError("--epochs must be >= 1 and --batch-size >= 2")
         if self.lr <= 0 or not 0 < self.temperature < 10:
             raise ConfigError("--lr must be > 0 and --temperature in (0, 10)")
+        if self.workers < 0 or self.max_failures < 0:
+            raise ConfigError(f"--workers and max_failures must be >= 0, got {self.workers}, {self.max_failures}")
         if self.resume not in ("auto", "yes", "no"):
             raise ConfigError(f"resume must be auto, yes or no, got {self.resume!r}")
 
@@ -123,6 +140,24 @@ class Chunk:
             for k, alt in enumerate(self.alternates, 1):
                 x[pick == k] = alt[idx[pick == k]]
         return torch.from_numpy(x).float() / 255.0
+
+
+def shard_tiles(tiles: list[int], counts: list[int], size: int) -> list[list[int]]:
+    """The tiles of a chunk dealt to ``size`` workers, whole tiles, balanced by sources (largest first, to the
+    least loaded worker); each worker's tiles in chunk order. One worker: the chunk as it is."""
+    if size == 1:
+        return [list(tiles)]
+    load, dealt = [0] * size, [[] for _ in range(size)]
+    for pos in sorted(range(len(tiles)), key=lambda p: (-counts[tiles[p]], p)):
+        r = min(range(size), key=lambda w: (load[w], w))
+        dealt[r].append(pos)
+        load[r] += counts[tiles[pos]]
+    return [[tiles[p] for p in sorted(ps)] for ps in dealt]
+
+
+def steps_in_chunk(chunk: list[int], counts: list[int], size: int, batch_size: int) -> int:
+    """Steps a chunk gives (every worker takes a batch per step: the smallest share decides)."""
+    return min(sum(counts[i] for i in share) for share in shard_tiles(chunk, counts, size)) // batch_size
 
 
 def plan_chunks(refs, counts: list[int], buffer: int, order: np.ndarray) -> list[list[int]]:
@@ -281,52 +316,149 @@ def seeded_token_embedding(shape: tuple[int, int], seed: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- the loop
 
 def pretrain(cfg: PretrainConfig, *, force_unlock: bool = False) -> dict:
-    """Run (or resume) a pretraining; returns a summary and writes ``OUT/model.safetensors``.
+    """Run (or resume) a pretraining, in this process or on ``cfg.workers`` Ray Train workers; returns a summary
+    and writes ``OUT/model.safetensors``.
 
     The run holds the lease of ``cfg.out`` (:mod:`galaxalign_batch.lease`) throughout, as ``train`` does.
     """
     with lease.locked(cfg.out, force=force_unlock):
         ckpt.clear_leftovers(Path(cfg.out))
+        if cfg.workers >= 1:
+            return _pretrain_on_workers(cfg)
         return _pretrain(cfg)
 
 
-def _pretrain(cfg: PretrainConfig) -> dict:
+RAY_RUN_NAME = "pretrain"
+
+
+def _pretrain_on_workers(cfg: PretrainConfig) -> dict:
+    """``cfg`` on ``cfg.workers`` Ray Train workers (paths made absolute: workers run elsewhere)."""
+    from galaxalign_batch.model.launch import fit_workers
+
+    out = Path(cfg.out).resolve()
+    if cfg.resume == "no" and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+    if cfg.resume == "yes" and ckpt.find_latest(out / "checkpoints") is None:
+        raise ConfigError(f"--resume: no pretraining checkpoint under {out / 'checkpoints'}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def absolute(path: str | None) -> str | None:
+        if not path:
+            return path
+        if path.startswith("@"):
+            return "@" + str(Path(path[1:]).resolve())
+        return str(Path(path).resolve()) if not Path(path).is_absolute() and (
+            Path(path).exists() or any(c in path for c in "*?[")) else path
+
+    worker = dataclasses.replace(cfg, tiles=[absolute(t) for t in cfg.tiles], out=str(out),
+                                 model=absolute(cfg.model) if Path(cfg.model).exists() else cfg.model,
+                                 pretrained=absolute(cfg.pretrained), resume="auto")
+    use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cfg.device == "cuda" and not use_gpu:
+        raise ConfigError("--device cuda: no GPU visible to torch here")
+    fit_workers(_worker_loop, {"cfg": worker.to_dict(),
+                               "log_level": logging.getLogger("galaxalign_batch").getEffectiveLevel() or logging.INFO},
+                workers=cfg.workers, use_gpu=use_gpu, max_failures=cfg.max_failures,
+                storage=out / "checkpoints" / "ray", name=RAY_RUN_NAME)
+    return json.loads((out / "pretrain_summary.json").read_text())
+
+
+def _worker_loop(config: dict) -> None:
+    """One Ray Train worker of a pretraining."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=config.get("log_level", logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _pretrain(PretrainConfig(**config["cfg"]), rank=ctx.get_world_rank(), size=ctx.get_world_size(), device=device)
+
+
+def _agreed_min(value: int, size: int, device: torch.device) -> int:
+    """The smallest of the workers' ``value`` (every worker gets it)."""
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _check_workers_agree(model: torch.nn.Module, size: int, device: torch.device) -> None:
+    """Every worker must end with the same weights (they step with the same averaged gradients)."""
+    if size == 1:
+        return
+    with torch.no_grad():
+        mine = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                            sum(p.double().abs().sum() for p in model.parameters())]).to(device)
+    everyone = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(everyone, mine)
+    if any(not torch.equal(e, everyone[0]) for e in everyone):
+        raise ConfigError(f"pretraining workers ended with different weights ({[e.tolist() for e in everyone]}); "
+                          f"this is a bug: please report it")
+
+
+def _count_on_workers(refs, galaxies_only: bool, rank: int, size: int) -> list[int]:
+    """Sources per tile, each worker counting every ``size``-th tile."""
+    mine = count_sources(refs[rank::size], galaxies_only)
+    if size == 1:
+        return mine
+    everyone: list = [None] * size
+    dist.all_gather_object(everyone, mine)
+    counts = [0] * len(refs)
+    for r, part in enumerate(everyone):
+        counts[r::size] = part
+    return counts
+
+
+def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.device | None = None) -> dict | None:
     from galaxalign_batch.survey.tiles import resolve_tiles
     from galaxalign_batch.model.inputs import resolve_device
     from galaxalign_batch.model.train import _param_groups, _schedule
-    from galaxalign_batch.ops import trimodal_contrastive_loss
 
+    lead = rank == 0
     out = Path(cfg.out)
-    if cfg.resume == "no" and (out / "checkpoints").exists():
+    if lead and cfg.resume == "no" and (out / "checkpoints").exists():
         shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = device if device is not None else resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     refs = resolve_tiles(cfg.tiles, cfg.bricks)
 
     start = None if cfg.resume == "no" else ckpt.find_latest(out / "checkpoints")
+    if size > 1:  # every worker starts from the checkpoint worker 0 found
+        choice = [str(start) if start is not None else None]
+        dist.broadcast_object_list(choice, src=0)
+        start = Path(choice[0]) if choice[0] else None
     if start is None and cfg.resume == "yes":
         raise ConfigError(f"--resume: no pretraining checkpoint under {out / 'checkpoints'}")
     if start is not None:
         model, state, progress = ckpt.load_for_resume(start)
         saved = progress.get("config", {})
         diff = [k for k in RESUME_KEYS if k in saved and saved[k] != cfg.to_dict()[k]]
+        if int(progress.get("world_size", 1)) != size:
+            diff.append(f"workers: {progress.get('world_size', 1)}, now {size}")
         if diff:
             raise ConfigError(f"{start}: checkpoint of a different pretraining ({', '.join(diff)}); "
                               f"use another --out or --no-resume")
         counts = progress["counts"]
-        log.info("resuming pretraining from %s (step %d)", start, progress["global_step"])
+        if lead:
+            log.info("resuming pretraining from %s (step %d)", start, progress["global_step"])
     else:
         state, progress = {}, {"epoch": 0, "chunk": 0, "batch": 0, "global_step": 0, "elapsed": 0.0}
         model = build_foundation_model(cfg)
-        counts = count_sources(refs, cfg.galaxies_only)
+        counts = _count_on_workers(refs, cfg.galaxies_only, rank, size)
         progress["counts"] = counts
-    if sum(counts) < cfg.batch_size:
-        raise ConfigError(f"{sum(counts)} sources in {len(refs)} tile(s): fewer than one batch of {cfg.batch_size}")
+    progress["world_size"] = size
+    if sum(counts) < cfg.batch_size * size:
+        raise ConfigError(f"{sum(counts)} sources in {len(refs)} tile(s): fewer than one batch of {cfg.batch_size}"
+                          + (f" for each of {size} workers" if size > 1 else ""))
     model.to(device)
     model.set_trainable("all")
+    broadcast_parameters(model)
     spec = CutoutSpec.from_dict(model.info["cutout_spec"])
     wide = CutoutSpec(angular_size=spec.angular_size * VIEW_MARGIN,
                       out_size=int(round(spec.out_size * VIEW_MARGIN)), stretch=spec.stretch, dtype="uint8")
@@ -335,9 +467,13 @@ def _pretrain(cfg: PretrainConfig) -> dict:
     context = int(model.info["open_clip"]["config"].get("text_cfg", {}).get("context_length", 77))
     fits = _token_budget(model, context - 2)
 
-    steps_per_epoch = sum(c // cfg.batch_size for c in (
-        [sum(counts[i] for i in ch) for ch in plan_chunks(refs, counts, cfg.buffer, np.arange(len(refs)))]))
-    steps_per_epoch = max(1, steps_per_epoch)
+    buffer = cfg.buffer * size   # every worker holds up to cfg.buffer sources of a chunk
+    steps_per_epoch = sum(steps_in_chunk(ch, counts, size, cfg.batch_size)
+                          for ch in plan_chunks(refs, counts, buffer, np.arange(len(refs))))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(refs)} tile(s) of {sum(counts)} sources give no step of {cfg.batch_size} sources on "
+                          f"each of {size} workers (tiles are dealt to workers whole, up to --buffer {cfg.buffer} "
+                          f"sources each): use fewer workers, a smaller --batch-size or a larger --buffer")
     total = steps_per_epoch * cfg.epochs
     # no decay on the token embedding either: rows of words never seen must not shrink to zero
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, also_no_decay=("token_embedding",)),
@@ -347,19 +483,24 @@ def _pretrain(cfg: PretrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model.info["pretraining"] = {"config": cfg.to_dict(), "tiles": len(refs), "sources": int(sum(counts)),
-                                 "steps_per_epoch": steps_per_epoch}
+                                 "steps_per_epoch": steps_per_epoch, "workers": size,
+                                 "global_batch": size * cfg.batch_size}
     w_ii, w_ic = cfg.weights
-    log.info("pretraining %s on %d sources of %d tile(s): %d epoch(s) x ~%d steps, batch %d, device %s",
-             model.info["open_clip"]["name"], sum(counts), len(refs), cfg.epochs, steps_per_epoch, cfg.batch_size,
-             device)
+    if lead:
+        log.info("pretraining %s on %d sources of %d tile(s): %d epoch(s) x ~%d steps, batch %d%s, device %s",
+                 model.info["open_clip"]["name"], sum(counts), len(refs), cfg.epochs, steps_per_epoch,
+                 cfg.batch_size * size, f" ({size} workers x {cfg.batch_size}, global negatives)" if size > 1 else "",
+                 device)
     step = int(progress["global_step"])
     t_run, elapsed0 = time.perf_counter(), float(progress.get("elapsed", 0.0))
     history = list(progress.get("history", []))
     run_loss, run_n = 0.0, 0
-    pbar = bar(total=min(total, cfg.max_steps or total), desc="pretrain", unit="step", initial=step)
+    pbar = bar(total=min(total, cfg.max_steps or total), desc="pretrain", unit="step", initial=step, disable=not lead)
     stop = bool(cfg.max_steps and step >= cfg.max_steps)
 
     def save(epoch: int, chunk: int, batch: int) -> None:
+        if not lead:
+            return
         progress.update(epoch=epoch, chunk=chunk, batch=batch, global_step=step, history=history,
                         elapsed=round(elapsed0 + time.perf_counter() - t_run, 1), config=cfg.to_dict())
         model.info["train_seconds"] = progress["elapsed"]
@@ -370,39 +511,45 @@ def _pretrain(cfg: PretrainConfig) -> dict:
                                       progress)
         ckpt.prune(root, "step_*", keep=2)
 
+    # seeds of a worker's order and views: one worker's are those of the single-process run
+    mine = [] if size == 1 else [rank]
+    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(int(progress["epoch"]), cfg.epochs if not stop else 0):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(refs))
-        chunks = plan_chunks(refs, counts, cfg.buffer, order)
+        chunks = plan_chunks(refs, counts, buffer, order)
         first_chunk = int(progress["chunk"]) if epoch == int(progress["epoch"]) else 0
         for ci in range(first_chunk, len(chunks)):
-            data = load_chunk(refs, chunks[ci], wide, cfg.galaxies_only, fits, alt_wide)
-            perm = np.random.default_rng([cfg.seed, epoch, ci]).permutation(len(data.pixels))
-            nb = len(perm) // cfg.batch_size
+            share = shard_tiles(chunks[ci], counts, size)[rank]
+            data = load_chunk(refs, share, wide, cfg.galaxies_only, fits, alt_wide)
+            perm = np.random.default_rng([cfg.seed, epoch, ci, *mine]).permutation(len(data.pixels))
+            nb = _agreed_min(len(perm) // cfg.batch_size, size, device)
             first_batch = int(progress["batch"]) if (epoch, ci) == (int(progress["epoch"]), int(progress["chunk"])) else 0
             model.train()
             for b in range(first_batch, nb):
                 idx = np.sort(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-                rng = np.random.default_rng([cfg.seed, epoch, ci, b])
+                rng = np.random.default_rng([cfg.seed, epoch, ci, b, *mine])
                 # with alternates each view of a source is drawn in its own stretch (the own one or another)
-                pick = np.random.default_rng([cfg.seed, epoch, ci, b, 1]) if data.alternates else None
+                pick = np.random.default_rng([cfg.seed, epoch, ci, b, 1, *mine]) if data.alternates else None
                 x1 = data.views_of(idx, pick)
                 x2 = data.views_of(idx, pick) if pick is not None else x1
                 v1 = model.prepare_images(make_views(x1, model.image_size, rng))
                 v2 = model.prepare_images(make_views(x2, model.image_size, rng))
                 caps = [data.captions[i] for i in idx]
-                use_text = w_ic > 0 and all(c is not None for c in caps)
+                # the caption term only where every worker's batch has captions (the same loss on all)
+                use_text = bool(_agreed_min(int(w_ic > 0 and all(c is not None for c in caps)), size, device))
                 tokens = model.tokenize(caps).to(device) if use_text else None
                 o = model(images=torch.cat([v1, v2]), tokens=tokens)
                 f1, f2 = o["image"].float().split([len(idx), len(idx)])
                 text = o["text"].float() if use_text else None
-                loss = trimodal_contrastive_loss(f1, text, f2, model.logit_scale.float(), class_ids=None,
-                                                 weights=(w_ic if use_text else 0.0, w_ii, w_ic if use_text else 0.0))
+                loss = contrastive_loss(f1, text, f2, model.logit_scale.float(), class_ids=None,
+                                        weights=(w_ic if use_text else 0.0, w_ii, w_ic if use_text else 0.0))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                allreduce_gradients(params)
                 optimizer.step()
                 scheduler.step()
                 model.clamp_logit_scale()
-                value = loss.item()
+                value = mean_over_workers(loss.detach()).item()
                 if not math.isfinite(value):
                     raise ConfigError(f"pretraining diverged (loss {value}) at step {step + 1}; lower --lr")
                 step += 1
@@ -412,8 +559,9 @@ def _pretrain(cfg: PretrainConfig) -> dict:
                 if step % 50 == 0:
                     history.append({"step": step, "loss": round(run_loss / run_n, 4),
                                     "logit_scale": round(model.logit_scale.item(), 3)})
-                    log.info("pretrain step %d/%d: loss %.4f, logit scale %.1f", step, total, run_loss / run_n,
-                             model.logit_scale.item())
+                    if lead:
+                        log.info("pretrain step %d/%d: loss %.4f, logit scale %.1f", step, total, run_loss / run_n,
+                                 model.logit_scale.item())
                     run_loss, run_n = 0.0, 0
                 if cfg.max_steps and step >= cfg.max_steps:
                     stop = True
@@ -432,13 +580,16 @@ def _pretrain(cfg: PretrainConfig) -> dict:
             save(epoch + 1, 0, 0)   # a rerun of a finished pretraining finds it finished
     pbar.close()
     elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
+    _check_workers_agree(model, size, device)
+    if not lead:
+        return None
     model.info["train_seconds"] = elapsed
     model.info["pretraining"].update(global_step=step, history=history)
     lease.check_held(out)
     final = ckpt.save_model(model, out / "model.safetensors")
     summary = {"model": str(final), "global_step": step, "total_steps": total, "seconds": elapsed,
-               "sources": int(sum(counts)), "tiles": len(refs), "last_loss": history[-1]["loss"] if history else None,
-               "config": cfg.to_dict()}
+               "sources": int(sum(counts)), "tiles": len(refs), "workers": size, "global_batch": size * cfg.batch_size,
+               "last_loss": history[-1]["loss"] if history else None, "config": cfg.to_dict()}
     atomic.write_json(out / "pretrain_summary.json", summary)
     return summary
 
