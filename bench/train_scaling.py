@@ -23,7 +23,14 @@ Three sections (``--section``), each printing a Markdown table and writing JSON 
 
     python bench/train_scaling.py --section throughput [--global-batch 64] [--steps 5]
     python bench/train_scaling.py --section memory [--limit-gib 4] [--step 2048]
+- ``pretrain``: ``galaxalign-batch pretrain`` on survey tiles (``--tiles``, e.g. a simulated sky) for
+  ``--steps`` steps at the same global batch (``--global-batch``): in one process with 1 thread (the
+  baseline) and with as many threads as workers, and on 2 Ray Train workers (``--workers 2``, 1 thread
+  each, global negatives). Steps/s from the run's own clock (its summary's ``seconds``: reading and
+  cutting the tiles included, Ray's start-up not), the wall time of the command beside it.
+
     python bench/train_scaling.py --section accuracy --data SIM [--epochs 12] [--batch-size 16] [--seeds 0 1]
+    python bench/train_scaling.py --section pretrain --tiles SKY [--steps 60] [--global-batch 64]
 """
 
 from __future__ import annotations
@@ -244,12 +251,56 @@ def section_accuracy(args) -> dict:
     return {"rows": rows, "table": "\n".join(lines)}
 
 
+# ---------------------------------------------------------------------------------------------- pretrain
+
+def _pretrain_run(args, out: Path, workers: int, threads: int) -> dict:
+    batch = args.global_batch // max(1, workers)
+    cmd = [sys.executable, "-m", "galaxalign_batch", "--no-progress", "pretrain", "--tiles", *args.tiles,
+           "--out", str(out), "--batch-size", str(batch), "--epochs", "50", "--max-steps", str(args.steps),
+           "--checkpoint-every", str(10 ** 6), "--threads", str(threads), "--no-resume", "--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS=str(threads), RAY_AUTH_MODE="disabled")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    return {"command": shlex.join(cmd), "workers": max(1, workers), "threads_per_process": threads,
+            "per_worker_batch": batch, "global_batch": summary.get("global_batch", batch), "steps": summary["global_step"],
+            "run_s": summary["seconds"], "wall_s": time.perf_counter() - t0,
+            "steps_per_s": summary["global_step"] / summary["seconds"]}
+
+
+def section_pretrain(args) -> dict:
+    if not args.tiles:
+        raise SystemExit("--section pretrain needs --tiles (e.g. galaxalign-batch simulate --out SKY)")
+    root = Path(args.work)
+    rows = []
+    for name, workers, threads in (("1 process, 1 thread", 0, 1), ("1 process, 2 threads", 0, 2),
+                                   ("2 Ray Train workers, 1 thread each", 2, 1)):
+        row = _pretrain_run(args, root / f"pretrain-{workers}-{threads}", workers, threads)
+        row["run"] = name
+        rows.append(row)
+        print(f"  {name}: {row['steps']} steps in {row['run_s']:.1f} s ({row['steps_per_s']:.2f} steps/s), "
+              f"wall {row['wall_s']:.0f} s", flush=True)
+    base = rows[0]["steps_per_s"]
+    lines = [f"pretrain, global batch {args.global_batch} sources (two views + a caption each), {args.steps} steps", "",
+             "| run | per-worker batch | steps/s | sources/s | vs 1 process, 1 thread | run s | wall s (with start-up) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['per_worker_batch']} | {r['steps_per_s']:.3f} | "
+                     f"{r['steps_per_s'] * r['global_batch']:.1f} | {r['steps_per_s'] / base:.2f}x | {r['run_s']:.1f} | "
+                     f"{r['wall_s']:.0f} |")
+    return {"rows": rows, "table": "\n".join(lines)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--section", choices=["throughput", "memory", "accuracy"], required=True)
+    p.add_argument("--section", choices=["throughput", "memory", "accuracy", "pretrain"], required=True)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--global-batch", type=int, default=64, help="throughput: items per step, all workers")
-    p.add_argument("--steps", type=int, default=5, help="throughput: timed steps (after one warm-up step)")
+    p.add_argument("--global-batch", type=int, default=64, help="throughput, pretrain: items per step, all workers")
+    p.add_argument("--steps", type=int, default=None,
+                   help="throughput: timed steps after one warm-up step (default 5); pretrain: steps (default 60)")
     p.add_argument("--large-accum", type=int, default=32,
                    help="throughput: also 1 worker with this many micro-batches of 32 (one timed step); 0: skip")
     p.add_argument("--limit-gib", type=float, default=4.0, help="memory: per-worker limit")
@@ -259,17 +310,21 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128, help="memory: feature dimension")
     p.add_argument("--workers", type=int, default=2, help="memory: workers")
     p.add_argument("--data", default=None, help="accuracy: a simulated labelled set")
-    p.add_argument("--work", default="/tmp/galaxalign-train-scaling", help="accuracy: where the runs go")
+    p.add_argument("--tiles", nargs="+", default=None, help="pretrain: survey tiles (a simulated sky)")
+    p.add_argument("--work", default="/tmp/galaxalign-train-scaling", help="accuracy, pretrain: where the runs go")
     p.add_argument("--epochs", type=int, default=12, help="accuracy: epochs of every run")
     p.add_argument("--batch-size", type=int, default=16, help="accuracy: per-worker batch of the 2-worker runs")
     p.add_argument("--lr", type=float, default=1e-3, help="accuracy: learning rate")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: seeds")
     args = p.parse_args()
+    if args.steps is None:
+        args.steps = 60 if args.section == "pretrain" else 5
     t0 = time.perf_counter()
     load = os.getloadavg()
     print(f"machine: {cpu_model()} x {os.cpu_count()} cores; load average {load[0]:.1f} at start", flush=True)
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}", flush=True)
-    result = {"throughput": section_throughput, "memory": section_memory, "accuracy": section_accuracy}[args.section](args)
+    result = {"throughput": section_throughput, "memory": section_memory, "accuracy": section_accuracy,
+              "pretrain": section_pretrain}[args.section](args)
     import torch
 
     result.update(section=args.section, command=shlex.join(["python", *sys.argv]),
