@@ -589,7 +589,8 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
     final = ckpt.save_model(model, out / "model.safetensors")
     summary = {"model": str(final), "global_step": step, "total_steps": total, "seconds": elapsed,
                "sources": int(sum(counts)), "tiles": len(refs), "workers": size, "global_batch": size * cfg.batch_size,
-               "last_loss": history[-1]["loss"] if history else None, "config": cfg.to_dict()}
+               "last_loss": history[-1]["loss"] if history else round(run_loss / run_n, 4) if run_n else None,
+               "config": cfg.to_dict()}
     atomic.write_json(out / "pretrain_summary.json", summary)
     return summary
 
