@@ -581,6 +581,11 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
     pbar.close()
     elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
     _check_workers_agree(model, size, device)
+    if lead and not stop and step < total:
+        log.info("%d steps of the %d planned: the plan counts catalogue rows, and sources whose cutout is more than "
+                 "half off the image (tile edges) are dropped when cut%s; the learning-rate schedule ended at %.0f %% "
+                 "of its span", step, total, "; with workers the smallest share of each buffer sets its steps"
+                 if size > 1 else "", 100.0 * step / total)
     if not lead:
         return None
     model.info["train_seconds"] = elapsed
