@@ -136,3 +136,32 @@ def ray_train_workers(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def kill_a_ray_worker_when(cmd: list[str], cwd, env: dict, log_path, ready, timeout: float = 300):
+    """Run ``cmd`` (a command that starts 2 Ray Train workers) until ``ready()`` is true, SIGKILL one of its
+    workers, and wait for the command to end; returns (exit code, its log). The command's whole process
+    group is killed if the test fails first."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            workers: list[int] = []
+            while proc.poll() is None and time.monotonic() < deadline and not ready():
+                workers = workers if len(workers) == 2 else ray_train_workers(proc.pid)  # found ahead of the kill
+                time.sleep(0.05)
+            assert ready(), "not ready to kill:\n" + Path(log_path).read_text()[-3000:]
+            workers = workers if len(workers) == 2 else ray_train_workers(proc.pid)
+            assert len(workers) == 2, f"Ray Train worker processes: {workers}"
+            os.kill(max(workers), signal.SIGKILL)
+            rc = proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return rc, Path(log_path).read_text()

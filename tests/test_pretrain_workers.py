@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ray_train_workers
+from conftest import kill_a_ray_worker_when
 
 from galaxalign_batch.errors import ConfigError
 from galaxalign_batch.model.checkpoint import find_latest, read_info
@@ -102,27 +99,9 @@ def test_pretrain_on_two_ray_workers_survives_a_killed_worker(sky2, tmp_path):
            "--batch-size", "8", "--epochs", "3", "--checkpoint-every", "2", "--threads", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", GALAXALIGN_PROGRESS="0", RAY_AUTH_MODE="disabled")
-    log_path = tmp_path / "pretrain.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            workers: list[int] = []
-            while proc.poll() is None and time.monotonic() < deadline:
-                workers = workers if len(workers) == 2 else ray_train_workers(proc.pid)
-                if find_latest(tmp_path / "run" / "checkpoints") is not None:
-                    break
-                time.sleep(0.05)
-            assert find_latest(tmp_path / "run" / "checkpoints") is not None, log_path.read_text()[-3000:]
-            assert len(workers) == 2, f"Ray Train worker processes: {workers}"
-            os.kill(max(workers), signal.SIGKILL)   # one worker dies after worker 0's first checkpoint
-            rc = proc.wait(timeout=400)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    text = log_path.read_text()
+    # one worker dies after worker 0's first checkpoint
+    rc, text = kill_a_ray_worker_when(cmd, tmp_path, env, tmp_path / "pretrain.log",
+                                      lambda: find_latest(tmp_path / "run" / "checkpoints") is not None)
     assert rc == 0, text[-3000:]
     summary = json.loads((tmp_path / "run" / "pretrain_summary.json").read_text())
     assert summary["workers"] == 2 and summary["global_step"] == summary["total_steps"] > 2

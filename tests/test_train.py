@@ -7,14 +7,11 @@ import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import ray_train_workers, write_symbol_labelled
+from conftest import kill_a_ray_worker_when, write_symbol_labelled
 import torch
 from PIL import Image
 
@@ -388,32 +385,13 @@ def test_two_workers_from_a_relative_path_survive_a_killed_worker(labelled, tmp_
            "--angular-size", str(ANGULAR), "--max-steps-per-epoch", "1"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the fixture's
     env.update(OMP_NUM_THREADS="1", GALAXALIGN_PROGRESS="0")
-    log_path = tmp_path / "train.log"
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            from galaxalign_batch.model.launch import newest_complete_checkpoint
+    from galaxalign_batch.model.launch import newest_complete_checkpoint
 
-            # Kill only once a checkpoint is *complete* in Ray's storage: a kill while Ray still copies it
-            # tears it, and the restart then rightly starts afresh (test_restart_skips_a_checkpoint_torn...).
-            deadline = time.monotonic() + 300
-            workers: list[int] = []
-            complete = None
-            while complete is None and proc.poll() is None and time.monotonic() < deadline:
-                workers = workers if len(workers) == 2 else ray_train_workers(proc.pid)  # found ahead of the kill
-                if (tmp_path / "run" / "checkpoints" / "ray").is_dir():
-                    complete = newest_complete_checkpoint(tmp_path / "run" / "checkpoints" / "ray")
-                time.sleep(0.05)
-            assert complete is not None, "no complete checkpoint:\n" + log_path.read_text()[-3000:]
-            assert len(workers) == 2, f"Ray Train worker processes: {workers}"
-            os.kill(max(workers), signal.SIGKILL)  # one worker dies after a complete checkpoint (epochs still to go)
-            rc = proc.wait(timeout=400)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    text = log_path.read_text()
+    # Kill only once a checkpoint is *complete* in Ray's storage: a kill while Ray still copies it tears it,
+    # and the restart then rightly starts afresh (test_restart_skips_a_checkpoint_torn...); epochs still to go.
+    storage = tmp_path / "run" / "checkpoints" / "ray"
+    rc, text = kill_a_ray_worker_when(cmd, tmp_path, env, tmp_path / "train.log",
+                                      lambda: storage.is_dir() and newest_complete_checkpoint(storage) is not None)
     assert rc == 0, text[-3000:]
     run = tmp_path / "run"
     with open(run / "metrics.csv") as f:
