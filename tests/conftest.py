@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,7 +98,6 @@ class lease_holder:
         self.target = str(target)
 
     def __enter__(self):
-        import subprocess
         import sys
 
         self.proc = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, self.target], stdout=subprocess.PIPE,
@@ -142,10 +144,6 @@ def kill_a_ray_worker_when(cmd: list[str], cwd, env: dict, log_path, ready, time
     """Run ``cmd`` (a command that starts 2 Ray Train workers) until ``ready()`` is true, SIGKILL one of its
     workers, and wait for the command to end; returns (exit code, its log). The command's whole process
     group is killed if the test fails first."""
-    import signal
-    import subprocess
-    import time
-
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -143,10 +143,15 @@ def checkpoint_staging() -> tempfile.TemporaryDirectory:
 
 
 def absolute_paths(cfg_dict: dict) -> dict:
-    """The configuration with its paths (data, out, symbols, vocabulary / checkpoint / weights files)
-    made absolute against this process's working directory, for workers that run elsewhere."""
+    """The configuration with its paths (data or tiles, out, symbols, vocabulary / checkpoint / weights files)
+    made absolute against this process's working directory, for workers that run elsewhere. Tiles may be
+    globs and ``@list`` files (``survey.tiles.resolve_tiles``'s grammar)."""
     d = dict(cfg_dict)
-    d["data"] = str(Path(d["data"]).resolve())
+    if d.get("data"):
+        d["data"] = str(Path(d["data"]).resolve())
+    if d.get("tiles"):
+        d["tiles"] = ["@" + str(Path(t[1:]).resolve()) if t.startswith("@") else str(Path(t).resolve())
+                      for t in d["tiles"]]
     d["out"] = str(Path(d["out"]).resolve())
     if d.get("symbols"):
         d["symbols"] = str(Path(d["symbols"]).resolve())

@@ -333,7 +333,7 @@ RAY_RUN_NAME = "pretrain"
 
 def _pretrain_on_workers(cfg: PretrainConfig) -> dict:
     """``cfg`` on ``cfg.workers`` Ray Train workers (paths made absolute: workers run elsewhere)."""
-    from galaxalign_batch.model.launch import fit_workers
+    from galaxalign_batch.model.launch import absolute_paths, fit_workers
 
     out = Path(cfg.out).resolve()
     if cfg.resume == "no" and (out / "checkpoints").exists():
@@ -341,22 +341,11 @@ def _pretrain_on_workers(cfg: PretrainConfig) -> dict:
     if cfg.resume == "yes" and ckpt.find_latest(out / "checkpoints") is None:
         raise ConfigError(f"--resume: no pretraining checkpoint under {out / 'checkpoints'}")
     out.mkdir(parents=True, exist_ok=True)
-
-    def absolute(path: str | None) -> str | None:
-        if not path:
-            return path
-        if path.startswith("@"):
-            return "@" + str(Path(path[1:]).resolve())
-        return str(Path(path).resolve()) if not Path(path).is_absolute() and (
-            Path(path).exists() or any(c in path for c in "*?[")) else path
-
-    worker = dataclasses.replace(cfg, tiles=[absolute(t) for t in cfg.tiles], out=str(out),
-                                 model=absolute(cfg.model) if Path(cfg.model).exists() else cfg.model,
-                                 pretrained=absolute(cfg.pretrained), resume="auto")
+    worker = {**absolute_paths(cfg.to_dict()), "resume": "auto"}
     use_gpu = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
     if cfg.device == "cuda" and not use_gpu:
         raise ConfigError("--device cuda: no GPU visible to torch here")
-    fit_workers(_worker_loop, {"cfg": worker.to_dict(),
+    fit_workers(_worker_loop, {"cfg": worker,
                                "log_level": logging.getLogger("galaxalign_batch").getEffectiveLevel() or logging.INFO},
                 workers=cfg.workers, use_gpu=use_gpu, max_failures=cfg.max_failures,
                 storage=out / "checkpoints" / "ray", name=RAY_RUN_NAME)
