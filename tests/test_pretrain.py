@@ -177,6 +177,30 @@ def test_stretch_augmented_views_mix_the_stretches_and_are_part_of_a_runs_identi
         main(args[:-1] + ["gz-decal"])                           # not a stretch: a usage error
 
 
+def test_step_plan_counts_the_sources_pretraining_uses(tiny_sky, tmp_path):
+    """The plan (and so the learning-rate schedule) counts the sources whose cutout survives the edge rule, not
+    catalogue rows: a run takes exactly the steps it planned. Catalogue rows would have planned one step too many
+    here (a batch size picked so that rows // b > usable // b)."""
+    from galaxalign_batch.model.pretrain import count_sources, load_chunk, planned_steps, wide_spec
+    from galaxalign_batch.preprocess import CutoutSpec
+    from galaxalign_batch.survey.tiles import resolve_tiles
+
+    refs = resolve_tiles([str(tiny_sky / "sky")])
+    wide = wide_spec(CutoutSpec(angular_size=32.0, out_size=64))      # galaxalign-tiny's spec
+    (rows,), (usable,) = count_sources(refs, False), count_sources(refs, False, wide)
+    assert 16 < usable < rows                                          # this sky loses sources at its edges
+    assert usable == len(load_chunk(refs, [0], wide, False, None).pixels)
+    b = max(k for k in range(2, usable + 1) if rows // k > usable // k >= 1)
+    assert planned_steps([usable], 20000, 1, b, 0, 2) == [usable // b] * 2
+
+    out = tmp_path / "f"
+    assert main(["--no-progress", "pretrain", "--tiles", str(tiny_sky / "sky"), "--out", str(out), "--batch-size",
+                 str(b), "--epochs", "2", "--threads", "1"]) == 0
+    summary = json.loads((out / "pretrain_summary.json").read_text())
+    assert summary["global_step"] == summary["total_steps"] == 2 * (usable // b) < 2 * (rows // b)
+    assert summary["sources"] == usable
+
+
 def test_compact_foundation_round_trip(tiny_sky, tmp_path):
     from galaxalign_batch.model.pretrain import PretrainConfig, expand_foundation, export_foundation, pretrain
 

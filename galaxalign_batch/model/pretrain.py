@@ -160,7 +160,27 @@ def steps_in_chunk(chunk: list[int], counts: list[int], size: int, batch_size: i
     return min(sum(counts[i] for i in share) for share in shard_tiles(chunk, counts, size)) // batch_size
 
 
-def plan_chunks(refs, counts: list[int], buffer: int, order: np.ndarray) -> list[list[int]]:
+def wide_spec(spec: CutoutSpec) -> CutoutSpec:
+    """The cutouts pretraining cuts for a model's ``spec``: ``VIEW_MARGIN`` x wider, same pixel scale, uint8."""
+    return CutoutSpec(angular_size=spec.angular_size * VIEW_MARGIN, out_size=int(round(spec.out_size * VIEW_MARGIN)),
+                      stretch=spec.stretch, dtype="uint8")
+
+
+def epoch_order(seed: int, epoch: int, n_tiles: int) -> np.ndarray:
+    """The seeded order in which an epoch reads the tiles."""
+    return np.random.default_rng([seed, epoch]).permutation(n_tiles)
+
+
+def planned_steps(counts: list[int], buffer: int, size: int, batch_size: int, seed: int, epochs: int) -> list[int]:
+    """Steps of each epoch, as the loop takes them: each epoch's own tile order and shuffle buffers, the usable
+    sources of each tile (``counts``: cutouts that survive the edge rule) and, with workers, the smallest share
+    of each buffer."""
+    n = len(counts)
+    return [sum(steps_in_chunk(ch, counts, size, batch_size)
+                for ch in plan_chunks(counts, buffer, epoch_order(seed, e, n))) for e in range(epochs)]
+
+
+def plan_chunks(counts: list[int], buffer: int, order: np.ndarray) -> list[list[int]]:
     """Consecutive groups of tiles (in ``order``) holding up to ``buffer`` sources each (at least one tile)."""
     chunks, cur, n = [], [], 0
     for i in order:
@@ -188,12 +208,25 @@ def _sources(ref, galaxies_only: bool):
     return tile, src
 
 
-def count_sources(refs, galaxies_only: bool) -> list[int]:
-    """Sources per tile (reads catalogues; tiles without one are read and detected)."""
+MAX_MASKED = 0.5   # a source whose cutout is this much (or more) off the image or its coverage is not used
+
+
+def _cut(tile, src, spec: CutoutSpec):
+    """Cutouts of ``src`` in ``spec`` and the mask of those that are used (less than ``MAX_MASKED`` masked)."""
+    x, y = np.asarray(src["x"], np.float64), np.asarray(src["y"], np.float64)
+    batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
+    return x, y, batch, np.asarray(batch.masked_fraction) < MAX_MASKED
+
+
+def count_sources(refs, galaxies_only: bool, spec: CutoutSpec | None = None) -> list[int]:
+    """Sources per tile (reads catalogues; tiles without one are read and detected). With ``spec``, only the
+    sources that pretraining uses: those whose cutout in ``spec`` is less than half off the image or its
+    coverage (tile edges, gaps), the rule of :func:`load_chunk`, so that the step plan is exact."""
     out = []
     for ref in bar(refs, total=len(refs), desc="counting sources", unit="tile"):
         try:
-            out.append(len(_sources(ref, galaxies_only)[1]))
+            tile, src = _sources(ref, galaxies_only)
+            out.append(int(_cut(tile, src, spec)[3].sum()) if spec is not None and len(src) else len(src))
         except TileError as e:
             log.warning("skipping %s: %s", ref.name, e)
             out.append(0)
@@ -212,9 +245,7 @@ def load_chunk(refs, tiles: list[int], spec: CutoutSpec, galaxies_only: bool, fi
             continue
         if not len(src):
             continue
-        x, y = np.asarray(src["x"], np.float64), np.asarray(src["y"], np.float64)
-        batch = make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, spec, bands=tile.bands)
-        keep = np.asarray(batch.masked_fraction) < 0.5
+        x, y, batch, keep = _cut(tile, src, spec)
         pixels.append(batch.pixels[keep])
         for a, alt in zip(alts, alt_specs):
             a.append(make_cutouts(tile.image, tile.valid, x, y, tile.pixscale, alt, bands=tile.bands).pixels[keep])
@@ -388,9 +419,9 @@ def _check_workers_agree(model: torch.nn.Module, size: int, device: torch.device
                           f"this is a bug: please report it")
 
 
-def _count_on_workers(refs, galaxies_only: bool, rank: int, size: int) -> list[int]:
-    """Sources per tile, each worker counting every ``size``-th tile."""
-    mine = count_sources(refs[rank::size], galaxies_only)
+def _count_on_workers(refs, galaxies_only: bool, spec: CutoutSpec, rank: int, size: int) -> list[int]:
+    """Usable sources per tile (:func:`count_sources`), each worker counting every ``size``-th tile."""
+    mine = count_sources(refs[rank::size], galaxies_only, spec)
     if size == 1:
         return mine
     everyone: list = [None] * size
@@ -439,31 +470,31 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
     else:
         state, progress = {}, {"epoch": 0, "chunk": 0, "batch": 0, "global_step": 0, "elapsed": 0.0}
         model = build_foundation_model(cfg)
-        counts = _count_on_workers(refs, cfg.galaxies_only, rank, size)
-        progress["counts"] = counts
+    spec = CutoutSpec.from_dict(model.info["cutout_spec"])
+    wide = wide_spec(spec)
+    check_stretch_augment(spec.stretch, cfg.stretch_augment)  # the own stretch of a checkpoint continued from
+    if start is None:
+        counts = _count_on_workers(refs, cfg.galaxies_only, wide, rank, size)
+        progress.update(counts=counts, usable=True)   # usable sources (the edge rule applied), not catalogue rows
     progress["world_size"] = size
     if sum(counts) < cfg.batch_size * size:
-        raise ConfigError(f"{sum(counts)} sources in {len(refs)} tile(s): fewer than one batch of {cfg.batch_size}"
-                          + (f" for each of {size} workers" if size > 1 else ""))
+        raise ConfigError(f"{sum(counts)} usable sources in {len(refs)} tile(s): fewer than one batch of "
+                          f"{cfg.batch_size}" + (f" for each of {size} workers" if size > 1 else ""))
     model.to(device)
     model.set_trainable("all")
     broadcast_parameters(model)
-    spec = CutoutSpec.from_dict(model.info["cutout_spec"])
-    wide = CutoutSpec(angular_size=spec.angular_size * VIEW_MARGIN,
-                      out_size=int(round(spec.out_size * VIEW_MARGIN)), stretch=spec.stretch, dtype="uint8")
-    check_stretch_augment(spec.stretch, cfg.stretch_augment)  # the own stretch of a checkpoint continued from
     alt_wide = tuple(dataclasses.replace(wide, stretch=s) for s in cfg.stretch_augment)
     context = int(model.info["open_clip"]["config"].get("text_cfg", {}).get("context_length", 77))
     fits = _token_budget(model, context - 2)
 
     buffer = cfg.buffer * size   # every worker holds up to cfg.buffer sources of a chunk
-    steps_per_epoch = sum(steps_in_chunk(ch, counts, size, cfg.batch_size)
-                          for ch in plan_chunks(refs, counts, buffer, np.arange(len(refs))))
-    if steps_per_epoch == 0:
+    plan = planned_steps(counts, buffer, size, cfg.batch_size, cfg.seed, cfg.epochs)
+    steps_per_epoch = plan[0]
+    if min(plan) == 0:
         raise ConfigError(f"{len(refs)} tile(s) of {sum(counts)} sources give no step of {cfg.batch_size} sources on "
                           f"each of {size} workers (tiles are dealt to workers whole, up to --buffer {cfg.buffer} "
                           f"sources each): use fewer workers, a smaller --batch-size or a larger --buffer")
-    total = steps_per_epoch * cfg.epochs
+    total = sum(plan)
     # no decay on the token embedding either: rows of words never seen must not shrink to zero
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, also_no_decay=("token_embedding",)),
                                   lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -476,7 +507,7 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
                                  "global_batch": size * cfg.batch_size}
     w_ii, w_ic = cfg.weights
     if lead:
-        log.info("pretraining %s on %d sources of %d tile(s): %d epoch(s) x ~%d steps, batch %d%s, device %s",
+        log.info("pretraining %s on %d usable sources of %d tile(s): %d epoch(s) x ~%d steps, batch %d%s, device %s",
                  model.info["open_clip"]["name"], sum(counts), len(refs), cfg.epochs, steps_per_epoch,
                  cfg.batch_size * size, f" ({size} workers x {cfg.batch_size}, global negatives)" if size > 1 else "",
                  device)
@@ -504,8 +535,8 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
     mine = [] if size == 1 else [rank]
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(int(progress["epoch"]), cfg.epochs if not stop else 0):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(refs))
-        chunks = plan_chunks(refs, counts, buffer, order)
+        order = epoch_order(cfg.seed, epoch, len(refs))
+        chunks = plan_chunks(counts, buffer, order)
         first_chunk = int(progress["chunk"]) if epoch == int(progress["epoch"]) else 0
         for ci in range(first_chunk, len(chunks)):
             share = shard_tiles(chunks[ci], counts, size)[rank]
@@ -571,10 +602,10 @@ def _pretrain(cfg: PretrainConfig, rank: int = 0, size: int = 1, device: torch.d
     elapsed = round(elapsed0 + time.perf_counter() - t_run, 1)
     _check_workers_agree(model, size, device)
     if lead and not stop and step < total:
-        log.info("%d steps of the %d planned: the plan counts catalogue rows, and sources whose cutout is more than "
-                 "half off the image (tile edges) are dropped when cut%s; the learning-rate schedule ended at %.0f %% "
-                 "of its span", step, total, "; with workers the smallest share of each buffer sets its steps"
-                 if size > 1 else "", 100.0 * step / total)
+        log.warning("%d steps of the %d planned: a tile gave fewer usable sources in a pass than it was counted with "
+                    "at the start (unreadable then?)%s; the learning-rate schedule ended at %.0f %% of its span", step,
+                    total, "" if "usable" in progress else ", or the run was resumed from a checkpoint of a version "
+                    "that counted catalogue rows", 100.0 * step / total)
     if not lead:
         return None
     model.info["train_seconds"] = elapsed
