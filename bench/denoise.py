@@ -20,7 +20,7 @@ same per-pixel sigma; the heads are trained on the same noise model as the test.
 the test noise's measured neighbour correlation and what scikit-image's ``estimate_sigma`` reads on
 the normalised noisy stamps (1 = the true sigma).
 
-    python bench/denoise.py [--json PATH] [--checkpoint CKPT|foundation] [--steps 600] [--n-train 600]
+    python bench/denoise.py [--json PATH] [--checkpoint CKPT|foundation] [--steps 7200] [--n-train 600]
         [--n-test 100] [--noise white|correlated] [--n-exposures 3] [--nlm-grid 0.4,...] [--no-ablation]
 """
 
@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--checkpoint", help="a trained GalaxAlign model file (default: random-weight galaxalign-tiny)")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=TrainSettings().steps,
+                    help="optimizer steps of each head (default %(default)s)")
     ap.add_argument("--n-train", type=int, default=600)
     ap.add_argument("--n-val", type=int, default=24)
     ap.add_argument("--n-test", type=int, default=100)
