@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
         heads[name] = r.head
         res.setdefault("training", {})[name] = {
             "seconds": round(r.seconds, 1), "loss_first_50": float(np.mean(r.losses[:50])),
-            "loss_last_50": float(np.mean(r.losses[-50:])),
+            "loss_last_50": float(np.mean(r.losses[-50:])), "kept_step": r.kept_step,
             "trainable_parameters": sum(p.numel() for p in r.head.trainable_parameters())}
         print(f"trained {name}: {r.seconds:.0f} s, loss {np.mean(r.losses[-50:]):.4f}", flush=True)
         if args.save_heads:

@@ -104,6 +104,44 @@ def test_head_trains_and_lowers_the_loss(clean, torch_one_thread):
     assert metrics.rmse_sigma(pairs.clean, out, pairs.sigma).mean() < 1.0   # better than the noisy input
 
 
+def test_best_weights_are_put_back_when_a_run_diverges(torch_one_thread):
+    """A run that collapses (one head in five at 7200 steps sat at the no-op's loss 1.0 from step ~600) keeps the
+    weights of its best window; a run that ends near its best keeps its last weights; the frozen encoder is never
+    touched."""
+    from galaxalign_batch.restoration.train import BestWeights
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Linear(3, 3)
+            self.encoder = torch.nn.Linear(2, 2)
+
+    head = Head()
+    watch = BestWeights(head, window=10, factor=2.0)
+    losses = []
+    for k in range(60):                      # learns: 1.0 -> 0.05 by step 30
+        losses.append(max(0.05, 1.0 - k / 30))
+        watch.update(losses)
+        if k == 29:
+            good = head.conv.weight.detach().clone()
+    with torch.no_grad():
+        head.conv.weight.add_(5.0)           # then the weights blow up ...
+        head.encoder.weight.add_(1.0)        # (the encoder is frozen: not the watch's to restore)
+    encoder_after = head.encoder.weight.detach().clone()
+    for _ in range(40):
+        losses.append(0.998)                 # ... and the loss sits at the no-op's
+        watch.update(losses)
+    assert watch.finish(losses) == 40        # the first window at the plateau (steps 31-40: mean 0.05)
+    assert torch.equal(head.conv.weight, good) and torch.equal(head.encoder.weight, encoder_after)
+
+    steady = BestWeights(head, window=10)
+    losses = [1.0 / (k + 1) for k in range(100)]
+    for k in range(100):
+        steady.update(losses[:k + 1])
+    last = head.conv.weight.detach().clone()
+    assert steady.finish(losses) is None and torch.equal(head.conv.weight, last)
+
+
 def test_save_load_round_trip_with_features(clean, encoder, tmp_path, torch_one_thread):
     r = train_head(clean, TrainSettings(steps=3, batch_size=2, crop=32, width=8, realisations=1,
                                         noise="correlated"), encoder)

@@ -63,6 +63,43 @@ class TrainResult:
     head: DenoiseHead
     losses: list[float] = field(default_factory=list)   # per step
     seconds: float = 0.0
+    kept_step: int | None = None   # set when the run diverged and the weights of this step were kept instead
+
+
+WINDOW = 100           # steps per window of the best-weights watch
+DIVERGED_FACTOR = 2.0  # a run whose last window's loss is this many times its best window's has diverged
+
+
+class BestWeights:
+    """Keeps the trainable weights (everything but the frozen encoder) at the end of the window of ``WINDOW``
+    steps with the lowest mean loss, and puts them back when the run ends far above it: a run can collapse to the
+    no-op (measured: one head in five at 7200 steps reached a window mean of 0.29 at step 300, near the peak of
+    the learning rate, then sat at the no-op's loss 1.0 from step ~600 to the end; bench/RESULTS.md, "Image restoration")."""
+
+    def __init__(self, module: torch.nn.Module, window: int = WINDOW, factor: float = DIVERGED_FACTOR):
+        self.module, self.window, self.factor = module, window, factor
+        self.best, self.best_step, self.state = math.inf, None, None
+
+    def _trainable(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items() if not k.startswith("encoder.")}
+
+    def update(self, losses: list[float]) -> None:
+        """Call after every step with the losses so far."""
+        if len(losses) % self.window:
+            return
+        m = float(np.mean(losses[-self.window:]))
+        if m < self.best:
+            self.best, self.best_step, self.state = m, len(losses), self._trainable()
+
+    def finish(self, losses: list[float]) -> int | None:
+        """Put the best weights back if the run ended ``factor`` x above them; returns their step, else None."""
+        if self.state is None or len(losses) < self.window:
+            return None
+        last = float(np.mean(losses[-self.window:]))
+        if not last > self.factor * self.best:
+            return None
+        self.module.load_state_dict(self.state, strict=False)
+        return self.best_step
 
 
 class _Pool:
@@ -127,6 +164,7 @@ def train_head(clean: CleanSet, settings: TrainSettings | None = None,
     pool = _Pool(clean, s, encoder)
     rng = np.random.default_rng(np.random.SeedSequence([s.seed, 29]))
     result = TrainResult(head)
+    watch = BestWeights(head)
     t0 = time.perf_counter()
     head.train()
     with bar(total=s.steps, desc="denoiser" + (" +features" if encoder is not None else ""), unit="step") as pbar:
@@ -146,9 +184,15 @@ def train_head(clean: CleanSet, settings: TrainSettings | None = None,
             opt.step()
             sched.step()
             result.losses.append(loss.item())
+            watch.update(result.losses)
             pbar.set_postfix(loss=f"{result.losses[-1]:.4f}")
             pbar.update(1)
     result.seconds = time.perf_counter() - t0
+    result.kept_step = watch.finish(result.losses)
+    if result.kept_step is not None:
+        log.warning("the denoising head's training diverged (last %d steps' loss %.4f against %.4f at step %d): the "
+                    "weights of step %d are kept; a lower lr or another seed may train further", WINDOW,
+                    float(np.mean(result.losses[-WINDOW:])), watch.best, watch.best_step, watch.best_step)
     head.eval()
     log.info("denoising head (%s features) trained: %d steps in %.1f s, last-50 loss %.4f",
              "with" if encoder is not None else "without", s.steps, result.seconds, float(np.mean(result.losses[-50:])))
