@@ -190,9 +190,9 @@ def train_head(clean: CleanSet, settings: TrainSettings | None = None,
     result.seconds = time.perf_counter() - t0
     result.kept_step = watch.finish(result.losses)
     if result.kept_step is not None:
-        log.warning("the denoising head's training diverged (last %d steps' loss %.4f against %.4f at step %d): the "
-                    "weights of step %d are kept; a lower lr or another seed may train further", WINDOW,
-                    float(np.mean(result.losses[-WINDOW:])), watch.best, watch.best_step, watch.best_step)
+        log.warning("the denoising head's training diverged (last %d steps' loss %.4f against %.4f at step %d): "
+                    "those weights are kept; a lower lr or another seed may train further", WINDOW,
+                    float(np.mean(result.losses[-WINDOW:])), watch.best, result.kept_step)
     head.eval()
     log.info("denoising head (%s features) trained: %d steps in %.1f s, last-50 loss %.4f",
              "with" if encoder is not None else "without", s.steps, result.seconds, float(np.mean(result.losses[-50:])))
