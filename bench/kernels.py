@@ -19,7 +19,8 @@ with the fp32 ``IndexFlatIP`` search, or with ``--faiss-fp16`` also faiss's fp16
 On a CPU, ``--dtypes fp32,bf16`` runs both input types in one run: the bf16 fused loss (AVX512-BF16
 kernels where the CPU has them, ``GALAXALIGN_CPU_BF16=0`` for the float32 upcast) is printed against the
 fp32 fused loss, the fp32 and bf16 composites, and the machine's fp32 and bf16 GEMM (``torch.mm``), wall
-and per core in process CPU time.
+and per core in process CPU time. A CPU without AVX512-BF16 emulates torch's bf16 products (0.3 GFLOP/s on a
+Zen 3 EPYC): there the bf16 GEMM is timed at 512^3 and the bf16 composite only at B <= 1024.
 
 Ratios are against the baseline measured in the same run.
 """
@@ -195,16 +196,19 @@ def _gemm_tflops(dtype: str, device: str) -> float | None:
     a shared machine distorts least) is kept in ``_GEMM_CPU_RATE``."""
     dev = torch.device(device)
     size, reps = (8192, 10) if dev.type == "cuda" else (2048, 1)
+    emulated = dev.type == "cpu" and dtype == "bf16" and not _cpu_native_bf16()
+    if emulated:  # ~0.3 GFLOP/s on a Zen 3 EPYC: a 2048^3 product takes a minute, a 512^3 one a second
+        size = 512
     torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
     cpu_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     a = torch.randn(size, size, device=dev).to(DTYPES[dtype] if dev.type == "cuda" else cpu_dtype)
     b = torch.randn(size, size, device=dev).to(a.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(3):
+    for _ in range(1 if emulated else 3):
         a @ b
     sync()
     best = best_cpu = float("inf")
-    for _ in range(1 if dev.type == "cuda" else 5):
+    for _ in range(1 if dev.type == "cuda" else 2 if emulated else 5):
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             a @ b
@@ -214,6 +218,14 @@ def _gemm_tflops(dtype: str, device: str) -> float | None:
     if dev.type == "cpu":
         _GEMM_CPU_RATE[dtype] = reps * 2 * size**3 / best_cpu / 1e12
     return reps * 2 * size**3 / best / 1e12
+
+
+def _cpu_native_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (torch's bf16 GEMM and the bf16 loss kernels native, not emulated)."""
+    from galaxalign_batch.ops import backends
+
+    core = backends.module_for(torch.device("cpu"))
+    return bool(core is not None and getattr(core, "cpu_supports_bf16", lambda: False)())
 
 
 def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str], rows: list | None = None,
@@ -229,13 +241,22 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str],
             print(f"  {dtype} GEMM 8192^3 on this device: {peak:.0f} TFLOP/s", flush=True)
         else:
             gemm = "bf16" if dtype == "bf16" else "fp32"
-            print(f"  {gemm} GEMM 2048^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
+            side = 512 if dtype == "bf16" and not _cpu_native_bf16() else 2048
+            print(f"  {gemm} GEMM {side}^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
                   f"{peak * 1e3:.1f} GFLOP/s wall, {_GEMM_CPU_RATE[dtype] * 1e3:.1f} GFLOP/s per core in CPU time",
                   flush=True)
+        emulated = device == "cpu" and dtype == "bf16" and not _cpu_native_bf16()
+        if emulated:
+            print("  this CPU has no AVX512-BF16: torch emulates bf16 (the GEMM above), so the bf16 composite runs "
+                  "at B <= 1024 only (B = 4096 would take many minutes)", flush=True)
         for batch in sizes:
             reps = 5 if batch <= 1024 else 3 if batch <= 4096 else 0 if device == "cpu" else 3
             pair = {}
             for impl in impls:
+                if emulated and impl == "composite" and batch > 1024:
+                    pair[impl] = {"impl": impl, "batch": batch, "error": "skipped: bf16 emulated on this CPU"}
+                    print(f"  loss {dtype} B={batch:6d} {impl:10s} skipped (bf16 emulated on this CPU)", flush=True)
+                    continue
                 cmd = [sys.executable, __file__, "--_loss-case", impl, str(batch), str(reps), device, dtype]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
