@@ -98,7 +98,11 @@ def main(argv=None) -> dict:
                     help="NLM h factors tuned over (x sigma)")
     ap.add_argument("--gaussian-grid", default=",".join(f"{v:g}" for v in baselines.GAUSSIAN_GRID),
                     help="Gaussian filter widths tuned over (px)")
+    ap.add_argument("--lr", type=float, default=TrainSettings().lr, help="peak learning rate of both heads")
+    ap.add_argument("--norm", choices=("channel", "none"), default=TrainSettings().norm,
+                    help="the heads' normalisation (none: the heads before 2026-12-06)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the head without foundation features")
+    ap.add_argument("--no-tokens", action="store_true", help="skip the head with the foundation's tokens")
     ap.add_argument("--extra-head", action="append", default=[], metavar="NAME=PATH",
                     help="also score a saved head (save_head / --save-heads) under NAME, e.g. one trained on "
                          "the other noise model (repeatable)")
@@ -125,16 +129,21 @@ def main(argv=None) -> dict:
     print(f"encoder: {res['encoder']['source']}; {args.n_train} train / {args.n_val} val / {args.n_test} test "
           f"stamps of {args.stamp} px", flush=True)
 
-    settings = TrainSettings(steps=args.steps, seed=args.seed, noise=args.noise, n_exposures=args.n_exposures)
+    settings = TrainSettings(steps=args.steps, seed=args.seed, noise=args.noise, n_exposures=args.n_exposures,
+                             lr=args.lr, norm=args.norm)
     res["train_settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()}
     heads = {}
-    variants = (() if args.no_ablation else (("head (no features)", None),)) + (("head + GalaxAlign tokens", encoder),)
+    variants = ((() if args.no_ablation else (("head (no features)", None),))
+                + (() if args.no_tokens else (("head + GalaxAlign tokens", encoder),)))
     for name, enc in (() if args.no_train else variants):
         r = train_head(train, settings, enc)
         heads[name] = r.head
         res.setdefault("training", {})[name] = {
             "seconds": round(r.seconds, 1), "loss_first_50": float(np.mean(r.losses[:50])),
             "loss_last_50": float(np.mean(r.losses[-50:])), "kept_step": r.kept_step,
+            # the curve in 100-step windows, and the worst batch after the first 100 steps (a spike)
+            "loss_windows": [round(float(np.mean(r.losses[i:i + 100])), 4) for i in range(0, len(r.losses), 100)],
+            "loss_max_after_100": float(np.max(r.losses[100:])) if len(r.losses) > 100 else None,
             "trainable_parameters": sum(p.numel() for p in r.head.trainable_parameters())}
         print(f"trained {name}: {r.seconds:.0f} s, loss {np.mean(r.losses[-50:]):.4f}", flush=True)
         if args.save_heads:

@@ -54,7 +54,7 @@ def heads(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("heads")
     torch.set_num_threads(1)
     trained = train_head(draw_clean(8, stamp_size=48, seed=1),
-                         TrainSettings(steps=60, batch_size=4, crop=32, width=8, realisations=2, seed=0)).head
+                         TrainSettings(steps=150, batch_size=4, crop=32, width=16, realisations=2, seed=0)).head
     torch.manual_seed(0)
     enc = FoundationEncoder.from_model(build_model(TrainConfig(data="", out="")), "random weights")
     with_features = train_head(draw_clean(4, stamp_size=48, seed=2),
@@ -96,7 +96,8 @@ def test_a_trained_head_restores_a_tile(heads, tmp_path):
     out, _ = restore_tile(heads["trained_head"], open_tile(tmp_path / "cube.fits"), window=64, margin=8)
     err_noisy = np.sqrt(np.mean((noisy - clean) ** 2, axis=(1, 2))) / SIGMA
     err_out = np.sqrt(np.mean((out - clean) ** 2, axis=(1, 2))) / SIGMA
-    # a head trained 60 steps: RMSE / sigma 0.91, 0.83, 0.89 in g, r, z when written (the noisy field: 1.0)
+    # a head (width 16, channel norm) trained 150 steps: RMSE / sigma 0.71, 0.82, 0.76 in g, r, z (the noisy field: 1.0;
+    # at width 8 the channel-normalised head stays near the input, 0.99-1.00 after 300 steps)
     assert np.allclose(err_noisy, 1.0, atol=0.02) and np.all(err_out < 0.95 * err_noisy), err_out
 
 

@@ -5,11 +5,19 @@ Normalisation: the input is ``z = noisy / sigma`` per band (``sigma`` the per-pi
 nanomaggies, e.g. ``1 / sqrt(invvar)``), so the noise has unit variance at every depth; the network
 sees ``A * asinh(z / A)`` (``A = compress``, default 4: linear in the sky, logarithmic in bright
 cores). U-Net: full, 1/2, 1/4 and 1/8 resolution (``width``, 2, 4, 4 x ``width`` channels, two 3x3
-convolutions + SiLU per level, bilinear upsampling and skip connections). Per band it outputs a noise
+convolutions, each followed by a per-pixel normalisation over channels and SiLU, per level; bilinear upsampling
+and skip connections). Per band it outputs a noise
 estimate ``n``, a direct estimate ``d`` and a gate ``g`` (sigmoid, starting near 0.9), and returns the
 noise ``g n + (1 - g) (z - d)``: the residual path suits bright structure, the direct one the empty
 sky. The clean estimate is ``(z - noise) * sigma``; training minimises the mean squared error of the
 noise, i.e. of the clean image in units of sigma.
+
+The normalisation (``norm="channel"``, the default since 2026-12-06) is a LayerNorm of each pixel's feature
+vector (ConvNeXt's channels-first LayerNorm): it has no spatial statistics, so a pixel's output does not depend on
+the size or content of the window it is restored in (GroupNorm's would). Without it (``norm="none"``, heads saved
+before; their files load as they were) the bottleneck's activations grew into the hundreds at the default
+learning rate, and a batch's loss spiked to 10^2-10^6 in 6 of 7 runs' first 1500 steps; one head in five trained
+7200 steps collapsed to returning the input (bench/RESULTS.md, "Image restoration").
 
 Features: the token map (width, G, G) goes through a 1x1 projection to ``feature_channels`` and is
 sampled (bilinear) at the sky position of each cell of the 1/8-resolution level
@@ -51,17 +59,40 @@ class HeadConfig:
     angular_size: float = 32.0      # arcsec spanned by the token map (the encoder's CutoutSpec)
     pixscale: float = PIXSCALE      # arcsec / px of the stamps
     compress: float = 4.0           # A in A * asinh(z / A)
+    norm: str = "channel"           # after each convolution of the blocks: "channel" (per pixel) or "none"
 
     def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.bands < 1 or self.width < 1 or self.feature_dim < 0 or self.feature_channels < 1:
             raise ConfigError(f"bad denoising head configuration {dataclasses.asdict(self)}")
         if self.angular_size <= 0 or self.pixscale <= 0 or self.compress <= 0:
             raise ConfigError(f"bad denoising head configuration {dataclasses.asdict(self)}")
 
 
-def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.SiLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU())
+NORMS = ("channel", "none")
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each pixel of an (N, C, H, W) map, with a per-channel scale and shift."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _block(c_in: int, c_out: int, stride: int = 1, norm: str = "channel") -> nn.Sequential:
+    def after(c: int) -> list[nn.Module]:
+        return [ChannelNorm(c), nn.SiLU()] if norm == "channel" else [nn.SiLU()]
+
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), *after(c_out),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), *after(c_out))
 
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,17 +116,17 @@ class DenoiseHead(nn.Module):
         if encoder is not None and c.feature_dim != encoder.width:
             raise ConfigError(f"feature_dim {c.feature_dim} does not match the encoder's width {encoder.width}")
         self.encoder = encoder if c.feature_dim else None
-        self.inc = _block(c.bands, w)
-        self.down1 = _block(w, 2 * w, stride=2)
-        self.down2 = _block(2 * w, 4 * w, stride=2)
-        self.down3 = _block(4 * w, 4 * w, stride=2)
+        self.inc = _block(c.bands, w, norm=c.norm)
+        self.down1 = _block(w, 2 * w, stride=2, norm=c.norm)
+        self.down2 = _block(2 * w, 4 * w, stride=2, norm=c.norm)
+        self.down3 = _block(4 * w, 4 * w, stride=2, norm=c.norm)
         fuse_in = 4 * w + (c.feature_channels if c.feature_dim else 0)
         self.project = nn.Conv2d(c.feature_dim, c.feature_channels, 1) if c.feature_dim else None
         self.fuse = nn.Sequential(nn.Conv2d(fuse_in, 4 * w, 1), nn.SiLU(), nn.Conv2d(4 * w, 4 * w, 3, padding=1),
                                   nn.SiLU())
-        self.up3 = _block(4 * w + 4 * w, 4 * w)
-        self.up2 = _block(4 * w + 2 * w, 2 * w)
-        self.up1 = _block(2 * w + w, w)
+        self.up3 = _block(4 * w + 4 * w, 4 * w, norm=c.norm)
+        self.up2 = _block(4 * w + 2 * w, 2 * w, norm=c.norm)
+        self.up1 = _block(2 * w + w, w, norm=c.norm)
         self.out = nn.Conv2d(w, 3 * c.bands, 1)   # per band: noise, direct estimate, gate
         with torch.no_grad():                      # start close to the residual path (gate ~0.9)
             self.out.bias[2 * c.bands:].fill_(2.0)
@@ -246,8 +277,8 @@ def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> De
 
     info = read_head_info(path)
     state = read_weights(path)
-    try:
-        config = HeadConfig(**info["config"])
+    try:  # a head saved before the normalisation (2026-12-06) has none
+        config = HeadConfig(**{"norm": "none", **info["config"]})
     except TypeError as e:
         raise ConfigError(f"{path}: bad head configuration ({e})") from None
     encoder = None

@@ -44,6 +44,7 @@ class TrainSettings:
     depth_range: tuple[float, float] = (-1.5, 1.5)  # mag around nominal, + = deeper
     width: int = 16
     feature_channels: int = 16
+    norm: str = "channel"                           # HeadConfig.norm: "channel" or "none" (heads before 2026-12-06)
     realisations: int = 2                           # noisy versions of each clean stamp in the pool
     seed: int = 0
     noise: str = "white"                            # "white" or "correlated" (pairs.NOISE_MODELS)
@@ -153,7 +154,8 @@ def train_head(clean: CleanSet, settings: TrainSettings | None = None,
     torch.manual_seed(s.seed)
     angular = encoder.spec.angular_size if encoder is not None else 32.0
     config = HeadConfig(bands=nb, width=s.width, feature_dim=encoder.width if encoder is not None else 0,
-                        feature_channels=s.feature_channels, angular_size=angular, pixscale=clean.pixscale)
+                        feature_channels=s.feature_channels, angular_size=angular, pixscale=clean.pixscale,
+                        norm=s.norm)
     head = DenoiseHead(config, encoder)
     head.training_settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()}
     params = head.trainable_parameters()
