@@ -13,11 +13,12 @@ sky. The clean estimate is ``(z - noise) * sigma``; training minimises the mean 
 noise, i.e. of the clean image in units of sigma.
 
 The normalisation (``norm="channel"``, the default since 2026-12-06) is a LayerNorm of each pixel's feature
-vector (ConvNeXt's channels-first LayerNorm): it has no spatial statistics, so a pixel's output does not depend on
-the size or content of the window it is restored in (GroupNorm's would). Without it (``norm="none"``, heads saved
-before; their files load as they were) the bottleneck's activations grew into the hundreds at the default
-learning rate, and a batch's loss spiked to 10^2-10^6 in 6 of 7 runs' first 1500 steps; one head in five trained
-7200 steps collapsed to returning the input (bench/RESULTS.md, "Image restoration").
+vector (ConvNeXt's channels-first LayerNorm): it has no spatial statistics, so it adds no dependence of a pixel's
+output on the size or content of the window it is restored in beyond the network's receptive field (GroupNorm's
+statistics would). Without it (``norm="none"``, heads saved before; their files load as they were) the bottleneck's
+activations grew into the hundreds at the default learning rate, and a batch's loss spiked to 10^2-10^6 in 5 of 7
+runs' first 1000-1500 steps (lr 4e-3 or 2e-3); one head in five trained 7200 steps collapsed to returning the
+input (bench/RESULTS.md, "Image restoration").
 
 Features: the token map (width, G, G) goes through a 1x1 projection to ``feature_channels`` and is
 sampled (bilinear) at the sky position of each cell of the 1/8-resolution level
