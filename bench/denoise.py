@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from galaxalign_batch.restoration import baselines, metrics  # noqa: E402
 from galaxalign_batch.model.tokens import FoundationEncoder  # noqa: E402
-from galaxalign_batch.restoration.head import denoise, load_head, save_head  # noqa: E402
+from galaxalign_batch.restoration.head import NORMS, denoise, load_head, save_head  # noqa: E402
 from galaxalign_batch.restoration.pairs import (LEVELS, NOISE_MODELS, add_noise, draw_clean,  # noqa: E402
                                                 level_offsets, pixel_correlation)
 from galaxalign_batch.simulate.observing import COADD_EXPOSURES  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gaussian-grid", default=",".join(f"{v:g}" for v in baselines.GAUSSIAN_GRID),
                     help="Gaussian filter widths tuned over (px)")
     ap.add_argument("--lr", type=float, default=TrainSettings().lr, help="peak learning rate of both heads")
-    ap.add_argument("--norm", choices=("channel", "none"), default=TrainSettings().norm,
+    ap.add_argument("--norm", choices=NORMS, default=TrainSettings().norm,
                     help="the heads' normalisation (none: the heads before 2026-12-06)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the head without foundation features")
     ap.add_argument("--no-tokens", action="store_true", help="skip the head with the foundation's tokens")

@@ -44,6 +44,8 @@ from _machine import cpu_model  # noqa: E402
 import numpy as np
 import torch
 
+from galaxalign_batch.ops import backends
+
 D = 512
 TOPK_K = 10
 TOPK_QUERIES = 1000
@@ -172,8 +174,6 @@ def loss_case(impl: str, batch: int, reps: int, device: str, dtype: str = "fp32"
         cpu_times.append(time.process_time() - c0)
     extra = {}
     if dev.type == "cpu" and impl == "fused" and dtype == "bf16":
-        from galaxalign_batch.ops import backends
-
         extra["bf16_kernels"] = backends.cpu_bf16_kernels()  # "" = upcast to fp32 (GALAXALIGN_CPU_BF16=0)
     if impl == "fused-flash" and DTYPES[dtype] == torch.float32:
         extra["path_used"] = "tc (the flash kernels take bf16/fp16 inputs; fp32 ones go to the tc path)"
@@ -196,7 +196,7 @@ def _gemm_tflops(dtype: str, device: str) -> float | None:
     a shared machine distorts least) is kept in ``_GEMM_CPU_RATE``."""
     dev = torch.device(device)
     size, reps = (8192, 10) if dev.type == "cuda" else (2048, 1)
-    emulated = dev.type == "cpu" and dtype == "bf16" and not _cpu_native_bf16()
+    emulated = dev.type == "cpu" and dtype == "bf16" and not backends.cpu_has_native_bf16()
     if emulated:  # ~0.3 GFLOP/s on a Zen 3 EPYC: a 2048^3 product takes a minute, a 512^3 one a second
         size = 512
     torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
@@ -220,14 +220,6 @@ def _gemm_tflops(dtype: str, device: str) -> float | None:
     return reps * 2 * size**3 / best / 1e12
 
 
-def _cpu_native_bf16() -> bool:
-    """Whether this CPU has AVX512-BF16 (torch's bf16 GEMM and the bf16 loss kernels native, not emulated)."""
-    from galaxalign_batch.ops import backends
-
-    core = backends.module_for(torch.device("cpu"))
-    return bool(core is not None and getattr(core, "cpu_supports_bf16", lambda: False)())
-
-
 def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str], rows: list | None = None,
              saved=lambda: None) -> list[dict]:
     """The loss cases, appended to ``rows`` (a new list by default) one (dtype, batch) at a time, ``saved()``
@@ -237,15 +229,14 @@ def run_loss(sizes: list[int], device: str, dtypes: list[str], impls: list[str],
         _gemm_tflops("fp32", device)
     for dtype in dtypes:
         peak = _gemm_tflops(dtype, device)
+        emulated = device == "cpu" and dtype == "bf16" and not backends.cpu_has_native_bf16()
         if device == "cuda":
             print(f"  {dtype} GEMM 8192^3 on this device: {peak:.0f} TFLOP/s", flush=True)
         else:
             gemm = "bf16" if dtype == "bf16" else "fp32"
-            side = 512 if dtype == "bf16" and not _cpu_native_bf16() else 2048
-            print(f"  {gemm} GEMM {side}^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
+            print(f"  {gemm} GEMM {512 if emulated else 2048}^3 (torch.mm, {torch.get_num_threads()} threads) on this machine: "
                   f"{peak * 1e3:.1f} GFLOP/s wall, {_GEMM_CPU_RATE[dtype] * 1e3:.1f} GFLOP/s per core in CPU time",
                   flush=True)
-        emulated = device == "cpu" and dtype == "bf16" and not _cpu_native_bf16()
         if emulated:
             print("  this CPU has no AVX512-BF16: torch emulates bf16 (the GEMM above), so the bf16 composite runs "
                   "at B <= 1024 only (B = 4096 would take many minutes)", flush=True)

@@ -64,10 +64,9 @@ def _warn_if_emulated(device) -> None:
 
     if _warned_emulated or torch.device(device).type != "cpu":
         return
-    from galaxalign_batch.ops.backends import module_for
+    from galaxalign_batch.ops.backends import cpu_has_native_bf16, module_for
 
-    core = module_for(torch.device("cpu"))
-    if core is None or not hasattr(core, "cpu_supports_bf16") or core.cpu_supports_bf16():
+    if module_for(torch.device("cpu")) is None or cpu_has_native_bf16():  # no _core: cannot tell, say nothing
         return
     _warned_emulated = True
     log.warning("--precision bf16 on a CPU without AVX512-BF16: bf16 is emulated here, several times slower than "

@@ -120,6 +120,14 @@ def cpu_bf16_kernels() -> str:
     return core.similarity_bf16()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU (and ``_core``'s build) has AVX512-BF16, whatever ``GALAXALIGN_CPU_BF16`` says: without it
+    torch emulates bf16 products (0.3 GFLOP/s for a 2048^3 ``mm`` on a Zen 3 EPYC, fp32 90 per core). False when
+    ``_core`` is not built."""
+    core = module_for(torch.device("cpu"))
+    return bool(core is not None and getattr(core, "cpu_supports_bf16", lambda: False)())
+
+
 def cpu_threads() -> int:
     """Threads for the CPU kernels: torch's intra-op thread count, so one setting governs both."""
     return max(1, torch.get_num_threads())

@@ -51,6 +51,9 @@ FORMAT_VERSION = 1
 META_KEY = "galaxalign_denoiser"
 
 
+NORMS = ("channel", "none")   # HeadConfig.norm
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     bands: int = 3
@@ -69,9 +72,6 @@ class HeadConfig:
             raise ConfigError(f"bad denoising head configuration {dataclasses.asdict(self)}")
         if self.angular_size <= 0 or self.pixscale <= 0 or self.compress <= 0:
             raise ConfigError(f"bad denoising head configuration {dataclasses.asdict(self)}")
-
-
-NORMS = ("channel", "none")
 
 
 class ChannelNorm(nn.Module):
